@@ -1,0 +1,1 @@
+"""Reference models the passes are proven on."""

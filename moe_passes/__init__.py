@@ -1,0 +1,22 @@
+"""moe_passes: a torch.compile backend for MoE vision-language training.
+
+    model = torch.compile(model, backend=domino_backend)
+    model = torch.compile(model, backend=make_backend(num_chunks=4))
+    model = torch.compile(model, backend="domino")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moe_passes.config import BackendConfig
+
+__all__ = ["BackendConfig", "domino_backend", "make_backend"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("domino_backend", "make_backend"):
+        from moe_passes.inductor import backend
+
+        return getattr(backend, name)
+    raise AttributeError(name)

@@ -1,0 +1,45 @@
+"""``moe-passes bench``: side-by-side measurements, one section per concern.
+
+Each section module exposes ``run(options: BenchOptions) -> BenchSection``;
+the CLI renders the sections as tables and writes them to ``--json``.
+Sections own their child processes (real ranks) and return ratios against
+their own baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SECTIONS: dict[str, str] = {
+    "speed": "moe_passes.bench.speed",
+    "memory": "moe_passes.bench.memory",
+    "offload": "moe_passes.bench.offload",
+}
+
+
+@dataclass
+class BenchOptions:
+    quick: bool = False
+    world_size: int = 2
+    steps: int = 7
+    warmup: int = 2
+    device: str = "cpu"
+
+
+@dataclass
+class BenchSection:
+    title: str
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_section(name: str, options: BenchOptions) -> BenchSection:
+    if name not in SECTIONS:
+        raise ValueError(f"unknown bench section {name!r}; known: {sorted(SECTIONS)}")
+    return importlib.import_module(SECTIONS[name]).run(options)

@@ -1,0 +1,1 @@
+"""The torch.compile backend: Inductor hook-up, custom ops and their lowering."""
