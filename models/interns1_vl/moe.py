@@ -72,6 +72,8 @@ class SparseMoeBlock(nn.Module):
     ``group_routing`` is Intern-S1-Pro's grouped router: the experts form one
     group per EP rank and every token takes its top-(K/G) experts inside each
     group, so every rank receives exactly the same number of token copies.
+    ``num_groups`` fixes G independently of the EP size (default: one group
+    per EP rank), so one rank can reproduce a grouped multi-rank run.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class SparseMoeBlock(nn.Module):
         norm_topk_prob: bool = True,
         group_routing: bool = False,
         ep_group: dist.ProcessGroup | None = None,
+        num_groups: int | None = None,
     ) -> None:
         super().__init__()
         ep_size, ep_rank = ep_world(ep_group)
@@ -90,13 +93,17 @@ class SparseMoeBlock(nn.Module):
             raise ValueError(
                 f"num_experts={num_experts} is not divisible by the expert-parallel size {ep_size}"
             )
-        if group_routing and top_k % ep_size != 0:
-            raise ValueError(f"group_routing needs top_k={top_k} divisible by the expert-parallel size {ep_size}")
+        groups = ep_size if num_groups is None else num_groups
+        if group_routing and (top_k % groups != 0 or num_experts % groups != 0):
+            raise ValueError(
+                f"group_routing needs top_k={top_k} and num_experts={num_experts} divisible by the group count {groups}"
+            )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.group_routing = group_routing
+        self.num_groups = groups
         self.ep_group = ep_group if ep_size > 1 else None
         self.ep_size = ep_size
         self.ep_rank = ep_rank
@@ -108,7 +115,7 @@ class SparseMoeBlock(nn.Module):
         routing_weights = F.softmax(router_logits, dim=-1, dtype=torch.float)
         if self.group_routing:
             tokens = routing_weights.shape[0]
-            groups = self.ep_size
+            groups = self.num_groups
             grouped = routing_weights.view(tokens, groups, self.num_experts // groups)
             weights, local_idx = torch.topk(grouped, self.top_k // groups, dim=-1)
             offsets = torch.arange(groups, device=local_idx.device).view(1, groups, 1) * (self.num_experts // groups)

@@ -1,0 +1,24 @@
+"""InternS1-VL / Qwen3-VL-MoE reference model, written plainly (no hooks for the compiler passes)."""
+
+from models.interns1_vl.config import PRESETS, InternS1VLConfig, TextConfig, VisionConfig, preset
+from models.interns1_vl.hf_loading import load_hf_state_dict, shard_state_dict_for_ep
+from models.interns1_vl.losses import load_balancing_loss, router_z_loss
+from models.interns1_vl.model import InternS1VLForConditionalGeneration, InternS1VLOutput, mrope_position_ids
+from models.interns1_vl.moe import MoEOutput, SparseMoeBlock
+
+__all__ = [
+    "PRESETS",
+    "InternS1VLConfig",
+    "InternS1VLForConditionalGeneration",
+    "InternS1VLOutput",
+    "MoEOutput",
+    "SparseMoeBlock",
+    "TextConfig",
+    "VisionConfig",
+    "load_balancing_loss",
+    "load_hf_state_dict",
+    "mrope_position_ids",
+    "preset",
+    "router_z_loss",
+    "shard_state_dict_for_ep",
+]
