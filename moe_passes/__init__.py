@@ -11,11 +11,11 @@ from typing import Any
 
 from moe_passes.config import BackendConfig
 
-__all__ = ["BackendConfig", "domino_backend", "make_backend"]
+__all__ = ["BackendConfig", "DominoBackend", "domino_backend", "make_backend"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("domino_backend", "make_backend"):
+    if name in ("DominoBackend", "domino_backend", "make_backend"):
         from moe_passes.inductor import backend
 
         return getattr(backend, name)

@@ -1,0 +1,235 @@
+"""``domino_backend``: pre-grad passes on the Dynamo graph, then Inductor.
+
+Dynamo calls the backend once per captured graph (every graph break, every
+recompile). For each graph the backend runs the configured pre-grad passes
+through the validating ``PassManager``, optionally verifies the transformed
+graph against the original on the example inputs, then hands the graph to
+Inductor's ``compile_fx`` with the post-grad passes installed as one
+``CustomGraphPass`` whose ``uuid()`` combines the passes' uuids, so Inductor's
+FX graph cache never serves code compiled with different passes or config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_leaves
+
+from moe_passes.config import DEFAULT_PASSES, BackendConfig, NumChunks
+from moe_passes.fx.graph_text import graph_text
+from moe_passes.fx.match import collective_nodes
+from moe_passes.fx.pass_base import GraphPass, PassResult
+from moe_passes.fx.pass_manager import PassManager, PassRecord, copy_graph_module, load_pass, run_post_grad
+
+log = logging.getLogger("moe_passes")
+
+
+class VerificationError(RuntimeError):
+    """``verify=True`` and the transformed graph computes something else than the original."""
+
+
+def post_grad_pass_names(config: BackendConfig) -> list[str]:
+    """Post-grad passes implied by the config: the overlap scheduler follows Domino EP."""
+    return ["schedule_overlap"] if "domino_ep" in config.passes and config.schedule_overlap else []
+
+
+def graph_kind(graph: fx.Graph) -> str:
+    """"backward" for an AOT backward graph (it takes tangents), else "forward"."""
+    return "backward" if any(n.name.startswith("tangents") for n in graph.find_nodes(op="placeholder")) else "forward"
+
+
+@dataclass
+class GraphReport:
+    """Everything the backend did to one Dynamo graph."""
+
+    index: int
+    num_nodes: int
+    pre_grad: list[PassRecord] = field(default_factory=list)
+    post_grad: dict[str, list[PassResult]] = field(default_factory=lambda: {"forward": [], "backward": []})
+    post_grad_graphs: dict[str, dict[str, str]] = field(default_factory=dict)
+    verify: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "graph": self.index,
+            "num_nodes": self.num_nodes,
+            "pre_grad": [r.as_dict() for r in self.pre_grad],
+            "post_grad": {k: [r.as_dict() for r in v] for k, v in self.post_grad.items()},
+            "verify": self.verify,
+        }
+
+
+class PostGradPipeline(CustomGraphPass):
+    """Post-grad passes as one Inductor custom pass; called on the forward and the backward graph."""
+
+    def __init__(self, passes: Sequence[GraphPass], report: GraphReport, keep_graphs: bool = False) -> None:
+        self.passes = list(passes)
+        self.report = report
+        self.keep_graphs = keep_graphs
+
+    def __call__(self, graph: fx.Graph) -> None:
+        gm = graph.owning_module
+        kind = graph_kind(graph)
+        if self.keep_graphs:
+            self.report.post_grad_graphs.setdefault(kind, {})["before"] = graph_text(gm)
+        run_post_grad(self.passes, gm, self.report.post_grad[kind].append)
+        if self.keep_graphs:
+            self.report.post_grad_graphs[kind]["after"] = graph_text(gm)
+
+    def uuid(self) -> str:
+        parts = [p.uuid() for p in self.passes] + [f"keep_graphs={self.keep_graphs}"]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _tracing_enabled() -> bool:
+    return bool(torch._logging._internal.trace_log.handlers)
+
+
+class DominoBackend:
+    """The torch.compile backend object; ``reports`` says what happened to every compiled graph."""
+
+    def __init__(self, config: BackendConfig | None = None, keep_graphs: bool = False) -> None:
+        self.config = config if config is not None else BackendConfig()
+        self.keep_graphs = keep_graphs
+        self.graphs: list[GraphReport] = []
+        self._pre: list[GraphPass] | None = None
+        self._post: list[GraphPass] | None = None
+
+    def __repr__(self) -> str:
+        return f"DominoBackend(passes={self.config.passes}, num_chunks={self.config.num_chunks!r})"
+
+    @property
+    def reports(self) -> list[dict[str, Any]]:
+        """Per compiled graph: per pass what it matched, changed and skipped; post-grad results fw/bw."""
+        return [g.as_dict() for g in self.graphs]
+
+    def pre_grad_passes(self) -> list[GraphPass]:
+        if self._pre is None:
+            self._pre = [load_pass(name, self.config) for name in self.config.passes]
+        return self._pre
+
+    def post_grad_passes(self) -> list[GraphPass]:
+        if self._post is None:
+            self._post = [load_pass(name, self.config) for name in post_grad_pass_names(self.config)]
+        return self._post
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        report = GraphReport(index=len(self.graphs), num_nodes=len(gm.graph.nodes))
+        self.graphs.append(report)
+        pre, post = self.pre_grad_passes(), self.post_grad_passes()
+        original = copy_graph_module(gm) if self.config.verify and pre else None
+        manager = PassManager(
+            pre,
+            strict=self.config.strict,
+            snapshot=self.keep_graphs or _tracing_enabled(),
+            graph_name=f"graph_{report.index}",
+        )
+        report.pre_grad = manager.run(gm, example_inputs)
+        if original is not None:
+            report.verify = verify_graphs(original, gm, example_inputs, self.config.verify_rtol, self.config.verify_atol)
+        elif self.config.verify:
+            report.verify = "skipped: no pre-grad passes to verify"
+        patches: dict[str, Any] = {}
+        if post or self.keep_graphs:
+            patches["post_grad_custom_post_pass"] = PostGradPipeline(post, report, self.keep_graphs)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _verify_skip_reason(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:
+    for i, x in enumerate(example_inputs):
+        if isinstance(x, FakeTensor) or isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return f"example input {i} is fake/symbolic ({type(x).__name__}); verification needs real values"
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            return f"example input {i} is on the meta device"
+    if collective_nodes(gm.graph):
+        if not dist.is_initialized():
+            return "graph has collectives but no process group is initialised"
+        if dist.get_backend() == "fake":
+            return "graph has collectives on the fake process group, whose results are hallucinated"
+    return None
+
+
+def _clone_inputs(example_inputs: Sequence[Any]) -> list[Any]:
+    return [
+        x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in example_inputs
+    ]
+
+
+@torch._dynamo.disable
+def _run_with_grads(gm: fx.GraphModule, inputs: list[Any], seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        outs = [t for t in tree_leaves(gm(*inputs)) if isinstance(t, torch.Tensor)]
+    diff_outs = [o for o in outs if o.requires_grad and o.is_floating_point()]
+    wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    grads: list[torch.Tensor | None] = []
+    if diff_outs and wrt:
+        gen = torch.Generator().manual_seed(seed + 1)
+        cotangents = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in diff_outs]
+        grads = list(torch.autograd.grad(diff_outs, wrt, cotangents, allow_unused=True))
+    return [o.detach() for o in outs], grads
+
+
+def verify_graphs(
+    original: fx.GraphModule, transformed: fx.GraphModule, example_inputs: Sequence[Any], rtol: float, atol: float
+) -> str:
+    """Run both graphs on clones of the example inputs; compare outputs and input gradients.
+
+    Every rank must verify (the config is the same everywhere), so collectives
+    are issued in the same order on all ranks. Returns "ok" or the skip reason;
+    raises ``VerificationError`` on a mismatch.
+    """
+    reason = _verify_skip_reason(original, example_inputs)
+    if reason is not None:
+        log.info("verify skipped: %s", reason)
+        return f"skipped: {reason}"
+    seed = 1234
+    ref_out, ref_grads = _run_with_grads(original, _clone_inputs(example_inputs), seed)
+    new_out, new_grads = _run_with_grads(transformed, _clone_inputs(example_inputs), seed)
+    problems: list[str] = []
+    if len(ref_out) != len(new_out):
+        problems.append(f"{len(new_out)} outputs instead of {len(ref_out)}")
+    for what, refs, news in (("output", ref_out, new_out), ("gradient of input", ref_grads, new_grads)):
+        for i, (r, n) in enumerate(zip(refs, news)):
+            if r is None and n is None:
+                continue
+            try:
+                torch.testing.assert_close(n, r, rtol=rtol, atol=atol, equal_nan=True)
+            except (AssertionError, TypeError) as e:
+                problems.append(f"{what} {i}: {str(e).strip().splitlines()[0]} ({str(e).strip().splitlines()[-1]})")
+    if problems:
+        raise VerificationError("transformed graph differs from the original:\n  - " + "\n  - ".join(problems))
+    log.info("verify: transformed graph matches the original (%d outputs, %d gradients)", len(ref_out), len(ref_grads))
+    return "ok"
+
+
+def make_backend(
+    num_chunks: NumChunks = "auto",
+    passes: Sequence[str] = DEFAULT_PASSES,
+    strict: bool = False,
+    verify: bool = False,
+    keep_graphs: bool = False,
+    **kwargs: Any,
+) -> DominoBackend:
+    """A configured backend; keyword arguments are ``BackendConfig`` fields (validated here)."""
+    known = {f.name for f in dataclasses.fields(BackendConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown backend option(s) {unknown}; known options: {sorted(known | {'keep_graphs'})}")
+    config = BackendConfig(num_chunks=num_chunks, passes=passes,  # type: ignore[arg-type]
+                           strict=strict, verify=verify, **kwargs)
+    return DominoBackend(config, keep_graphs=keep_graphs)
+
+
+domino_backend = make_backend()
