@@ -2,9 +2,10 @@
 
 A target is either a preset name or ``package.module:function`` returning
 ``(model_or_fn, example_inputs)``. The built-in ``moe_stack`` preset (stacked
-``SparseMoeBlock``s + the stacked balancing and z-losses) needs nothing but
-``models.interns1_vl.moe``; other preset names go to the reference model's
-``InternS1VLConfig.preset(name)`` when that model is importable.
+``SparseMoeBlock``s + the stacked balancing and z-losses) is the smallest
+real input; other preset names go to the reference model,
+``models.interns1_vl.preset(name)`` (``tiny``, ``tiny-vl``, ...), trained on
+random token ids with labels.
 
 The diff CLI runs on one process with the *fake* process group, whose
 all-to-all hallucinates data: routed token counts exchanged through it would
@@ -90,35 +91,31 @@ def moe_stack(seed: int = 0, batch: int = 2, seq: int = 4, **kwargs: Any) -> Tar
     return Target("moe_stack", model, [x, target])
 
 
+def _on_fake_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "fake"
+
+
 def _reference_model_preset(name: str) -> Target:
+    """``models.interns1_vl.preset(name)``: the reference model, loss on random token ids."""
     try:
         ref = importlib.import_module("models.interns1_vl")
-    except ImportError as e:
+        preset = getattr(ref, "preset")
+        presets = sorted(getattr(ref, "PRESETS"))
+    except (ImportError, AttributeError) as e:
         raise ValueError(f"unknown preset {name!r}: built-in presets are {list(BUILTIN_PRESETS)} and the reference model is not importable ({e})") from e
-    config_cls = getattr(ref, "InternS1VLConfig", None)
-    model_cls = getattr(ref, "InternS1VLForConditionalGeneration", None)
-    preset = getattr(config_cls, "preset", None)
-    if config_cls is None or model_cls is None or preset is None:
-        raise ValueError(f"unknown preset {name!r}: built-in presets are {list(BUILTIN_PRESETS)}; the reference model has no presets yet")
-    try:
-        config = preset(name)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"unknown preset {name!r}: {e}") from e
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted([*BUILTIN_PRESETS, *presets])}")
+    group = ep_group_or_none()
+    # Shapes stay consistent under the fake process group only with group routing (see module doc).
+    config = preset(name, group_routing=True) if group is not None and _on_fake_process_group() else preset(name)
     torch.manual_seed(0)
-    model = model_cls(config, ep_group=ep_group_or_none())
-    inputs = model.example_inputs() if hasattr(model, "example_inputs") else _text_inputs(config)
+    model = ref.InternS1VLForConditionalGeneration(config, ep_group=group)
+    ids = torch.randint(0, config.text.vocab_size, (2, 8))
 
-    def loss_fn(*args: Any) -> torch.Tensor:
-        return model(*args).loss
+    def loss_fn(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return model(input_ids, labels=labels).loss
 
-    return Target(name, loss_fn, list(inputs))
-
-
-def _text_inputs(config: Any) -> list[torch.Tensor]:
-    text = getattr(config, "text_config", config)
-    vocab = int(getattr(text, "vocab_size"))
-    ids = torch.randint(0, vocab, (2, 8))
-    return [ids, None, None, None, ids.clone()]
+    return Target(name, loss_fn, [ids, ids.clone()])
 
 
 def resolve_target(spec: str) -> Target:

@@ -1,0 +1,188 @@
+"""Test-only passes and small models for the backend tests (importable by name for the registry)."""
+
+from __future__ import annotations
+
+import operator
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.fx as fx
+
+from moe_passes.fx.pass_base import GraphPass, PassResult
+from moe_passes.fx.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES
+
+CALL_LOG: list[str] = []
+
+
+def register(monkeypatch: pytest.MonkeyPatch, *classes: type[GraphPass]) -> None:
+    """Make test passes requestable by name, for this test only."""
+    for cls in classes:
+        table = POST_GRAD_PASSES if cls.stage == "post_grad" else PRE_GRAD_PASSES
+        monkeypatch.setitem(table, cls.name, f"{cls.__module__}:{cls.__qualname__}")
+
+
+def _first_output(gm: fx.GraphModule) -> fx.Node:
+    out = gm.graph.output_node()
+    return out.args[0][0]
+
+
+def _replace_first_output(gm: fx.GraphModule, new: fx.Node) -> None:
+    out = gm.graph.output_node()
+    values = list(out.args[0])
+    values[0] = new
+    out.args = (tuple(values),)
+
+
+class _Logged(GraphPass):
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        CALL_LOG.append(self.name)
+        return PassResult(self.name)
+
+
+class FirstPass(_Logged):
+    name: ClassVar[str] = "t_first"
+
+
+class SecondPass(_Logged):
+    name: ClassVar[str] = "t_second"
+
+
+class ScaleByOnePass(GraphPass):
+    """Semantically neutral: multiplies the first output by 1.0 (a real, valid graph change)."""
+
+    name: ClassVar[str] = "t_scale_by_one"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(self.name)
+        target = _first_output(gm)
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            scaled = gm.graph.call_function(torch.mul, (target, 1.0))
+        _replace_first_output(gm, scaled)
+        result.changed = True
+        result.matched.append(target.name)
+        result.stats["inserted"] = 1
+        return result
+
+
+class WrongScalePass(GraphPass):
+    """Valid graph, wrong numbers: multiplies the first output by 1.5 (verify must catch it)."""
+
+    name: ClassVar[str] = "t_wrong_scale"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        target = _first_output(gm)
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            scaled = gm.graph.call_function(torch.mul, (target, 1.5))
+        _replace_first_output(gm, scaled)
+        return PassResult(self.name, changed=True)
+
+
+class DeadNodePass(GraphPass):
+    """Adds a node nobody uses."""
+
+    name: ClassVar[str] = "t_dead_node"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            gm.graph.call_function(torch.neg, (_first_output(gm),))
+        return PassResult(self.name, changed=True)
+
+
+class WrongShapePass(GraphPass):
+    """Returns a stacked copy of the first output: shape changes, only fake propagation notices."""
+
+    name: ClassVar[str] = "t_wrong_shape"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        target = _first_output(gm)
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            stacked = gm.graph.call_function(torch.stack, ([target, target],))
+        _replace_first_output(gm, stacked)
+        return PassResult(self.name, changed=True)
+
+
+class BadOpPass(GraphPass):
+    """Inserts an op whose fake propagation fails (matmul of incompatible shapes)."""
+
+    name: ClassVar[str] = "t_bad_op"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        target = _first_output(gm)
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            ones = gm.graph.call_function(torch.ones, (3, 5))
+            bad = gm.graph.call_function(torch.matmul, (ones, ones))
+            fixed = gm.graph.call_function(operator.add, (target, gm.graph.call_function(torch.sum, (bad,))))
+        _replace_first_output(gm, fixed)
+        return PassResult(self.name, changed=True)
+
+
+class ForeignNodePass(GraphPass):
+    """Uses a node of another graph as an argument: lint must reject it."""
+
+    name: ClassVar[str] = "t_foreign_node"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        other = fx.Graph()
+        stranger = other.placeholder("stranger")
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            added = gm.graph.call_function(operator.add, (_first_output(gm), stranger))
+        _replace_first_output(gm, added)
+        return PassResult(self.name, changed=True)
+
+
+class NewInputPass(GraphPass):
+    """Adds a placeholder: changes the calling convention Dynamo fixed."""
+
+    name: ClassVar[str] = "t_new_input"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        first = next(iter(gm.graph.nodes))
+        with gm.graph.inserting_before(first):
+            extra = gm.graph.placeholder("extra_input")
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            added = gm.graph.call_function(operator.add, (_first_output(gm), extra))
+        _replace_first_output(gm, added)
+        return PassResult(self.name, changed=True)
+
+
+class NothingToDoPass(GraphPass):
+    """Finds candidates but declines them all, with reasons (what strict mode reports)."""
+
+    name: ClassVar[str] = "t_nothing"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(self.name)
+        result.skip("layers.0", "router output used by a side effect")
+        return result
+
+
+class NotAResultPass(GraphPass):
+    name: ClassVar[str] = "t_not_a_result"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return "done"  # type: ignore[return-value]
+
+
+class RecordingPostGradPass(GraphPass):
+    """Post-grad pass that changes nothing and reports the graph it saw."""
+
+    name: ClassVar[str] = "t_post_record"
+    stage: ClassVar = "post_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(self.name)
+        result.stats["nodes"] = len(gm.graph.nodes)
+        result.stats["tangents"] = sum(n.name.startswith("tangents") for n in gm.graph.find_nodes(op="placeholder"))
+        return result

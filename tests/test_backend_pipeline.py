@@ -1,0 +1,151 @@
+"""Pass manager: order, validation after every pass, snapshots, logging, strict mode, config errors.
+
+Runs on the Dynamo graph of a real (1-rank) MoE stack, which carries unbacked
+symbols from ``.tolist()`` split sizes, so re-propagation is tested where it is hard.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from moe_passes import BackendConfig, make_backend
+from moe_passes.fx.capture import CapturedGraph, capture_graphs
+from moe_passes.fx.graph_text import graph_text
+from moe_passes.fx.pass_manager import (
+    PassManager,
+    PassUnavailableError,
+    PassValidationError,
+    StrictModeError,
+    copy_graph_module,
+    load_pass,
+)
+from moe_passes.targets import moe_stack
+from tests import backend_helpers as h
+
+
+@pytest.fixture(scope="module")
+def captured() -> CapturedGraph:
+    target = moe_stack()
+    graphs = capture_graphs(target.fn, *target.example_inputs)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+@pytest.fixture()
+def graph(captured: CapturedGraph) -> CapturedGraph:
+    """A fresh copy per test: passes mutate the graph in place."""
+    return CapturedGraph(copy_graph_module(captured.gm), captured.example_inputs)
+
+
+def run(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph, *classes: type, strict: bool = False):
+    h.register(monkeypatch, *classes)
+    config = BackendConfig(passes=tuple(c.name for c in classes), strict=strict)
+    return PassManager.from_config(config).run(graph.gm, graph.example_inputs)
+
+
+def test_the_graph_has_unbacked_symbols(captured: CapturedGraph) -> None:
+    assert any(n.op == "call_method" and n.target == "item" for n in captured.gm.graph.nodes)
+
+
+def test_passes_run_in_config_order(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    h.CALL_LOG.clear()
+    records = run(monkeypatch, graph, h.SecondPass, h.FirstPass)
+    assert h.CALL_LOG == ["t_second", "t_first"]
+    assert [r.name for r in records] == ["t_second", "t_first"]
+
+
+def test_valid_pass_is_recorded_with_before_and_after_text(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    before = graph_text(graph.gm)
+    (record,) = run(monkeypatch, graph, h.ScaleByOnePass)
+    assert record.result.changed and record.result.stats == {"inserted": 1}
+    assert record.before == before
+    assert record.after == graph_text(graph.gm) != before
+    assert "torch.mul" in record.after and "torch.mul" not in before
+
+
+def test_new_nodes_get_fake_values_from_repropagation(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    run(monkeypatch, graph, h.ScaleByOnePass)
+    (mul,) = [n for n in graph.gm.graph.nodes if n.target is torch.mul]
+    assert isinstance(mul.meta["val"], torch.Tensor) and mul.meta["val"].shape == ()
+
+
+@pytest.mark.parametrize(
+    "bad_pass, message",
+    [
+        (h.DeadNodePass, "dead nodes"),
+        (h.WrongShapePass, "output 0 changed"),
+        (h.BadOpPass, "fake-tensor re-propagation failed"),
+        (h.ForeignNodePass, "graph.lint() failed"),
+        (h.NewInputPass, "graph inputs changed"),
+        (h.NotAResultPass, "expected PassResult"),
+    ],
+)
+def test_validation_catches_a_broken_pass(
+    monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph, bad_pass: type, message: str
+) -> None:
+    with pytest.raises(PassValidationError, match=f"pass '{bad_pass.name}'") as err:
+        run(monkeypatch, graph, bad_pass)
+    assert message in str(err.value)
+
+
+def test_strict_raises_with_the_skip_reasons(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    with pytest.raises(StrictModeError, match="t_nothing.*layers.0: router output used by a side effect"):
+        run(monkeypatch, graph, h.NothingToDoPass, strict=True)
+
+
+def test_non_strict_records_the_skips(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="moe_passes"):
+        (record,) = run(monkeypatch, graph, h.NothingToDoPass)
+    assert record.as_dict()["skipped"] == [{"region": "layers.0", "reason": "router output used by a side effect"}]
+    assert "skipped layers.0: router output used by a side effect" in caplog.text
+    assert "t_nothing on graph: changed=False" in caplog.text
+
+
+def test_before_and_after_graphs_are_structured_trace_artifacts(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    emitted: list[tuple[str, dict, str]] = []
+
+    def fake_trace(kind: str, metadata_fn, payload_fn) -> None:  # type: ignore[no-untyped-def]
+        emitted.append((kind, metadata_fn(), payload_fn()))
+
+    monkeypatch.setattr(torch._logging, "trace_structured", fake_trace)
+    (record,) = run(monkeypatch, graph, h.ScaleByOnePass)
+    assert [(k, m["name"]) for k, m, _ in emitted] == [
+        ("artifact", "moe_passes_graph_t_scale_by_one_before"),
+        ("artifact", "moe_passes_graph_t_scale_by_one_after"),
+    ]
+    assert emitted[0][2] == record.before and emitted[1][2] == record.after
+
+
+def test_registered_but_missing_pass_errors_only_when_requested(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    monkeypatch.setitem(h.PRE_GRAD_PASSES, "t_ghost", "moe_passes.fx.no_such_module:GhostPass")
+    backend = make_backend(passes=("t_ghost",))  # creating the backend is fine
+    with pytest.raises(PassUnavailableError, match="'t_ghost' is registered as moe_passes.fx.no_such_module:GhostPass"):
+        backend(graph.gm, graph.example_inputs)
+    with pytest.raises(PassUnavailableError):
+        load_pass("t_ghost", BackendConfig(passes=("t_ghost",)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"passes": ("no_such_pass",)}, "unknown pass"),
+        ({"passes": "domino_ep"}, "sequence of pass names"),
+        ({"passes": ("domino_ep", "domino_ep")}, "listed twice"),
+        ({"num_chunks": 0}, "num_chunks must be a positive int"),
+        ({"num_chunks": "four"}, "num_chunks must be a positive int"),
+        ({"max_chunks_in_flight": 0}, "max_chunks_in_flight"),
+        ({"offload_targets": "everything"}, "offload_targets"),
+        ({"chunks": 4}, "unknown backend option"),
+    ],
+)
+def test_config_errors_are_value_errors_naming_the_problem(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_backend(**kwargs)
+
+
+def test_unknown_pass_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="known passes: .*domino_ep"):
+        load_pass("domino", BackendConfig(passes=()))
