@@ -1,0 +1,196 @@
+"""Overlap scheduling of all-to-alls in post-grad (ATen) forward and backward graphs.
+
+Inductor's default order waits on every all-to-all right after issuing it,
+so nothing overlaps.  This pass re-lists the graph so that each all-to-all
+is issued as soon as its inputs allow and each ``wait_tensor`` sits as late
+as possible (just before the first node that needs its result), with at most
+``config.max_chunks_in_flight`` all-to-alls issued but not yet waited (each
+in-flight all-to-all holds a receive buffer, so this bounds memory).
+
+It is a list scheduler over the data-flow graph: among ready nodes, work
+that leads to a not-yet-issued all-to-all goes first, then other work, and
+waits last; ties keep the original order, so a graph without collectives
+keeps its order exactly.  The resulting order is then pinned with explicit
+control dependencies (``pin_order``) because Inductor's own scheduler would
+otherwise move waits back next to their collectives.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from moe_passes.fx.pass_base import GraphPass, PassResult
+
+log = logging.getLogger("moe_passes")
+
+_A2A_TARGETS: tuple[Any, ...] = (
+    torch.ops._c10d_functional.all_to_all_single.default,
+    torch.ops._c10d_functional.all_to_all_single,
+)
+_WAIT_TARGETS: tuple[Any, ...] = (
+    torch.ops._c10d_functional.wait_tensor.default,
+    torch.ops._c10d_functional.wait_tensor,
+)
+
+
+def is_a2a(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in _A2A_TARGETS
+
+
+def is_wait(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in _WAIT_TARGETS
+
+
+def _comm_feeding(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Nodes some all-to-all depends on: running them early lets that all-to-all start early."""
+    feeding: set[fx.Node] = set()
+    stack = [a for n in nodes if is_a2a(n) for a in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n not in feeding:
+            feeding.add(n)
+            stack.extend(n.all_input_nodes)
+    return feeding
+
+
+def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
+    """A topological order that issues all-to-alls early and waits late, bounded by ``max_in_flight``."""
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    feeding = _comm_feeding(nodes)
+    missing = {n: len(set(n.all_input_nodes)) for n in nodes}
+    output = next(n for n in reversed(nodes) if n.op == "output")
+
+    def key(n: fx.Node) -> tuple[int, int, int]:
+        rank = 0 if n.op == "placeholder" else (3 if is_wait(n) else (1 if n in feeding else 2))
+        return (rank, 0, index[n])
+
+    ready: list[tuple[tuple[int, int, int], fx.Node]] = [(key(n), n) for n in nodes if missing[n] == 0 and n is not output]
+    heapq.heapify(ready)
+    blocked: list[fx.Node] = []  # all-to-alls held back by the in-flight bound
+    in_flight: list[fx.Node] = []
+    order: list[fx.Node] = []
+    while ready or blocked:
+        if blocked and len(in_flight) < max_in_flight:
+            for n in blocked:
+                heapq.heappush(ready, (key(n), n))
+            blocked.clear()
+        _, n = heapq.heappop(ready)
+        if is_a2a(n) and len(in_flight) >= max_in_flight:
+            blocked.append(n)
+            if not ready:  # only blocked all-to-alls are left: cannot happen while a wait is pending
+                raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
+            continue
+        order.append(n)
+        if is_a2a(n):
+            in_flight.append(n)
+        elif is_wait(n) and n.args[0] in in_flight:
+            in_flight.remove(n.args[0])
+        for u in n.users:
+            missing[u] -= 1
+            if missing[u] == 0 and u is not output:
+                heapq.heappush(ready, (key(u), u))
+    order.append(output)
+    if len(order) != len(nodes):
+        raise RuntimeError(f"schedule_overlap: scheduled {len(order)} of {len(nodes)} nodes (cycle?)")
+    return order
+
+
+def apply_order(graph: fx.Graph, order: list[fx.Node]) -> None:
+    """Re-link the graph's nodes in ``order``."""
+    prev = graph._root
+    for n in order:
+        if prev.next is not n:
+            prev.append(n)
+        prev = n
+
+
+def overlap_stats(graph: fx.Graph) -> dict[str, int]:
+    """How many compute nodes run between each all-to-all and its wait (0 everywhere = no overlap)."""
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    a2as = [n for n in nodes if is_a2a(n)]
+    overlapped = 0
+    max_in_flight = 0
+    for a in a2as:
+        waits = [u for u in a.users if is_wait(u)]
+        if waits and any(not is_wait(x) and not is_a2a(x) and x.op == "call_function" for x in nodes[pos[a] + 1 : pos[waits[0]]]):
+            overlapped += 1
+    live = 0
+    for n in nodes:
+        if is_a2a(n):
+            live += 1
+            max_in_flight = max(max_in_flight, live)
+        elif is_wait(n) and is_a2a(n.args[0]):
+            live -= 1
+    return {"all_to_all": len(a2as), "overlapped": overlapped, "max_in_flight": max_in_flight}
+
+
+def pin_order(graph: fx.Graph) -> int:
+    """Make Inductor keep each all-to-all's issue point and each wait's position.
+
+    Each all-to-all gets a control dependency on the compute node just
+    before it, and each node right after a wait depends on that wait... the
+    other way round is what matters: the wait must not move before the
+    compute scheduled ahead of it, so each wait gets a dependency on the
+    last compute node before it.  Uses torch's ``preserve_node_ordering``.
+    """
+    from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
+
+    deps: dict[fx.Node, Any] = {}
+    from torch.utils._ordered_set import OrderedSet
+
+    prev_compute: fx.Node | None = None
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        if is_wait(n) and prev_compute is not None and prev_compute not in n.all_input_nodes:
+            deps.setdefault(n, OrderedSet()).add(prev_compute)
+        if not is_wait(n) and not is_a2a(n) and isinstance(n.meta.get("val"), torch.Tensor):
+            prev_compute = n
+    preserve_node_ordering(graph, deps)
+    return len(deps)
+
+
+class ScheduleOverlapPass(GraphPass):
+    """Issue all-to-alls early, sink their waits, bounded in flight; forward and backward graphs."""
+
+    name = "schedule_overlap"
+    stage = "post_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(self.name)
+        graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
+        before = overlap_stats(graph)
+        if before["all_to_all"] == 0:
+            result.skip("graph", "no all-to-all in this graph")
+            return result
+        order = overlap_order(graph, self.config.max_chunks_in_flight)
+        apply_order(graph, order)
+        graph.lint()
+        after = overlap_stats(graph)
+        result.stats = {"before": before, "after": after}
+        result.changed = after != before or True
+        result.matched.append(f"{after['all_to_all']} all-to-alls")
+        log.info("schedule_overlap: %s -> %s", before, after)
+        return result
+
+
+def as_custom_pass(p: GraphPass) -> Any:
+    """Wrap a post-grad ``GraphPass`` as Inductor's ``CustomGraphPass`` (its uuid keys the FX cache)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _Wrapped(CustomGraphPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            gm = graph.owning_module
+            p(gm if gm is not None else graph)
+
+        def uuid(self) -> Any:
+            return p.uuid()
+
+    return _Wrapped()

@@ -1,0 +1,88 @@
+"""Tiny MoE test model and compile helpers shared by the Domino and schedule tests.
+
+Two pre-norm MoE layers (``SparseMoeBlock`` as written, no hints for the
+passes) plus the stacked balancing loss: the smallest model that has two EP
+regions, per-token router outputs leaving the regions, and a backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.interns1_vl.losses import load_balancing_loss
+from models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.config import BackendConfig
+
+HIDDEN, INTER, EXPERTS, TOP_K = 16, 8, 8, 2
+
+
+class TinyMoEStack(nn.Module):
+    def __init__(self, ep_group: dist.ProcessGroup | None, layers: int = 2, experts: int = EXPERTS) -> None:
+        super().__init__()
+        self.experts = experts
+        self.norms = nn.ModuleList(nn.LayerNorm(HIDDEN) for _ in range(layers))
+        self.blocks = nn.ModuleList(SparseMoeBlock(HIDDEN, INTER, experts, TOP_K, ep_group=ep_group) for _ in range(layers))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = []
+        selected = []
+        for norm, block in zip(self.norms, self.blocks):
+            out = block(norm(h))
+            h = h + out.hidden_states
+            logits.append(out.router_logits)
+            selected.append(out.selected_experts)
+        aux = load_balancing_loss(tuple(logits), self.experts, TOP_K)
+        loss = h.square().mean() + 0.1 * aux
+        return loss, torch.stack(selected)
+
+
+def init_biased(model: TinyMoEStack, seed: int, world_size: int) -> None:
+    """Deterministic weights on every rank; the router never picks the last experts (uneven, some ranks idle)."""
+    g = torch.Generator().manual_seed(seed)
+    for block in model.blocks:
+        ep_rank = block.ep_rank
+        full_up = torch.randn(block.num_experts, 2 * INTER, HIDDEN, generator=g) * 0.3
+        full_down = torch.randn(block.num_experts, HIDDEN, INTER, generator=g) * 0.3
+        local = block.num_local_experts
+        with torch.no_grad():
+            block.experts.gate_up_proj.copy_(full_up[ep_rank * local : (ep_rank + 1) * local])
+            block.experts.down_proj.copy_(full_down[ep_rank * local : (ep_rank + 1) * local])
+            w = torch.randn(block.num_experts, HIDDEN, generator=g)
+            w[:, 0] = 0.0
+            w[-2:, 0] = -20.0  # feature 0 of the normed input is pushed positive: the last 2 experts starve
+            block.gate.weight.copy_(w)
+
+
+def make_inputs(seed: int, rank: int, tokens: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    h = torch.randn(1, tokens, HIDDEN, generator=g)
+    h[..., 0] += 6.0
+    return h
+
+
+def domino_backend(num_chunks: int | str, schedule: bool = True, results: list[Any] | None = None, **kwargs: Any) -> Callable[..., Any]:
+    """Domino + Inductor with our post-grad scheduler; pass reports are appended to ``results``."""
+    return local_backend(BackendConfig(num_chunks=num_chunks, passes=("domino_ep",), schedule_overlap=schedule, **kwargs), results)
+
+
+def local_backend(config: BackendConfig, results: list[Any] | None = None) -> Callable[..., Any]:
+    """Domino pre-grad pass, then Inductor with the schedule pass as post-grad custom pass."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from moe_passes.fx.domino_ep import DominoEPPass
+    from moe_passes.fx.schedule import ScheduleOverlapPass, as_custom_pass
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        if "domino_ep" in config.passes:
+            result = DominoEPPass(config)(gm)
+            if results is not None:
+                results.append(result)
+        patch = {"post_grad_custom_post_pass": as_custom_pass(ScheduleOverlapPass(config))} if config.schedule_overlap else {}
+        with torch._inductor.config.patch(patch):
+            return compile_fx(gm, example_inputs)
+
+    return backend
