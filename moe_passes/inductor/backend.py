@@ -97,12 +97,19 @@ def _tracing_enabled() -> bool:
 class DominoBackend:
     """The torch.compile backend object; ``reports`` says what happened to every compiled graph."""
 
-    def __init__(self, config: BackendConfig | None = None, keep_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        config: BackendConfig | None = None,
+        keep_graphs: bool = False,
+        post_grad: Sequence[GraphPass] | None = None,
+    ) -> None:
+        """``keep_graphs`` keeps readable pre/post-grad graph texts (the diff CLI); ``post_grad`` overrides
+        the post-grad passes the config implies (tests, experiments)."""
         self.config = config if config is not None else BackendConfig()
         self.keep_graphs = keep_graphs
         self.graphs: list[GraphReport] = []
         self._pre: list[GraphPass] | None = None
-        self._post: list[GraphPass] | None = None
+        self._post: list[GraphPass] | None = list(post_grad) if post_grad is not None else None
 
     def __repr__(self) -> str:
         return f"DominoBackend(passes={self.config.passes}, num_chunks={self.config.num_chunks!r})"
