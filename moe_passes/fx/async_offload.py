@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import logging
 import operator
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
@@ -166,25 +168,34 @@ def _mutates(node: fx.Node) -> bool:
 def saved_for_backward(gm: fx.GraphModule) -> set[fx.Node] | str:
     """Nodes whose storage eager autograd would save for backward; or why it cannot tell.
 
-    Runs the graph on fake tensors (the placeholders' own fake values, so
-    parameters require grad as they do in training) under
-    ``saved_tensors_hooks`` and records what every backward node packs.
+    Runs the graph on the placeholders' own fake values (so parameters require
+    grad as in training, and everything stays in Dynamo's fake mode) under
+    ``saved_tensors_hooks``, recording what every backward node packs.
     """
-    from moe_passes.fx.pass_manager import repropagate
-
+    inputs = [_val(n) for n in gm.graph.find_nodes(op="placeholder")]
+    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
+    if len(modes) != 1 or any(v is None for v in inputs):
+        return "graph inputs carry no single fake mode"
+    mode = next(iter(modes.values()))
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved.append(t)
         return t
 
+    interp = fx.Interpreter(gm, garbage_collect_values=False)
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            vals = repropagate(gm, [])
-    except Exception as e:  # the graph cannot be re-run on fake tensors: say so, offload nothing in auto
+        with ExitStack() as stack:
+            stack.enter_context(mode)
+            if mode.shape_env is not None:
+                stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+            interp.run(*inputs, enable_io_processing=False)
+    except Exception as e:  # cannot re-run on fake tensors: say why; "auto" then offloads nothing
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     storages = {s for s in (_storage(t) for t in saved) if s is not None}
-    return {n for n, v in vals.items() if _storage(v) in storages}
+    return {n for n, v in interp.env.items() if _storage(v) in storages}
 
 
 class AsyncOffloadPass(GraphPass):
@@ -215,7 +226,7 @@ class AsyncOffloadPass(GraphPass):
         if not candidates:
             result.skip("graph", "no router logits or selected experts among the graph outputs")
             return result
-        saved = saved_for_backward(gm) if explicit is None else set()
+        saved = saved_for_backward(gm)
         chosen: list[fx.Node] = []
         for node in candidates:
             reason = self._skip_reason(node, kinds[node], explicit, saved, graph)
@@ -232,7 +243,7 @@ class AsyncOffloadPass(GraphPass):
         result.stats["offloaded"] = len(chosen)
         result.stats["offloaded_bytes"] = sum(_static_bytes(_val(n)) for n in chosen)
         if explicit is not None:
-            kept = self._kept_for_backward(gm, chosen)
+            kept = saved if isinstance(saved, str) else [n.name for n in chosen if n in saved]
             if kept:
                 result.stats["device_copy_kept_for_backward"] = kept
         log.info("%s: offloading %s", self.name, result.matched)
@@ -277,13 +288,6 @@ class AsyncOffloadPass(GraphPass):
             if any(_storage(_val(a)) == storage for a in other.all_input_nodes):
                 return other.name
         return None
-
-    @staticmethod
-    def _kept_for_backward(gm: fx.GraphModule, chosen: list[fx.Node]) -> list[str] | str:
-        saved = saved_for_backward(gm)
-        if isinstance(saved, str):
-            return f"unknown ({saved})"
-        return [n.name for n in chosen if n in saved]
 
     @staticmethod
     def _rewrite(graph: fx.Graph, output: fx.Node, out_nodes: list[fx.Node], chosen: list[fx.Node]) -> None:
