@@ -1,0 +1,301 @@
+"""The layer-wise aux-loss pass: same loss and gradients, no stacked router tensors.
+
+Test model: a small stack of ``SparseMoeBlock`` layers whose loss adds the
+stacked balancing loss and z-loss of ``models/interns1_vl/losses.py`` (the
+pass's real input), optionally with an attention mask (padding) and global
+(all-reduced) statistics. Each check compares the unmodified model in eager
+mode with the graph the pass rewrote, run eagerly and compiled by Inductor,
+on fresh random inputs: the loss and every parameter gradient must match.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch import nn
+
+from models.interns1_vl.losses import load_balancing_loss, router_z_loss
+from models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.fx.capture import capture_graphs
+from moe_passes.fx.graph_text import graph_text
+from moe_passes.fx.layerwise_aux_loss import LayerwiseAuxLossPass
+from moe_passes.fx.pass_base import PassResult
+from tests.distributed import run_distributed
+from tests.golden import check_golden
+
+HIDDEN, FFN, EXPERTS, TOP_K, LAYERS = 8, 16, 8, 2, 3
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_RTOL = 1e-4  # elementwise, plus an absolute floor of GRAD_RTOL * max|ref| (Inductor reorders fp32 sums)
+
+
+class AuxStack(nn.Module):
+    """``LAYERS`` MoE blocks; loss = mean(h^2) + 0.1 * balancing + 0.01 * z-loss (stacked form)."""
+
+    def __init__(self, ep_group: dist.ProcessGroup | None = None, global_stats: bool = False, layers: int = LAYERS,
+                 z_loss: Callable[..., torch.Tensor] | None = router_z_loss, return_stacked: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(SparseMoeBlock(HIDDEN, FFN, EXPERTS, TOP_K, ep_group=ep_group) for _ in range(layers))
+        self.global_group = (ep_group or dist.group.WORLD) if global_stats else None
+        self.z_loss = z_loss
+        self.return_stacked = return_stacked
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Any:
+        logits = []
+        for layer in self.layers:
+            out = layer(x)
+            x = x + out.hidden_states
+            logits.append(out.router_logits)
+        loss = x.pow(2).mean() + 0.1 * load_balancing_loss(tuple(logits), EXPERTS, TOP_K, mask, self.global_group)
+        if self.z_loss is not None:
+            loss = loss + 0.01 * self.z_loss(tuple(logits), mask)
+        if self.return_stacked:
+            return loss, torch.cat(logits, dim=0)
+        return loss
+
+
+def make_model(seed: int, **kwargs: Any) -> AuxStack:
+    torch.manual_seed(seed)
+    model = AuxStack(**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.4)
+    return model
+
+
+def make_inputs(seed: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, HIDDEN, generator=g)
+    if not padded:
+        return x, None
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[1, 4:] = 0
+    return x, mask
+
+
+def loss_and_grads(fn: Callable[..., torch.Tensor], model: nn.Module, *inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = fn(*inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same(ref: tuple[torch.Tensor, dict], new: tuple[torch.Tensor, dict], what: str) -> None:
+    torch.testing.assert_close(new[0], ref[0], **LOSS_TOL, msg=lambda m: f"{what}: loss differs: {m}")
+    assert ref[1].keys() == new[1].keys()
+    for name in ref[1]:
+        r = ref[1][name]
+        atol = GRAD_RTOL * float(r.abs().max()) + 1e-8
+        torch.testing.assert_close(new[1][name], r, rtol=GRAD_RTOL, atol=atol, msg=lambda m: f"{what}: grad {name}: {m}")
+
+
+class PassThenEager:
+    """Backend running the rewritten graph as Python (no Inductor): isolates the pass."""
+
+    def __init__(self) -> None:
+        self.results: list[PassResult] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        self.results.append(LayerwiseAuxLossPass()(gm))
+        return gm.forward
+
+
+def compiled_backend() -> Any:
+    from moe_passes import make_backend
+
+    return make_backend(passes=("layerwise_aux_loss",))
+
+
+def check_variants(ep_group: dist.ProcessGroup | None, seed: int, variants: list[tuple[bool, bool]]) -> dict[str, Any]:
+    """For each (padded, global) variant: reference eager vs rewritten eager vs rewritten compiled."""
+    report: dict[str, Any] = {}
+    for padded, global_stats in variants:
+        tag = f"padded={padded},global={global_stats}"
+        model = make_model(seed, ep_group=ep_group, global_stats=global_stats)
+        eager_pass, inductor = PassThenEager(), compiled_backend()
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            torch._dynamo.reset()
+            rewritten = torch.compile(model, backend=eager_pass, fullgraph=True)
+            compiled = torch.compile(copy.deepcopy(model), backend=inductor, fullgraph=True)
+            for step in range(2):  # fresh random inputs on every step
+                x, mask = make_inputs(seed * 100 + step + (dist.get_rank() if dist.is_initialized() else 0), padded)
+                ref = loss_and_grads(model, model, x, mask)
+                assert_same(ref, loss_and_grads(rewritten, model, x, mask), f"{tag} rewritten eager, step {step}")
+                assert_same(ref, loss_and_grads(compiled, compiled._orig_mod, x, mask), f"{tag} rewritten compiled, step {step}")
+        results = [r.as_dict() for r in eager_pass.results]
+        compiled_reports = [rep["pre_grad"] for rep in inductor.reports] if hasattr(inductor, "reports") else []
+        assert len(results) == 1 and results[0]["changed"], f"{tag}: pass did not rewrite the graph: {results}"
+        report[tag] = {"stats": results[0]["stats"], "compiled": str(compiled_reports)[:2000]}
+        torch._dynamo.reset()
+    return report
+
+
+ALL_VARIANTS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+def distributed_check(rank: int, world_size: int) -> dict[str, Any]:
+    torch._dynamo.config.capture_scalar_outputs = True
+    return check_variants(dist.group.WORLD if world_size > 1 else None, seed=7, variants=ALL_VARIANTS)
+
+
+# -- single-process equivalence ---------------------------------------------------
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "padding"])
+def test_rewritten_graph_matches_the_unmodified_model(padded: bool) -> None:
+    report = check_variants(None, seed=3, variants=[(padded, False)])
+    stats = next(iter(report.values()))["stats"]
+    assert stats["groups_rewritten"] == 1 and stats["layers"] == LAYERS
+    assert stats["counts_without_onehot"] == LAYERS, "token counts must come from scatter_add, not a one-hot"
+    assert stats["softmax_reused"] == LAYERS and stats["topk_reused"] == LAYERS, "the router's softmax/top-k must be reused"
+
+
+@pytest.mark.parametrize("world_size", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
+def test_equivalence_on_real_gloo_ranks(world_size: int) -> None:
+    """Every variant (padding x global statistics), eager and compiled, on every rank."""
+    results = run_distributed(distributed_check, world_size, timeout_s=600)
+    for rank, report in enumerate(results):
+        assert set(report) == {f"padded={p},global={g}" for p, g in ALL_VARIANTS}, f"rank {rank}: {report}"
+        for tag, entry in report.items():
+            merged = entry["stats"]["all_reduces_merged"]
+            assert merged == (2 if "global=True" in tag else 0), f"rank {rank} {tag}: {entry['stats']}"
+
+
+# -- structure: what the rewritten graph contains ----------------------------------
+
+
+def capture(model: nn.Module, padded: bool) -> fx.GraphModule:
+    x, mask = make_inputs(0, padded)
+    graphs = capture_graphs(model, x, mask)
+    assert len(graphs) == 1
+    return graphs[0].gm
+
+
+def rows_shapes(gm: fx.GraphModule) -> list[str]:
+    """Nodes whose value has the stacked ``L*T`` rows (cat/softmax/one-hot of every layer)."""
+    stacked = LAYERS * 10
+    found = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(val, torch.Tensor) and val.dim() >= 1 and isinstance(val.shape[0], int) and val.shape[0] == stacked:
+            found.append(f"{node.name}{tuple(val.shape)}")
+    return found
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "padding"])
+def test_no_stacked_tensor_survives_and_golden(padded: bool, update_goldens: bool) -> None:
+    gm = capture(make_model(0, layers=LAYERS), padded)
+    assert rows_shapes(gm), "the unmodified graph must contain the stacked tensors (test premise)"
+    result = LayerwiseAuxLossPass()(gm)
+    assert result.changed and not result.skipped, result.as_dict()
+    assert rows_shapes(gm) == []
+    assert not any(n.target in (torch.cat, torch.nn.functional.one_hot) and n.meta.get("moe_passes") for n in gm.graph.nodes)
+    check_golden(f"aux_stacked_{'padded' if padded else 'plain'}.txt", graph_text(gm), update_goldens)
+
+
+def test_partial_sums_sit_right_after_each_router() -> None:
+    """Each layer's partial sums come before the next layer's router: logits die with their layer."""
+    gm = capture(make_model(0), padded=True)
+    LayerwiseAuxLossPass()(gm)
+    nodes = list(gm.graph.nodes)
+    routers = [n for n in nodes if n.target is torch.nn.functional.softmax]
+    assert len(routers) == LAYERS
+    scatters = [n for n in nodes if n.target == "scatter_add" and n.meta.get("moe_passes")]
+    assert len(scatters) == LAYERS
+    for layer in range(LAYERS):
+        assert nodes.index(routers[layer]) < nodes.index(scatters[layer])
+        if layer + 1 < LAYERS:
+            assert nodes.index(scatters[layer]) < nodes.index(routers[layer + 1])
+
+
+def test_backward_saves_no_stacked_tensor() -> None:
+    """AOT-partitioned forward/backward graphs: nothing of ``L*T`` rows is computed or saved."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, list[fx.GraphModule]] = {"plain": [], "rewritten": []}
+
+    def backend_for(kind: str) -> Callable[..., Any]:
+        def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+            if kind == "rewritten":
+                LayerwiseAuxLossPass()(gm)
+
+            def keep(g: fx.GraphModule, _: Any) -> Any:
+                graphs[kind].append(g)
+                return make_boxed_func(g.forward)
+
+            return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+        return backend
+
+    x, mask = make_inputs(1, True)
+    for kind in graphs:
+        model = make_model(1)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            torch.compile(model, backend=backend_for(kind), fullgraph=True)(x, mask).backward()
+        assert len(graphs[kind]) == 2, "expected one forward and one backward graph"
+    stacked = LAYERS * 10
+
+    def stacked_nodes(g: fx.GraphModule) -> list[str]:
+        return [n.name for n in g.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+                and n.meta["val"].dim() >= 1 and isinstance(n.meta["val"].shape[0], int) and n.meta["val"].shape[0] == stacked]
+
+    assert any(stacked_nodes(g) for g in graphs["plain"]), "premise: the plain graphs hold stacked tensors"
+    for g in graphs["rewritten"]:
+        assert stacked_nodes(g) == [], stacked_nodes(g)
+
+
+# -- negative tests: lookalikes are left alone, with a reason -------------------------
+
+
+def softmax_over_tokens(logits: tuple[torch.Tensor, ...], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Looks like a z-loss but normalises over the token dim: mixes layers, not per-row."""
+    cat = torch.cat(logits, dim=0)
+    return torch.nn.functional.softmax(cat, dim=0).pow(2).sum()
+
+
+def max_z_loss(logits: tuple[torch.Tensor, ...], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A z-loss variant (max over tokens) the pass cannot split into partial sums."""
+    return torch.logsumexp(torch.cat(logits, dim=0).float(), dim=-1).pow(2).max()
+
+
+def shifted_topk(logits: tuple[torch.Tensor, ...], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """top-k of something else: the stacked logits shifted by a row-varying tensor."""
+    cat = torch.cat(logits, dim=0)
+    ramp = torch.arange(cat.shape[0], dtype=cat.dtype).unsqueeze(-1)
+    return torch.topk(cat + ramp, 2, dim=-1).values.mean()
+
+
+@pytest.mark.parametrize("z_loss, reason", [
+    (softmax_over_tokens, "softmax over dim 0"),
+    (max_z_loss, "max"),
+    (shifted_topk, "varies along the stacked row dim"),
+], ids=["softmax_dim0", "max_z_loss", "topk_of_something_else"])
+def test_lookalike_losses_leave_the_whole_group_alone(z_loss: Callable[..., torch.Tensor], reason: str) -> None:
+    gm = capture(make_model(0, z_loss=z_loss), padded=False)
+    before = graph_text(gm)
+    result = LayerwiseAuxLossPass()(gm)
+    assert not result.changed and graph_text(gm) == before, "the balancing loss must not be rewritten without its z-loss"
+    assert len(result.skipped) == 1 and reason in result.skipped[0].reason, result.as_dict()
+
+
+def test_stacked_logits_that_leave_the_graph_are_left_alone() -> None:
+    """The stacked logits are also returned: they must exist anyway, so nothing is split."""
+    model = make_model(0, return_stacked=True)
+    gm = capture(model, padded=False)
+    before = graph_text(gm)
+    result = LayerwiseAuxLossPass()(gm)
+    assert not result.changed and graph_text(gm) == before
+    assert len(result.skipped) == 1 and "output" in result.skipped[0].reason, result.as_dict()
+
+
+def test_no_moe_graph_is_untouched() -> None:
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    before = graph_text(gm)
+    result = LayerwiseAuxLossPass()(gm)
+    assert not result.changed and graph_text(gm) == before and result.matched == []
