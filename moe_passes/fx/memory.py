@@ -52,6 +52,13 @@ class GraphEstimate:
         return asdict(self)
 
 
+def _backed_values(shape_env: Any) -> dict[sympy.Symbol, Any]:
+    """Hints of backed symbols (``backed_var_to_val`` in torch 2.13, ``var_to_val`` before)."""
+    if hasattr(shape_env, "backed_var_to_val"):
+        return shape_env.backed_var_to_val
+    return shape_env.var_to_val
+
+
 def uniform_unbacked_values(shape_env: Any) -> dict[sympy.Symbol, int]:
     """Values for unbacked symbols from ``Eq(sum of symbols, total)`` runtime asserts, split evenly.
 
@@ -61,7 +68,7 @@ def uniform_unbacked_values(shape_env: Any) -> dict[sympy.Symbol, int]:
     sends), then solving continues.
     """
     known: dict[sympy.Symbol, int] = {
-        s: int(v) for s, v in shape_env.var_to_val.items() if isinstance(v, (int, sympy.Integer))
+        s: int(v) for s, v in _backed_values(shape_env).items() if isinstance(v, (int, sympy.Integer))
     }
     eqs = [
         ra.expr
@@ -130,7 +137,7 @@ class _Sizer:
         expr = shape_env.replace(node.expr)
         unbacked = free_unbacked_symbols(expr)
         self.unhinted.update(str(s) for s in unbacked)
-        hints = {s: int(v) for s, v in shape_env.var_to_val.items() if s in expr.free_symbols}
+        hints = {s: int(v) for s, v in _backed_values(shape_env).items() if s in expr.free_symbols}
         substituted = expr.xreplace({**hints, **{s: guesses.get(s, self.fallback) for s in unbacked}})
         if substituted.is_Integer:
             return int(substituted)

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 from moe_passes.config import DEFAULT_PASSES, BackendConfig, NumChunks
 from moe_passes.fx.graph_text import graph_text
 from moe_passes.fx.match import collective_nodes
+from moe_passes.fx.memory import estimate_graph
 from moe_passes.fx.pass_base import GraphPass, PassResult
 from moe_passes.fx.pass_manager import PassManager, PassRecord, copy_graph_module, load_pass, run_post_grad
 
@@ -56,6 +57,7 @@ class GraphReport:
     pre_grad: list[PassRecord] = field(default_factory=list)
     post_grad: dict[str, list[PassResult]] = field(default_factory=lambda: {"forward": [], "backward": []})
     post_grad_graphs: dict[str, dict[str, str]] = field(default_factory=dict)
+    post_grad_estimates: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     verify: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -80,10 +82,14 @@ class PostGradPipeline(CustomGraphPass):
         gm = graph.owning_module
         kind = graph_kind(graph)
         if self.keep_graphs:
-            self.report.post_grad_graphs.setdefault(kind, {})["before"] = graph_text(gm)
+            self._keep(kind, "before", gm)
         run_post_grad(self.passes, gm, self.report.post_grad[kind].append)
         if self.keep_graphs:
-            self.report.post_grad_graphs[kind]["after"] = graph_text(gm)
+            self._keep(kind, "after", gm)
+
+    def _keep(self, kind: str, when: str, gm: fx.GraphModule) -> None:
+        self.report.post_grad_graphs.setdefault(kind, {})[when] = graph_text(gm)
+        self.report.post_grad_estimates.setdefault(kind, {})[when] = estimate_graph(gm).as_dict()
 
     def uuid(self) -> str:
         parts = [p.uuid() for p in self.passes] + [f"keep_graphs={self.keep_graphs}"]
