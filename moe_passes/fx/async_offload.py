@@ -277,6 +277,7 @@ class AsyncOffloadPass(GraphPass):
 
     @staticmethod
     def _mutated_after(node: fx.Node, graph: fx.Graph) -> str | None:
+        node = alias_root(node)[0]
         storage = _storage(_val(node))
         seen = False
         for other in graph.nodes:
@@ -296,9 +297,10 @@ class AsyncOffloadPass(GraphPass):
         shapes: dict[fx.Node, list[Any]] = {}
         for node in chosen:
             val = _val(node)
-            with graph.inserting_after(node):
-                start = graph.call_function(OFFLOAD_START, (node,))
-            _copy_source_meta(node, start)
+            source = _hoist(graph, node)
+            with graph.inserting_after(source):
+                start = graph.call_function(OFFLOAD_START, (source,))
+            _copy_source_meta(source, start)
             with fake_mode:
                 start.meta["example_value"] = OFFLOAD_START(val)
             shape: list[Any] = []
@@ -308,7 +310,7 @@ class AsyncOffloadPass(GraphPass):
                     shape.append(size)
                     continue
                 with graph.inserting_after(anchor):
-                    anchor = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+                    anchor = graph.call_function(torch.ops.aten.sym_size.int, (source, dim))
                 anchor.meta["example_value"] = size
                 shape.append(anchor)
             tickets[node], shapes[node] = start, shape
@@ -333,6 +335,58 @@ class AsyncOffloadPass(GraphPass):
                 with fake_mode:
                     wait.meta["example_value"] = torch.empty(_val(node).shape, dtype=_val(node).dtype, device="cpu")
                 output.replace_input_with(node, wait)
+        for node in chosen:
+            _erase_unused_chain(graph, node)
+
+
+def alias_root(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The earliest node sharing ``node``'s storage through view-like ops (detach, view, ...), and that chain."""
+    chain: list[fx.Node] = []
+    storage = _storage(_val(node))
+    cur = node
+    while (
+        _is_shape_op(cur)
+        and cur.args
+        and isinstance(cur.args[0], fx.Node)
+        and cur.args[0].op != "placeholder"
+        and storage is not None
+        and _storage(_val(cur.args[0])) == storage
+    ):
+        chain.append(cur)
+        cur = cur.args[0]
+    return cur, chain[::-1]
+
+
+def _hoist(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """Re-create ``node``'s alias chain right after its storage's producer, so the copy starts there.
+
+    An output like ``router_logits.detach()`` is often computed at the end of
+    the layer; the values exist as soon as the router's linear ran. Falls back
+    to ``node`` when a chain op takes an argument defined after the producer.
+    """
+    root, chain = alias_root(node)
+    if not chain:
+        return node
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for link in chain:
+        if any(order[a] > order[root] for a in link.all_input_nodes if a not in chain):
+            return node
+    env: dict[fx.Node, fx.Node] = {}
+    anchor = root
+    for link in chain:
+        with graph.inserting_after(anchor):
+            anchor = graph.node_copy(link, lambda a: env.get(a, a))
+        env[link] = anchor
+    return anchor
+
+
+def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
+    """Drop the original alias chain of an offloaded output once nothing uses it any more."""
+    _, chain = alias_root(node)
+    for link in reversed(chain):
+        if link.users:
+            return
+        graph.erase_node(link)
 
 
 def _copy_source_meta(src: fx.Node, dst: fx.Node) -> None:
