@@ -182,23 +182,10 @@ def compile_target(target: Any, backend: Any) -> list[str]:
     return codes
 
 
-_OUTPUT_CODE_NOISE = [
-    (re.compile(r"/[^\s'\"]*torchinductor[^\s'\"]*"), "<inductor-cache-path>"),
-    (re.compile(r"\b[a-z0-9]{52}\b"), "<hash>"),
-]
-
-
-def normalize_output_code(code: str) -> str:
-    from moe_passes.fx.graph_text import normalize_text
-
-    for pattern, repl in _OUTPUT_CODE_NOISE:
-        code = pattern.sub(repl, code)
-    return normalize_text(code)
-
-
 def compiled_sections(target: Any, pass_names: Sequence[str], num_chunks: Any, stage: str, progress: Any) -> list[Section]:
     """Baseline (no passes) vs transformed at a post-grad stage or in the output code."""
     from moe_passes.config import BackendConfig
+    from moe_passes.fx.graph_text import normalize_output_code
     from moe_passes.inductor.backend import DominoBackend
 
     baseline = DominoBackend(BackendConfig(passes=(), num_chunks=num_chunks), keep_graphs=True)
