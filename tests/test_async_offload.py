@@ -209,7 +209,7 @@ def test_pass_on_and_off_return_the_same_values(compiled_runs: dict[str, Any]) -
     assert report["name"] == "async_offload" and report["stats"]["offloaded"] == 4
 
 
-_KERNEL = re.compile(r"(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.aten\.\w+\.default)\(")
+_KERNEL = re.compile(r"(cpp_fused_\w+|extern_kernels\.\w+|(?:torch\.ops\.)?aten\.\w+\.\w+)\(")
 _ALIAS = re.compile(r"^(buf\d+) = (?:reinterpret_tensor\()?(buf\d+)\b")
 
 
@@ -234,3 +234,53 @@ def test_inductor_code_starts_right_after_producers_and_waits_last(compiled_runs
             last_kernel = line
     assert starts == 4 and waits == 4
     assert "moe_passes.offload" not in compiled_runs["off_code"]
+
+
+def inductor_call_order(code: str) -> str:
+    """The forward's calls in Inductor output order: kernel names and offload ops, one per line."""
+    body = code[code.index("def call(") :]
+    calls = []
+    for line in body.splitlines():
+        line = line.strip()
+        if line.startswith(("assert", "#", "return")):
+            continue
+        if m := re.search(r"torch\.ops\.moe_passes\.(offload_\w+)\.default\((buf\d+)", line):
+            calls.append(m.group(1))
+        elif m := _KERNEL.search(line):
+            calls.append(m.group(1))
+    return "\n".join(calls) + "\n"
+
+
+def test_golden_inductor_call_order(compiled_runs: dict[str, Any], update_goldens: bool) -> None:
+    check_golden("offload_inductor_order.txt", inductor_call_order(compiled_runs["on_code"]), update_goldens)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: device memory and pinned host copies")
+def test_cuda_offloaded_outputs_are_pinned_host_copies_and_free_device_memory(model: RouterStack, x: torch.Tensor) -> None:
+    dev = torch.device("cuda")
+    cuda_model = RouterStack(layers=2, hidden=8, experts=4, top_k=2).to(dev)
+    cuda_model.load_state_dict(model.state_dict())
+    xc = x.to(dev)
+    ref = cuda_model(xc)
+    held: dict[str, int] = {}
+    outs: dict[str, Any] = {}
+    for label, passes in (("off", ()), ("on", ("async_offload",))):
+        torch._dynamo.reset()
+        backend = moe_passes.make_backend(passes=passes)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            compiled = torch.compile(cuda_model, backend=backend, fullgraph=True)
+            compiled(xc)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated(dev)
+            outs[label] = compiled(xc)
+            torch.cuda.synchronize()
+            held[label] = torch.cuda.memory_allocated(dev) - before
+    torch._dynamo.reset()
+    for got, want in zip(tree_leaves(outs["on"][1]), tree_leaves(ref[1])):
+        assert got.device.type == "cpu" and got.is_pinned()
+        torch.testing.assert_close(got, want.cpu(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(tree_leaves(outs["on"][2]), tree_leaves(ref[2])):
+        assert got.device == want.device and torch.equal(got, want)  # "auto": indices backward saves stay
+    router_logit_bytes = sum(t.numel() * t.element_size() for t in ref[1])
+    assert held["off"] - held["on"] >= router_logit_bytes
