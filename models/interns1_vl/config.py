@@ -128,6 +128,7 @@ class InternS1VLConfig:
             raise ValueError(f"expected a config dict, got {type(d).__name__}")
         text_d = _require(d, "text_config", "config")
         vision_d = _require(d, "vision_config", "config")
+        image_token_id = _require(d, "image_token_id", "config")
         num_experts = text_d.get("num_experts", text_d.get("num_local_experts"))
         if num_experts is None:
             raise ValueError("config key missing: text_config.num_experts (or num_local_experts)")
@@ -177,7 +178,7 @@ class InternS1VLConfig:
         kwargs: dict[str, Any] = dict(
             text=text,
             vision=vision,
-            image_token_id=_require(d, "image_token_id", "config"),
+            image_token_id=image_token_id,
             vision_start_token_id=d.get("vision_start_token_id"),
             vision_end_token_id=d.get("vision_end_token_id"),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
