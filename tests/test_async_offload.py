@@ -127,6 +127,31 @@ def test_device_bytes_of_offloaded_tensors_are_released_at_their_last_device_use
         assert nodes.index(start) <= nodes.index(released) < layer_end
 
 
+def test_inference_graph_offloads_everything_because_backward_keeps_nothing(model: RouterStack, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        gm = capture_graphs(model, x)[0].gm
+    _, result = run_pass(gm)
+    assert result.stats["offloaded"] == 4 and not result.skipped
+
+
+def test_reference_model_router_logits_feeding_the_aux_loss_are_not_offloaded_in_training() -> None:
+    from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = InternS1VLConfig.tiny()
+    vlm = InternS1VLForConditionalGeneration(config)
+    ids = torch.randint(0, config.text.vocab_size, (1, 6))
+
+    def step(ids: torch.Tensor) -> tuple[Any, ...]:
+        out = vlm(ids, labels=ids, output_router_logits=True)
+        return out.loss, out.router_logits, tuple(r.detach() for r in out.router_logits)
+
+    _, result = run_pass(capture_graphs(step, ids)[0].gm)
+    skipped = [s for s in result.skipped if "requires grad" in s.reason]
+    assert len(skipped) == len(result.matched) == config.text.num_hidden_layers
+    assert all(m.startswith("detach") for m in result.matched)
+
+
 class _ReturnsLiveLogits(nn.Module):
     """Returns router logits that still require grad (not detached) and mutated selected experts."""
 

@@ -172,6 +172,11 @@ def saved_for_backward(gm: fx.GraphModule) -> set[fx.Node] | str:
     grad as in training, and everything stays in Dynamo's fake mode) under
     ``saved_tensors_hooks``, recording what every backward node packs.
     """
+    # Traced without grad (inference, no_grad): autograd saves nothing. Views of parameters
+    # (``weight[e]``) are not evidence: Dynamo records them as requiring grad even then.
+    computed = [_val(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method") and n.target is not operator.getitem]
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for v in computed for t in tree_leaves(v)):
+        return set()
     inputs = [_val(n) for n in gm.graph.find_nodes(op="placeholder")]
     modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
     if len(modes) != 1 or any(v is None for v in inputs):
