@@ -186,3 +186,13 @@ class RecordingPostGradPass(GraphPass):
         result.stats["nodes"] = len(gm.graph.nodes)
         result.stats["tangents"] = sum(n.name.startswith("tangents") for n in gm.graph.find_nodes(op="placeholder"))
         return result
+
+
+class RaisingPass(GraphPass):
+    """Breaks while rewriting (a bug inside the pass, not a bad graph)."""
+
+    name: ClassVar[str] = "t_raising"
+    stage: ClassVar = "pre_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        raise RuntimeError("Argument 'x' was used before it has been defined!\ngraph():\n    %x : ...")

@@ -15,6 +15,7 @@ from moe_passes import BackendConfig, make_backend
 from moe_passes.fx.capture import CapturedGraph, capture_graphs
 from moe_passes.fx.graph_text import graph_text
 from moe_passes.fx.pass_manager import (
+    PassFailedError,
     PassManager,
     PassUnavailableError,
     PassValidationError,
@@ -89,6 +90,13 @@ def test_validation_catches_a_broken_pass(
     with pytest.raises(PassValidationError, match=f"pass '{bad_pass.name}'") as err:
         run(monkeypatch, graph, bad_pass)
     assert message in str(err.value)
+
+
+def test_a_pass_that_raises_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    with pytest.raises(PassFailedError) as err:
+        run(monkeypatch, graph, h.ScaleByOnePass, h.RaisingPass)
+    assert str(err.value) == "pass 't_raising' failed on graph: RuntimeError: Argument 'x' was used before it has been defined!"
+    assert isinstance(err.value.__cause__, RuntimeError)
 
 
 def test_strict_raises_with_the_skip_reasons(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:

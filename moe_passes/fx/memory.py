@@ -10,9 +10,10 @@ storage after its last use (aliasing/views via Inductor's own
 Symbolic sizes use their hint. Unbacked sizes (``.tolist()`` split sizes) have
 none; they are estimated by assuming *uniform routing*: every runtime assert
 ``Eq(u0 + u1 + ..., total)`` the graph carries (``torch._check(sum(splits) ==
-n)``) is solved by splitting the known total evenly over its unknowns,
-repeatedly, so split sizes derive from token counts. Whatever stays unknown
-uses ``UNBACKED_FALLBACK`` elements. The estimate reports how many symbols
+n)``) splits its known total evenly over its unknowns, and every all-to-all
+receives what it sends, repeatedly, so split sizes derive from token counts
+(exact rationals, rounded up per tensor). Whatever stays unknown uses
+``UNBACKED_FALLBACK`` elements. The estimate reports how many symbols
 were guessed (``unhinted_sizes``), so nobody mistakes a guess for a fact.
 """
 
@@ -28,7 +29,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch._inductor.fx_passes.memory_estimator import GraphAliasTracker
 from torch.utils._pytree import tree_leaves
 
-from moe_passes.fx.match import collective_kind, is_collective, is_wait
+from moe_passes.fx.match import collective_kind, is_all_to_all, is_collective, is_wait
 
 UNBACKED_FALLBACK = 8192  # same default as torch._inductor.config.unbacked_symint_fallback
 
@@ -59,16 +60,43 @@ def _backed_values(shape_env: Any) -> dict[sympy.Symbol, Any]:
     return shape_env.var_to_val
 
 
-def uniform_unbacked_values(shape_env: Any) -> dict[sympy.Symbol, int]:
-    """Values for unbacked symbols from ``Eq(sum of symbols, total)`` runtime asserts, split evenly.
+def _symbol_of(value: Any) -> sympy.Expr | None:
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    if isinstance(value, int):
+        return sympy.Integer(value)
+    return None
 
-    An equation with unknowns on both sides (``Eq(u4+u5+u6+u7, u2+u3)``:
-    received sizes vs received totals) gets its right-hand unknowns set to the
-    typical value solved so far (uniform routing: every rank receives what it
-    sends), then solving continues.
+
+def mirrored_split_sizes(graph: fx.Graph | None) -> list[tuple[sympy.Expr, sympy.Expr]]:
+    """(output split, input split) pairs of every all-to-all: uniform routing receives what it sends."""
+    pairs: list[tuple[sympy.Expr, sympy.Expr]] = []
+    if graph is None:
+        return pairs
+    for node in graph.nodes:
+        if not is_all_to_all(node) or len(node.args) < 3:
+            continue
+        outs, ins = node.args[1], node.args[2]
+        if not isinstance(outs, (list, tuple)) or not isinstance(ins, (list, tuple)) or len(outs) != len(ins):
+            continue
+        for o, i in zip(outs, ins):
+            o_expr = _symbol_of(_val(o) if isinstance(o, fx.Node) else o)
+            i_expr = _symbol_of(_val(i) if isinstance(i, fx.Node) else i)
+            if o_expr is not None and i_expr is not None:
+                pairs.append((o_expr, i_expr))
+    return pairs
+
+
+def uniform_unbacked_values(shape_env: Any, graph: fx.Graph | None = None) -> dict[sympy.Symbol, sympy.Expr]:
+    """Values for unbacked symbols under *uniform routing*, as exact rationals.
+
+    Two rules, applied until nothing changes: a runtime assert
+    ``Eq(u0 + u1 + ..., total)`` with a known total splits it evenly over its
+    unknowns; an all-to-all's unknown output split equals its known input
+    split (every rank receives what it sends).
     """
-    known: dict[sympy.Symbol, int] = {
-        s: int(v) for s, v in _backed_values(shape_env).items() if isinstance(v, (int, sympy.Integer))
+    known: dict[sympy.Symbol, sympy.Expr] = {
+        s: sympy.Integer(int(v)) for s, v in _backed_values(shape_env).items() if isinstance(v, (int, sympy.Integer))
     }
     eqs = [
         ra.expr
@@ -76,42 +104,41 @@ def uniform_unbacked_values(shape_env: Any) -> dict[sympy.Symbol, int]:
         for ra in asserts
         if isinstance(ra.expr, sympy.Eq)
     ]
-    values: dict[sympy.Symbol, int] = {}
+    pairs = mirrored_split_sizes(graph)
+    values: dict[sympy.Symbol, sympy.Expr] = {}
 
-    def linear(eq: sympy.Eq) -> tuple[list[sympy.Symbol], list[Any], Any] | None:
-        expr = sympy.expand((eq.lhs - eq.rhs).xreplace({**known, **values}))
-        unknowns = sorted(expr.free_symbols, key=str)
-        if not unknowns:
-            return None
-        coeffs = [expr.coeff(u) for u in unknowns]
-        const = expr.xreplace({u: 0 for u in unknowns})
-        if not all(c.is_Integer for c in coeffs) or not const.is_Integer:
-            return None
-        if sympy.expand(sum(c * u for c, u in zip(coeffs, unknowns)) + const - expr) != 0:
-            return None
-        return unknowns, coeffs, const
+    def resolve(expr: sympy.Expr) -> sympy.Expr:
+        return sympy.expand(expr.xreplace({**known, **values}))
 
-    for _ in range(2 * len(eqs) + 1):
+    def solve_sums() -> bool:
         progress = False
         for eq in eqs:
-            parsed = linear(eq)
-            if parsed is None:
+            expr = resolve(eq.lhs - eq.rhs)
+            unknowns = sorted(expr.free_symbols, key=str)
+            if not unknowns or not expr.is_polynomial(*unknowns):
                 continue
-            unknowns, coeffs, const = parsed
+            coeffs = [expr.coeff(u) for u in unknowns]
+            const = expr.xreplace({u: 0 for u in unknowns})
+            linear = sympy.expand(sum(c * u for c, u in zip(coeffs, unknowns)) + const - expr) == 0
+            if not linear or not const.is_Number or not all(c.is_Integer for c in coeffs):
+                continue
             if len({sympy.sign(c) for c in coeffs}) == 1:
-                values.update({u: max(int(-const / sum(coeffs)), 0) for u in unknowns})
+                share = sympy.Max(-const / sum(coeffs), 0)
+                values.update({u: share for u in unknowns})
                 progress = True
-        if progress or not values:
-            if not progress:
-                break
-            continue
-        typical = sorted(values.values())[len(values) // 2]
-        for eq in eqs:
-            parsed = linear(eq)
-            if parsed is not None:
-                values.update({u: typical for u, c in zip(parsed[0], parsed[1]) if c < 0})
-                break
-        else:
+        return progress
+
+    def mirror() -> bool:
+        progress = False
+        for out_expr, in_expr in pairs:
+            out_r, in_r = resolve(out_expr), resolve(in_expr)
+            if isinstance(out_r, sympy.Symbol) and in_r.is_Number:
+                values[out_r] = in_r
+                progress = True
+        return progress
+
+    for _ in range(2 * (len(eqs) + len(pairs)) + 1):
+        if not (solve_sums() or mirror()):
             break
     return values
 
@@ -119,10 +146,11 @@ def uniform_unbacked_values(shape_env: Any) -> dict[sympy.Symbol, int]:
 class _Sizer:
     """Concrete byte counts for possibly symbolic sizes; records which symbols were guessed."""
 
-    def __init__(self, fallback: int) -> None:
+    def __init__(self, fallback: int, graph: fx.Graph | None = None) -> None:
         self.fallback = fallback
+        self.graph = graph
         self.unhinted: set[str] = set()
-        self._uniform: dict[int, dict[sympy.Symbol, int]] = {}
+        self._uniform: dict[int, dict[sympy.Symbol, sympy.Expr]] = {}
 
     def __call__(self, value: int | torch.SymInt) -> int:
         if isinstance(value, int):
@@ -132,15 +160,15 @@ class _Sizer:
             return int(node.hint)
         shape_env = node.shape_env
         if id(shape_env) not in self._uniform:
-            self._uniform[id(shape_env)] = uniform_unbacked_values(shape_env)
+            self._uniform[id(shape_env)] = uniform_unbacked_values(shape_env, self.graph)
         guesses = self._uniform[id(shape_env)]
         expr = shape_env.replace(node.expr)
         unbacked = free_unbacked_symbols(expr)
         self.unhinted.update(str(s) for s in unbacked)
         hints = {s: int(v) for s, v in _backed_values(shape_env).items() if s in expr.free_symbols}
         substituted = expr.xreplace({**hints, **{s: guesses.get(s, self.fallback) for s in unbacked}})
-        if substituted.is_Integer:
-            return int(substituted)
+        if substituted.is_Number:
+            return int(sympy.ceiling(substituted))
         return int(shape_env.optimization_hint(node.expr, fallback=self.fallback))
 
 
@@ -174,7 +202,7 @@ def estimate_graph(gm: fx.GraphModule | fx.Graph, unbacked_fallback: int = UNBAC
     graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
     filled = _ensure_val(graph)
     try:
-        return _estimate(graph, _Sizer(unbacked_fallback))
+        return _estimate(graph, _Sizer(unbacked_fallback, graph))
     finally:
         for node in filled:
             node.meta.pop("val", None)

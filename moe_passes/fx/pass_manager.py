@@ -42,6 +42,10 @@ class PassValidationError(RuntimeError):
     """A pass left a graph that fails validation; names the pass and every problem found."""
 
 
+class PassFailedError(RuntimeError):
+    """A pass raised while rewriting a graph; names the pass and the graph (the original error is the cause)."""
+
+
 class StrictModeError(RuntimeError):
     """``strict=True`` and a requested pass found nothing it could safely apply."""
 
@@ -290,7 +294,11 @@ class PassManager:
         name = graph_pass.name
         before = GraphState.of(gm) if self.validate else None
         start = time.perf_counter()
-        result = graph_pass(gm)
+        try:
+            result = graph_pass(gm)
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise PassFailedError(f"pass {name!r} failed on {self.graph_name}: {type(e).__name__}: {first_line}") from e
         gm.recompile()
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
