@@ -309,3 +309,17 @@ def test_cuda_offloaded_outputs_are_pinned_host_copies_and_free_device_memory(mo
         assert got.device == want.device and torch.equal(got, want)  # "auto": indices backward saves stay
     router_logit_bytes = sum(t.numel() * t.element_size() for t in ref[1])
     assert held["off"] - held["on"] >= router_logit_bytes
+
+
+@pytest.mark.slow
+def test_bench_section_reports_device_bytes_at_end_of_forward_with_and_without_the_pass() -> None:
+    from moe_passes.bench import BenchOptions
+    from moe_passes.bench.offload import run
+
+    section = run(BenchOptions(quick=True))
+    off, on = section.rows
+    assert (off["offload"], on["offload"]) == ("off", "on")
+    assert off["router_device_bytes_returned"] > 0 and on["router_device_bytes_returned"] == 0
+    assert off["static_device_bytes_at_end"] - on["static_device_bytes_at_end"] == off["router_device_bytes_returned"]
+    assert 0 < off["router_bytes_saved_for_backward"] < off["router_device_bytes_returned"]
+    assert off["measured_cpu_bytes_at_end"] > 0 and on["measured_cpu_bytes_at_end"] > 0
