@@ -45,9 +45,13 @@ from moe_passes.inductor.ops import OFFLOAD_START, OFFLOAD_WAIT
 class RouterStack(nn.Module):
     """Stacked MoE blocks; returns (loss, router logits per layer detached, selected experts per layer)."""
 
-    def __init__(self, layers: int = 2, hidden: int = 16, experts: int = 4, top_k: int = 2) -> None:
+    def __init__(
+        self, layers: int = 2, hidden: int = 16, experts: int = 4, top_k: int = 2, ep_group: Any = None
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(SparseMoeBlock(hidden, 2 * hidden, experts, top_k) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            SparseMoeBlock(hidden, 2 * hidden, experts, top_k, ep_group=ep_group) for _ in range(layers)
+        )
         for block in self.blocks:
             nn.init.normal_(block.gate.weight, std=0.5)
             nn.init.normal_(block.experts.gate_up_proj, std=0.2)
