@@ -83,8 +83,12 @@ def compiled_router_like() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor
 
     torch._dynamo.reset()
     x, w = torch.randn(6, 8), torch.randn(4, 8, requires_grad=True)
+    _drop_tickets()
+    pending_before = ops.pending_copies()
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         out, codes = run_and_get_code(torch.compile(_router_like, fullgraph=True), x, w)
+    _drop_tickets()
+    assert ops.pending_copies() == pending_before, "the compiled graph left pending copies behind"
     out[0].backward()
     grad = w.grad.clone()
     w.grad = None
