@@ -1,0 +1,112 @@
+"""Train the tiny InternS1-VL MoE model a few steps on 2 CPU processes (gloo), experts sharded over both.
+
+    python examples/train_tiny.py                       # domino backend (default)
+    python examples/train_tiny.py --backend inductor --steps 3
+
+Each rank owns half of every layer's experts and its own batch (text with an
+image); tokens travel to their experts through the dropless all-to-all. The
+non-expert gradients are averaged over ranks (data parallel), the expert
+gradients already hold every rank's tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict  # noqa: E402
+from models.interns1_vl.hf_loading import is_expert_key  # noqa: E402
+
+WORLD_SIZE = 2
+
+
+def make_batch(config: InternS1VLConfig, rank: int) -> dict[str, torch.Tensor]:
+    """Two sequences of 24 tokens; the first holds a 4x4-patch image (4 image tokens)."""
+    g = torch.Generator().manual_seed(rank)
+    input_ids = torch.randint(0, 80, (2, 24), generator=g)
+    input_ids[0, 1:5] = config.image_token_id
+    labels = input_ids.masked_fill(input_ids == config.image_token_id, -100)
+    v = config.vision
+    pixel_values = torch.randn(16, v.in_channels * v.temporal_patch_size * v.patch_size**2, generator=g)
+    return dict(input_ids=input_ids, labels=labels, pixel_values=pixel_values, image_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+def compile_model(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    if backend == "eager":
+        return model
+    torch._dynamo.config.capture_scalar_outputs = True  # split sizes of the all-to-all are data dependent
+    if backend == "domino":
+        from moe_passes import domino_backend
+
+        return torch.compile(model, backend=domino_backend, fullgraph=True)
+    return torch.compile(model, backend="inductor", fullgraph=True)
+
+
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        if not is_expert_key(name):
+            dist.all_reduce(param.grad)
+        param.grad /= world_size
+
+
+def train(rank: int, world_size: int, port: int, backend: str, steps: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        config = InternS1VLConfig.tiny()
+        torch.manual_seed(0)
+        full_state = InternS1VLForConditionalGeneration(config).state_dict()  # same weights on every rank
+        model = InternS1VLForConditionalGeneration(config, ep_group=dist.group.WORLD)
+        load_hf_state_dict(model, full_state)
+        step_fn = compile_model(model, backend)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        batch = make_batch(config, rank)
+        for step in range(1, steps + 1):
+            start = time.perf_counter()
+            out = step_fn(**batch)
+            out.loss.backward()
+            average_gradients(model, world_size)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats = torch.stack([out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach()])
+            dist.all_reduce(stats)
+            stats /= world_size
+            if rank == 0:
+                print(f"step {step}/{steps}  loss {stats[0]:.4f}  aux {stats[1]:.4f}  z {stats[2]:.4f}  "
+                      f"({time.perf_counter() - start:.2f}s, backend={backend})", flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=("eager", "inductor", "domino"), default="domino")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    print(f"training the tiny InternS1-VL MoE on {WORLD_SIZE} CPU ranks (gloo), backend={args.backend}", flush=True)
+    mp.spawn(train, args=(WORLD_SIZE, free_port(), args.backend, args.steps), nprocs=WORLD_SIZE, join=True)
+
+
+if __name__ == "__main__":
+    main()
