@@ -304,6 +304,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         raise CLIError(f"--num-chunks must be a positive integer, got {num_chunks}")
     check_passes(pass_names)
     init_fake_process_group(args.world_size)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # targets import from the working directory, as with python -m
     target = resolve_target(args.target)
     err = Console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as progress:
