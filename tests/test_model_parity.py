@@ -83,7 +83,12 @@ def compare(hf: torch.nn.Module, ours: InternS1VLForConditionalGeneration, batch
     torch.testing.assert_close(out.loss, ref.loss, atol=ATOL, rtol=RTOL)
     for ours_logits, ref_logits in zip(out.router_logits, ref.router_logits, strict=True):
         torch.testing.assert_close(ours_logits, ref_logits, atol=ATOL, rtol=RTOL)
-    return {"max_abs_logit_diff": (out.logits[valid] - ref.logits[valid]).abs().max().item()}
+    ref_ce = ref.loss - hf.config.text_config.router_aux_loss_coef * ref.aux_loss
+    return {
+        "max_abs_logit_diff": (out.logits[valid] - ref.logits[valid]).abs().max().item(),
+        "ce_diff": (ours_ce - ref_ce).abs().item(),
+        "aux_diff": (out.aux_loss - ref.aux_loss).abs().item(),
+    }
 
 
 def test_config_round_trips_from_hf_dict() -> None:
