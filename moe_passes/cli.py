@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -46,13 +47,7 @@ class Section:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def diff(self) -> str:
-        import difflib
-
-        return "".join(
-            difflib.unified_diff(
-                self.before.splitlines(True), self.after.splitlines(True), f"{self.title} (before)", f"{self.title} (after)"
-            )
-        )
+        return symbol_insensitive_diff(self.before, self.after, f"{self.title} (before)", f"{self.title} (after)")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -61,6 +56,35 @@ class Section:
 
 
 # ---------------------------------------------------------------- graph facts
+
+_SYMBOL = re.compile(r"\b[us]\d+\b")
+
+
+def symbol_insensitive_diff(before: str, after: str, from_name: str, to_name: str, context: int = 3) -> str:
+    """Unified diff that matches lines up to symbol numbering.
+
+    Normalised texts number unbacked symbols in order of appearance, so a pass
+    that adds symbols early renumbers every later line; comparing lines with
+    the numbers masked keeps the diff to what the pass really changed.
+    """
+    import difflib
+
+    a, b = before.splitlines(), after.splitlines()
+    masked_a = [_SYMBOL.sub("#", line) for line in a]
+    masked_b = [_SYMBOL.sub("#", line) for line in b]
+    out: list[str] = []
+    for group in difflib.SequenceMatcher(None, masked_a, masked_b, autojunk=False).get_grouped_opcodes(context):
+        if not out:
+            out += [f"--- {from_name}", f"+++ {to_name}"]
+        i1, i2, j1, j2 = group[0][1], group[-1][2], group[0][3], group[-1][4]
+        out.append(f"@@ -{i1 + 1},{i2 - i1} +{j1 + 1},{j2 - j1} @@")
+        for tag, a1, a2, b1, b2 in group:
+            if tag == "equal":
+                out += [" " + line for line in b[b1:b2]]
+                continue
+            out += ["-" + line for line in a[a1:a2]]
+            out += ["+" + line for line in b[b1:b2]]
+    return "\n".join(out) + ("\n" if out else "")
 
 
 _COLLECTIVE = re.compile(r"_c10d_functional(?:_autograd)?\.(?!wait_tensor)\w+")
@@ -236,13 +260,14 @@ def compiled_sections(target: Any, pass_names: Sequence[str], num_chunks: Any, s
 
 
 def _fmt_bytes(value: Any) -> str:
+    """Exact below 1 MiB (small test models differ by a few bytes), else MiB/GiB."""
     if not isinstance(value, int):
         return str(value)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024  # type: ignore[assignment]
-    return str(value)
+    if abs(value) < 2**20:
+        return f"{value:,} B"
+    if abs(value) < 2**30:
+        return f"{value / 2**20:.1f} MiB"
+    return f"{value / 2**30:.2f} GiB"
 
 
 def render(console: Any, sections: list[Section], header: dict[str, Any]) -> None:
@@ -260,9 +285,10 @@ def render(console: Any, sections: list[Section], header: dict[str, Any]) -> Non
         else:
             console.print("[dim](no change in this graph)[/dim]")
     table = Table(title="summary", show_lines=True)
-    table.add_column("section", min_width=24)
-    for col in ("changed", "nodes +/-", "collectives", "waits", "chunks"):
+    table.add_column("section", ratio=1, overflow="fold")
+    for col in ("changed", "nodes +/-", "collectives", "waits"):
         table.add_column(col, no_wrap=True)
+    table.add_column("chunks", ratio=1, overflow="fold")
     table.add_column("matched", ratio=1, overflow="fold")
     table.add_column("skipped", ratio=1, overflow="fold")
     for s in sections:
@@ -328,7 +354,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             render(Console(file=f, width=140, no_color=True, force_terminal=False), sections, header)
         return 0
     console = Console()
-    if not console.is_terminal:
+    if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=160)
     render(console, sections, header)
     return 0
