@@ -50,6 +50,8 @@ _CAST_METHODS = {"float", "to", "type_as", "double", "half", "bfloat16", "contig
 _RESHAPE_METHODS = {"reshape", "view", "flatten"}
 _ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
+_ALL_REDUCES = (_ALL_REDUCE, torch.ops._c10d_functional.all_reduce)
+_WAITS = (_WAIT, torch.ops._c10d_functional.wait_tensor)
 
 
 class Unsupported(Exception):
@@ -501,7 +503,7 @@ def _effective_softmax_key(node: fx.Node) -> tuple[Any, ...] | None:
     """(input, dim, dtype) of a softmax, with dtype=None resolved to the input's dtype."""
     if not (_is(node, "call_function", [torch.nn.functional.softmax, torch.softmax]) or (node.op == "call_method" and node.target == "softmax")):
         return None
-    x = node.args[0]
+    x = _strip_noop(node.args[0])
     xv = _val(x)
     if not isinstance(xv, torch.Tensor):
         return None
@@ -510,6 +512,18 @@ def _effective_softmax_key(node: fx.Node) -> tuple[Any, ...] | None:
         return None
     dtype = node.kwargs.get("dtype", node.args[3] if len(node.args) > 3 else None) or xv.dtype
     return (x, _norm_dim(dim, xv.dim()), dtype)
+
+
+def _strip_noop(node: Any) -> Any:
+    """Look through ``.to(same device/dtype)`` / ``.float()`` on fp32 / ``.contiguous()``: same tensor."""
+    while (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("to", "float", "contiguous")
+           and "copy" not in node.kwargs and isinstance(node.args[0], fx.Node)):
+        v, src = _val(node), _val(node.args[0])
+        if not (isinstance(v, torch.Tensor) and isinstance(src, torch.Tensor) and v.dtype == src.dtype
+                and v.device == src.device and tuple(v.shape) == tuple(src.shape)):
+            break
+        node = node.args[0]
+    return node
 
 
 def _topk_key(node: fx.Node) -> tuple[Any, ...] | None:
@@ -521,6 +535,7 @@ def _topk_key(node: fx.Node) -> tuple[Any, ...] | None:
     names = ("input", "k", "dim", "largest", "sorted")
     defaults = (None, None, -1, True, True)
     values = [_arg(node, i, n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+    values[0] = _strip_noop(values[0])
     if ndim is None:
         return None
     values[2] = _norm_dim(values[2], ndim)
@@ -543,8 +558,7 @@ def _dedupe_router_ops(graph: fx.Graph, candidates: list[fx.Node]) -> dict[str, 
             key = key_fn(node)
             if key is None:
                 continue
-            x = node.args[0]
-            for other in sorted(x.users, key=order.get):
+            for other in _users_through_noops(key[0]):
                 if other is node or order.get(other, 1 << 60) >= order.get(node, 1 << 60) or key_fn(other) != key:
                     continue
                 node.replace_all_uses_with(other)
@@ -553,6 +567,19 @@ def _dedupe_router_ops(graph: fx.Graph, candidates: list[fx.Node]) -> dict[str, 
                     _merge_getitems(other, order)
                 break
     return reused
+
+
+def _users_through_noops(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` and of its no-op aliases (``.to``/``.float`` that change nothing), in graph order."""
+    out, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            out.append(u)
+            if _strip_noop(u) is not u:
+                stack.append(u)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(set(out), key=order.get)
 
 
 def _merge_getitems(topk: fx.Node, order: dict[fx.Node, int]) -> None:
@@ -571,7 +598,7 @@ def _is_pure(node: fx.Node) -> bool:
         return False
     if node.op == "call_method":
         return not node.target.endswith("_")
-    return not node.is_impure() and node.target not in (_ALL_REDUCE, _WAIT)
+    return not node.is_impure() and node.target not in (*_ALL_REDUCES, *_WAITS)
 
 
 def _hoist(graph: fx.Graph, nodes: Iterable[fx.Node]) -> int:
@@ -613,49 +640,35 @@ def _merge_all_reduces(graph: fx.Graph, totals: list[fx.Node]) -> int:
                 stack.append(u)
     buckets: dict[tuple[Any, ...], list[fx.Node]] = {}
     for n in graph.nodes:
-        if n in below and n.target is _ALL_REDUCE and len(n.users) == 1 and next(iter(n.users)).target is _WAIT:
+        if n in below and n.target in _ALL_REDUCES and len(n.users) == 1 and next(iter(n.users)).target in _WAITS:
             buckets.setdefault((n.args[1], n.args[2]), []).append(n)
     merged = 0
     for (op, group), reduces in buckets.items():
         vals = [_val(r) for r in reduces]
         if len(reduces) < 2 or any(not isinstance(v, torch.Tensor) for v in vals) or len({v.dtype for v in vals}) != 1:
             continue
-        if any(_depends_on(r.args[0], set(reduces) - {r}) for r in reduces):
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        waits = [next(iter(r.users)) for r in reduces]
+        first_wait = min(waits, key=order.get)
+        if any(order[r.args[0]] >= order[first_wait] for r in reduces):
+            log.info("layerwise_aux_loss: all-reduces %s kept separate: an input is computed after the first wait", [r.name for r in reduces])
             continue
-        last = reduces[-1]
-        with graph.inserting_before(last):
+        with graph.inserting_before(first_wait):
             flats = [graph.call_method("reshape", (r.args[0], (-1,))) for r in reduces]
             flat = graph.call_function(torch.cat, (flats, 0))
             reduced = graph.call_function(_ALL_REDUCE, (flat, op, group))
             waited = graph.call_function(_WAIT, (reduced,))
             pieces = graph.call_method("split", (waited, [v.numel() for v in vals]))
-        for i, (r, v) in enumerate(zip(reduces, vals)):
-            wait = next(iter(r.users))
-            with graph.inserting_before(wait):
-                piece = graph.call_function(operator.getitem, (pieces, i))
-                shaped = graph.call_method("view", (piece, tuple(v.shape)))
-            for new in (*flats, flat, reduced, waited, pieces, piece, shaped):
-                new.meta.setdefault("moe_passes", "layerwise_aux_loss")
-            wait.replace_all_uses_with(shaped)
+            shaped = [graph.call_method("view", (graph.call_function(operator.getitem, (pieces, i)), tuple(v.shape)))
+                      for i, v in enumerate(vals)]
+        for new in (*flats, flat, reduced, waited, pieces, *shaped, *(s.args[0] for s in shaped)):
+            new.meta["moe_passes"] = "layerwise_aux_loss"
+        for r, wait, new in zip(reduces, waits, shaped):
+            wait.replace_all_uses_with(new)
             graph.erase_node(wait)
             graph.erase_node(r)
         merged += len(reduces)
     return merged
-
-
-def _depends_on(node: Any, targets: set[fx.Node]) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in targets:
-            return True
-        for i in n.all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                stack.append(i)
-    return False
 
 
 def _propagate_meta(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
@@ -733,7 +746,7 @@ class LayerwiseAuxLossPass(GraphPass):
             stats["softmax_reused"] += reused["softmax"]
             stats["topk_reused"] += reused["topk"]
             result.matched.append(f"{region}: layers {[_layer_name(x) for x in group.logits]}")
-        loop_layers = self._loop_form(gm, result)
+        loop_layers = self._loop_form(gm, result, stats)
         stats["loop_form_layers"] = loop_layers
         result.changed = bool(stats["groups_rewritten"] or loop_layers)
         result.stats = stats
@@ -743,32 +756,44 @@ class LayerwiseAuxLossPass(GraphPass):
         log.info("%s: %s", self.name, stats)
         return result
 
-    def _loop_form(self, gm: fx.GraphModule, result: PassResult) -> int:
+    def _loop_form(self, gm: fx.GraphModule, result: PassResult, stats: dict[str, int]) -> int:
         """Per-layer loop losses: dedupe the loss's softmax/top-k, hoist its per-layer sums."""
         graph = gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
-        duplicates = []
+        duplicates: list[fx.Node] = []
+        from_inputs: list[fx.Node] = []
         for node in graph.nodes:
             key = _effective_softmax_key(node)
             if key is None or node.meta.get("moe_passes"):
                 continue
-            earlier = [u for u in node.args[0].users if u is not node and order[u] < order[node] and _effective_softmax_key(u) == key]
+            earlier = [u for u in _users_through_noops(key[0]) if u is not node and order[u] < order[node] and _effective_softmax_key(u) == key]
             if earlier:
                 duplicates.append(node)
+            elif key[0].op == "placeholder" and _is_row_reduction_below(node):
+                from_inputs.append(node)
+        if from_inputs and not duplicates:
+            result.skip(
+                f"loop-form aux loss over {len(from_inputs)} router logits ({', '.join(n.args[0].name for n in from_inputs)})",
+                "the router logits are inputs of this graph (a graph break separates routers and loss): the loss is already "
+                "per layer and no router softmax here can be reused; nothing to rewrite",
+            )
         if not duplicates:
             return 0
         region = _forward_closure(duplicates)
         if not any(_is_row_reduction(n) for n in region):
             result.skip(f"{len(duplicates)} repeated router softmaxes", "no per-layer reduction below them: not a loss in loop form")
             return 0
+        model = set().union(*(_ancestors(_strip_noop(d.args[0])) for d in duplicates))
         for node in duplicates:
             node.meta["moe_passes"] = self.name
         reused = _dedupe_router_ops(graph, sorted(region | set(duplicates), key=order.get))
         graph.eliminate_dead_code()
         live = sorted((n for n in region if _alive(graph, n)), key=lambda n: order.get(n, 0))
-        model = set().union(*(_ancestors(d.args[0]) for d in duplicates))
         needed = _pure_ancestors_after(graph, live, model)
         moved = _hoist(graph, needed + live)
+        stats["softmax_reused"] += reused["softmax"]
+        stats["topk_reused"] += reused["topk"]
+        stats["nodes_hoisted"] += moved
         result.matched.append(f"loop-form aux loss over {len(duplicates)} layers (softmax reused {reused['softmax']}, top-k reused {reused['topk']}, {moved} nodes hoisted)")
         return len(duplicates)
 
@@ -797,6 +822,10 @@ def _forward_closure(starts: list[fx.Node]) -> set[fx.Node]:
                 seen.add(u)
                 stack.append(u)
     return seen
+
+
+def _is_row_reduction_below(node: fx.Node) -> bool:
+    return any(_is_row_reduction(n) for n in _forward_closure([node]))
 
 
 def _is_row_reduction(node: fx.Node) -> bool:
