@@ -358,3 +358,37 @@ def test_expert_parallel_ranks_match_eager_with_the_pass() -> None:
     for result in run_distributed(_ep_rank, 2):
         assert result["offloaded"] == 4 and result["dtypes_equal"]
         assert result["output_diff"] < 1e-5 and result["grad_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_default_pipeline_on_the_reference_model_matches_eager_with_offloaded_router_outputs() -> None:
+    from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = InternS1VLConfig.tiny()
+    vlm = InternS1VLForConditionalGeneration(config)
+    ids = torch.randint(0, config.text.vocab_size, (2, 8))
+
+    def step(fn: Any) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        vlm.zero_grad()
+        out = fn(ids)
+        out[0].backward()
+        return tree_leaves(out), [p.grad for p in vlm.parameters()]
+
+    def fwd(ids: torch.Tensor) -> tuple[Any, ...]:
+        out = vlm(ids, labels=ids, output_router_logits=True)
+        return out.loss, tuple(r.detach() for r in out.router_logits), out.selected_experts
+
+    backend = moe_passes.make_backend(offload_targets=BOTH)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        out, grads = step(torch.compile(fwd, backend=backend, fullgraph=True))
+    ref_out, ref_grads = step(fwd)
+    offload = next(r for r in backend.reports[0]["pre_grad"] if r["name"] == "async_offload")
+    assert offload["stats"]["offloaded"] == 2 * config.text.num_hidden_layers
+    for got, want in zip(out, ref_out):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
