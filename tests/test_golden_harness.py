@@ -80,8 +80,8 @@ def test_output_code_normalisation_removes_cache_paths_and_hashes() -> None:
 
 
 def test_graph_text_is_stable_across_captures() -> None:
-    first = moe_stack(seed=0)
-    second = moe_stack(seed=1)  # other weights, same structure
+    first = moe_stack(seed=0, num_layers=1)
+    second = moe_stack(seed=1, num_layers=1)  # other weights, same structure
     text_a = graph_text(capture_graphs(first.fn, *first.example_inputs)[0].gm)
     text_b = graph_text(capture_graphs(second.fn, *second.example_inputs)[0].gm)
     assert text_a == text_b
@@ -93,13 +93,13 @@ from moe_passes.fx.capture import capture_graphs
 from moe_passes.fx.graph_text import graph_text
 from moe_passes.targets import moe_stack
 import sys
-t = moe_stack(seed=3)
+t = moe_stack(seed=3, num_layers=1)
 sys.stdout.write(graph_text(capture_graphs(t.fn, *t.example_inputs)[0].gm))
 """
 
 
 def test_graph_text_is_stable_across_processes() -> None:
-    target = moe_stack(seed=3)
+    target = moe_stack(seed=3, num_layers=1)
     here = graph_text(capture_graphs(target.fn, *target.example_inputs)[0].gm)
     there = subprocess.run(
         [sys.executable, "-c", _SUBPROCESS], capture_output=True, text=True, timeout=300, check=True,
