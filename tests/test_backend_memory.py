@@ -30,7 +30,7 @@ def ep_graph() -> Iterator[CapturedGraph]:
     """The 2-layer MoE stack with EP over a fake 2-rank group (destroyed afterwards: other tests run without one)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    assert not dist.is_initialized()
+    assert not dist.is_initialized(), "another test left a process group initialised; destroy it in its teardown"
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
         target = moe_stack()
