@@ -3,7 +3,7 @@
 One process launch checks everything and returns a dict per rank: loss and
 every gradient for eager, Inductor and the backend (no passes; a neutral test
 pass with ``verify=True``, whose verification really runs the all-to-alls on
-both ranks in lockstep).
+both ranks in lockstep; Domino EP with its post-grad schedule, the full path).
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ def _rank_fn(rank: int, world_size: int) -> dict[str, Any]:
     compile_x, compile_t = torch.randn(2, 4, 16, generator=gen), torch.randn(2, 4, 16, generator=gen)
     fresh_x, fresh_t = torch.randn(2, 4, 16, generator=gen), torch.randn(2, 4, 16, generator=gen)
     neutral = make_backend(passes=(h.ScaleByOnePass.name,), verify=True)
-    backends = {"eager": None, "inductor": "inductor", "no_passes": make_backend(passes=()), "neutral_pass": neutral}
+    domino = make_backend(passes=("domino_ep",), num_chunks=2)
+    backends = {
+        "eager": None,
+        "inductor": "inductor",
+        "no_passes": make_backend(passes=()),
+        "neutral_pass": neutral,
+        "domino_ep": domino,
+    }
     out: dict[str, Any] = {}
     for name, backend in backends.items():
         torch._dynamo.reset()
@@ -46,6 +53,7 @@ def _rank_fn(rank: int, world_size: int) -> dict[str, Any]:
         grads["input"] = x.grad.clone()
         out[name] = (loss.detach(), grads)
     out["verify"] = [r["verify"] for r in neutral.reports]
+    out["domino_reports"] = domino.reports
     return out
 
 
@@ -63,6 +71,21 @@ def test_two_ranks_backend_equals_plain_inductor(per_rank: list[dict[str, Any]],
         assert grads.keys() == ref_grads.keys()
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def test_two_ranks_domino_through_the_backend_equals_plain_inductor(per_rank: list[dict[str, Any]]) -> None:
+    """The whole path with a real pass: pre-grad Domino, AOT autograd, post-grad schedule on fw and bw."""
+    for rank, result in enumerate(per_rank):
+        ref_loss, ref_grads = result["inductor"]
+        loss, grads = result["domino_ep"]
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5, msg=lambda m: f"rank {rank} loss: {m}")
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank} {name}: {m}")
+        (report,) = result["domino_reports"]
+        (pre,) = report["pre_grad"]
+        assert pre["name"] == "domino_ep" and pre["changed"] and pre["stats"]["regions"] == 1
+        for kind in ("forward", "backward"):
+            assert [r["name"] for r in report["post_grad"][kind]] == ["schedule_overlap"], kind
 
 
 def test_two_ranks_inductor_equals_eager(per_rank: list[dict[str, Any]]) -> None:
