@@ -353,11 +353,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
         with open(args.output, "w") as f:
             render(Console(file=f, width=140, no_color=True, force_terminal=False), sections, header)
         return 0
+    render(_console(), sections, header)
+    return 0
+
+
+def _console() -> Any:
+    """Terminal width on a terminal; 160 columns when piped (unless COLUMNS says otherwise)."""
+    from rich.console import Console
+
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=160)
-    render(console, sections, header)
-    return 0
+    return console
 
 
 def _emit(text: str, output: str | None) -> None:
@@ -378,7 +385,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise CLIError(f"unknown bench section(s) {unknown}; known: {sorted(SECTIONS)}")
     options = BenchOptions(quick=args.quick)
-    console = Console()
+    console = _console()
     results: dict[str, Any] = {}
     failed = 0
     for name in names:
