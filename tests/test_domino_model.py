@@ -74,14 +74,14 @@ def local_backend(config: BackendConfig, results: list[Any] | None = None) -> Ca
     from torch._inductor.compile_fx import compile_fx
 
     from moe_passes.fx.domino_ep import DominoEPPass
-    from moe_passes.fx.schedule import ScheduleOverlapPass, as_custom_pass
+    from moe_passes.fx.schedule import INDUCTOR_CONFIG, ScheduleOverlapPass, as_custom_pass
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         if "domino_ep" in config.passes:
             result = DominoEPPass(config)(gm)
             if results is not None:
                 results.append(result)
-        patch = {"post_grad_custom_post_pass": as_custom_pass(ScheduleOverlapPass(config))} if config.schedule_overlap else {}
+        patch = {"post_grad_custom_post_pass": as_custom_pass(ScheduleOverlapPass(config)), **INDUCTOR_CONFIG} if config.schedule_overlap else {}
         with torch._inductor.config.patch(patch):
             return compile_fx(gm, example_inputs)
 

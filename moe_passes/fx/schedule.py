@@ -7,12 +7,18 @@ as possible (just before the first node that needs its result), with at most
 ``config.max_chunks_in_flight`` all-to-alls issued but not yet waited (each
 in-flight all-to-all holds a receive buffer, so this bounds memory).
 
-It is a list scheduler over the data-flow graph: among ready nodes, work
-that leads to a not-yet-issued all-to-all goes first, then other work, and
-waits last; ties keep the original order, so a graph without collectives
-keeps its order exactly.  The resulting order is then pinned with explicit
-control dependencies (``pin_order``) because Inductor's own scheduler would
-otherwise move waits back next to their collectives.
+It is a list scheduler over the data-flow graph: among ready nodes, the one
+with the fewest matmuls between it and a not-yet-issued all-to-all goes
+first (so all-to-alls start early); a wait that feeds split sizes with no
+matmul in between (count exchange -> dispatch) counts as such work, every other wait
+sinks below all ready compute and retires in issue order (FIFO); original
+order breaks ties.
+
+Inductor's scheduler keeps this order in its output code only with
+``reorder_for_peak_memory`` off (measured on torch 2.13: its peak-memory
+reordering moves every wait back next to its all-to-all, and control
+dependencies from ``preserve_node_ordering`` on the waits did not stop it).
+Backends that run this pass compile with ``INDUCTOR_CONFIG``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import torch.fx as fx
 from moe_passes.fx.pass_base import GraphPass, PassResult
 
 log = logging.getLogger("moe_passes")
+
+INDUCTOR_CONFIG: dict[str, Any] = {"reorder_for_peak_memory": False}
 
 _A2A_TARGETS: tuple[Any, ...] = (
     torch.ops._c10d_functional.all_to_all_single.default,
@@ -46,29 +54,57 @@ def is_wait(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in _WAIT_TARGETS
 
 
-def _comm_feeding(nodes: list[fx.Node]) -> set[fx.Node]:
-    """Nodes some all-to-all depends on: running them early lets that all-to-all start early."""
-    feeding: set[fx.Node] = set()
-    stack = [a for n in nodes if is_a2a(n) for a in n.all_input_nodes]
-    while stack:
-        n = stack.pop()
-        if n not in feeding:
-            feeding.add(n)
-            stack.extend(n.all_input_nodes)
-    return feeding
+_HEAVY = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.convolution.default,
+}
+_FAR = 1 << 30
+
+
+def comm_urgency(nodes: list[fx.Node], seeds: set[fx.Node] | None = None) -> dict[fx.Node, int]:
+    """Fewest matmuls between a node and some all-to-all that needs it (``_FAR`` if none does).
+
+    Running the most urgent ready work first starts the next all-to-all
+    soonest: a count-exchange wait (0 matmuls to the dispatch) goes before
+    another chunk's expert matmuls (2 matmuls to the combine).
+    """
+    urgency: dict[fx.Node, int] = {}
+    for n in reversed(nodes):
+        if (n in seeds) if seeds is not None else is_a2a(n):
+            urgency[n] = 0
+            continue
+        best = min((urgency[u] for u in n.users if u in urgency), default=_FAR)
+        urgency[n] = best + (1 if n.target in _HEAVY and best < _FAR else 0)
+    return urgency
+
+
+def _nodes_in(x: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(x, found.append)
+    return found
 
 
 def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
     """A topological order that issues all-to-alls early and waits late, bounded by ``max_in_flight``."""
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
-    feeding = _comm_feeding(nodes)
+    urgency = comm_urgency(nodes)
+    split_args = {a for n in nodes if is_a2a(n) for a in _nodes_in(n.args[1:3])}
+    split_urgency = comm_urgency(nodes, split_args)
     missing = {n: len(set(n.all_input_nodes)) for n in nodes}
     output = next(n for n in reversed(nodes) if n.op == "output")
 
+    issued: dict[fx.Node, int] = {}
+
     def key(n: fx.Node) -> tuple[int, int, int]:
-        rank = 0 if n.op == "placeholder" else (3 if is_wait(n) else (1 if n in feeding else 2))
-        return (rank, 0, index[n])
+        if n.op == "placeholder":
+            return (-1, 0, index[n])
+        if is_wait(n) and split_urgency[n] > 0:  # sink: after all ready compute, oldest all-to-all first
+            return (_FAR + 1, issued.get(n.args[0], 0), index[n])
+        return (urgency[n], 1 if is_wait(n) else 0, index[n])
 
     ready: list[tuple[tuple[int, int, int], fx.Node]] = [(key(n), n) for n in nodes if missing[n] == 0 and n is not output]
     heapq.heapify(ready)
@@ -89,6 +125,7 @@ def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
         order.append(n)
         if is_a2a(n):
             in_flight.append(n)
+            issued[n] = len(issued)
         elif is_wait(n) and n.args[0] in in_flight:
             in_flight.remove(n.args[0])
         for u in n.users:
@@ -131,32 +168,6 @@ def overlap_stats(graph: fx.Graph) -> dict[str, int]:
     return {"all_to_all": len(a2as), "overlapped": overlapped, "max_in_flight": max_in_flight}
 
 
-def pin_order(graph: fx.Graph) -> int:
-    """Make Inductor keep each all-to-all's issue point and each wait's position.
-
-    Each all-to-all gets a control dependency on the compute node just
-    before it, and each node right after a wait depends on that wait... the
-    other way round is what matters: the wait must not move before the
-    compute scheduled ahead of it, so each wait gets a dependency on the
-    last compute node before it.  Uses torch's ``preserve_node_ordering``.
-    """
-    from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
-
-    deps: dict[fx.Node, Any] = {}
-    from torch.utils._ordered_set import OrderedSet
-
-    prev_compute: fx.Node | None = None
-    for n in graph.nodes:
-        if n.op != "call_function":
-            continue
-        if is_wait(n) and prev_compute is not None and prev_compute not in n.all_input_nodes:
-            deps.setdefault(n, OrderedSet()).add(prev_compute)
-        if not is_wait(n) and not is_a2a(n) and isinstance(n.meta.get("val"), torch.Tensor):
-            prev_compute = n
-    preserve_node_ordering(graph, deps)
-    return len(deps)
-
-
 class ScheduleOverlapPass(GraphPass):
     """Issue all-to-alls early, sink their waits, bounded in flight; forward and backward graphs."""
 
@@ -170,12 +181,13 @@ class ScheduleOverlapPass(GraphPass):
         if before["all_to_all"] == 0:
             result.skip("graph", "no all-to-all in this graph")
             return result
+        original = list(graph.nodes)
         order = overlap_order(graph, self.config.max_chunks_in_flight)
         apply_order(graph, order)
         graph.lint()
         after = overlap_stats(graph)
         result.stats = {"before": before, "after": after}
-        result.changed = after != before or True
+        result.changed = order != original
         result.matched.append(f"{after['all_to_all']} all-to-alls")
         log.info("schedule_overlap: %s -> %s", before, after)
         return result
