@@ -86,3 +86,37 @@ def local_backend(config: BackendConfig, results: list[Any] | None = None) -> Ca
             return compile_fx(gm, example_inputs)
 
     return backend
+
+
+class _StopAfterCapture(Exception):
+    """Raised by the capturing backend: fake process groups cannot run dropless EP, only trace it."""
+
+
+def capture_without_running(fn: Callable[..., Any], *args: Any, compile_with: Callable[..., Any] | None = None) -> list[torch.fx.GraphModule]:
+    """Dynamo graphs of ``fn`` (optionally compiled by ``compile_with``), never executed."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        graphs.append(gm)
+        if compile_with is not None:
+            compile_with(gm, example_inputs)
+        raise _StopAfterCapture
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        try:
+            torch.compile(fn, backend=backend, fullgraph=True)(*args)
+        except Exception as e:  # Dynamo wraps the backend's exception
+            if not graphs or "_StopAfterCapture" not in repr(e):
+                raise
+    torch._dynamo.reset()
+    return graphs
+
+
+def init_fake_group(world_size: int = 2) -> None:
+    """One-process fake process group of ``world_size`` ranks (this process is rank 0)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)

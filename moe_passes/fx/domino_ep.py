@@ -125,6 +125,7 @@ class MoERegion:
     top_k: int
     nodes: list[fx.Node] = field(default_factory=list)  # topological order, starts with the first user of tokens
     outputs: list[fx.Node] = field(default_factory=list)
+    layouts: dict[fx.Node, str] = field(default_factory=dict)  # ROW / COPY nodes (token-indexed dim 0)
 
 
 class RegionError(Exception):
@@ -314,8 +315,11 @@ def _check_safe(region: MoERegion) -> None:
             raise RegionError(f"{n.name}: {getattr(n.target, '__name__', n.target)} is not a recognised row-safe op")
         if n.op not in ("call_method", "call_function"):
             raise RegionError(f"{n.name}: {n.op} nodes are not chunked")
-    lay = _layouts(region)
+    lay = region.layouts = _layouts(region)
     for out in region.outputs:
+        mutators = [u.name for u in out.users if _is_inplace(u)]
+        if mutators:
+            raise RegionError(f"{out.name} leaves the region and is mutated in place by {mutators}")
         if not isinstance(_val(out), torch.Tensor):
             raise RegionError(f"{out.name} leaves the region but is not a tensor")
         if lay.get(out) != ROW:
@@ -328,10 +332,14 @@ def chunk_sizes(num_tokens: int, num_chunks: int) -> list[int]:
     return [q + 1] * r + [q] * (num_chunks - r)
 
 
-def _retarget_sizes(n: fx.Node, T: int, K: int, c: int) -> None:
-    """Rewrite the token-count constants Dynamo baked into a copied node (static shapes)."""
+def _retarget_sizes(n: fx.Node, token_input: bool, T: int, K: int, c: int) -> None:
+    """Rewrite the token-count constants Dynamo baked into a copied node (static shapes).
+
+    Only two places hold them: dim 0 of a view/reshape of a token-indexed
+    tensor, and comparisons bounding unbacked split sizes (``u0 <= T*K``).
+    """
     scale = {T: c} if K == 1 else {T: c, T * K: c * K}
-    if n.op == "call_method" and n.target in ("view", "reshape") and len(n.args) > 1:
+    if n.op == "call_method" and n.target in ("view", "reshape") and len(n.args) > 1 and token_input:
         if isinstance(n.args[1], (tuple, list)):
             sizes = list(n.args[1])
             if sizes and isinstance(sizes[0], int) and sizes[0] in scale:
@@ -361,7 +369,8 @@ def rewrite_region(gm: fx.GraphModule, region: MoERegion, num_chunks: int) -> li
                 new = graph.node_copy(n, lambda a: env.get(a, a))
                 new.meta.pop("unbacked_bindings", None)
                 new.meta["domino_chunk"] = k
-                _retarget_sizes(new, region.num_tokens, region.top_k, c)
+                token_input = isinstance(n.args[0], fx.Node) and n.args[0] in region.layouts
+                _retarget_sizes(new, token_input, region.num_tokens, region.top_k, c)
                 env[n] = new
             copies.append(env)
         for out, users in outside_users.items():
@@ -403,6 +412,15 @@ def repropagate(gm: fx.GraphModule) -> None:
 
     with fake_mode:
         _Prop(gm).run(*fake_inputs)
+
+
+def _refresh_assert_messages(gm: fx.GraphModule) -> None:
+    """Copied runtime asserts name their chunk's own condition, not the unchunked one."""
+    for n in gm.graph.nodes:
+        if "domino_chunk" in n.meta and n.target is torch.ops.aten._assert_scalar.default and isinstance(n.args[0], fx.Node):
+            cond = n.args[0]
+            n.args = (cond, f"Runtime assertion failed for expression {_val(cond)} on node '{cond.name}'")
+    gm.recompile()
 
 
 def _auto_chunks(region: MoERegion, gm: fx.GraphModule) -> tuple[int, str]:
@@ -448,5 +466,6 @@ class DominoEPPass(GraphPass):
             gm.graph.lint()
             gm.recompile()
             repropagate(gm)
+            _refresh_assert_messages(gm)
             result.changed = True
         return result
