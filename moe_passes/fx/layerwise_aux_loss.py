@@ -106,6 +106,7 @@ class Rows:
     narrow: Callable[[int], fx.Node] | None = None
     onehot: tuple[fx.Node, int] | None = None  # (index rows node, num_classes) for float(one_hot(i))
     weighted_onehot: tuple[Any, Any] | None = None  # (onehot Rows, weight Rows) for onehot * weight
+    is_logits: bool = False  # each layer's slice is that layer's logits, unchanged (cat, no-op casts)
 
 
 @dataclass
@@ -145,6 +146,7 @@ class _Rewriter:
         self.new_nodes: list[fx.Node] = []
         self.per_layer: list[list[fx.Node]] = [[] for _ in self.layers]
         self.counts_without_onehot = 0
+        self.lse_reusing_softmax = 0
         self.onehots_kept = 0
         self.cursor: fx.Node | None = None
         self._memo: dict[tuple[int, Any], fx.Node] = {}
@@ -233,7 +235,7 @@ class _Rewriter:
 
     def _source_value(self, source: fx.Node) -> Any:
         if source.target is torch.cat:
-            return Rows(emit=lambda layer: self.layers[layer])
+            return Rows(emit=lambda layer: self.layers[layer], is_logits=True)
         return Layers(emit=lambda layer: self._memoised(("stack", source), layer, False, lambda: self._method("unsqueeze", self.layers[layer], 0, layer=layer)), invariant=False)
 
     def _interpret(self, node: fx.Node) -> Any:
@@ -296,7 +298,28 @@ class _Rewriter:
         dim = _arg(node, 1, "dim", None)
         if dim is None or ndim < 2 or _norm_dim(dim, ndim) == 0:
             raise Unsupported(f"{node.name}: {what} over dim {dim} mixes stacked rows")
+        keepdim = _arg(node, 2, "keepdim", False)
+        if what == "logsumexp" and a0.is_logits and not keepdim and _norm_dim(dim, ndim) == ndim - 1:
+            return Rows(emit=lambda layer: self._memoised(("lse", node), layer, False, lambda: self._logsumexp(node, layer)))
         return Rows(emit=self._plain(node, a0))
+
+    def _logsumexp(self, node: fx.Node, layer: int) -> fx.Node:
+        """logsumexp of a layer's logits whose gradient reuses the router's fp32 softmax.
+
+        d logsumexp(x)/dx = softmax(x): written as ``lse(x.detach()) + sum(p.detach() * (x - x.detach()))``
+        (the second term is exactly 0 in value) the backward needs only ``p``, which autograd already
+        keeps for the router's softmax, instead of saving every layer's logits for the loss.
+        """
+        x = self.layers[layer]
+        probs = [u for u in _users_through_noops(x) if _effective_softmax_key(u) == (x, _val(x).dim() - 1, torch.float32)]
+        if _val(x).dtype != torch.float32 or not probs:
+            return self._new(node.op, node.target, (x, *node.args[1:]), dict(node.kwargs), layer)
+        detached = self._method("detach", x, layer=layer)
+        lse = self._call(torch.logsumexp, detached, -1, layer=layer)
+        zero = self._call(operator.sub, x, detached, layer=layer)
+        weighted = self._call(operator.mul, self._method("detach", probs[0], layer=layer), zero, layer=layer)
+        self.lse_reusing_softmax += 1
+        return self._call(operator.add, lse, self._method("sum", weighted, -1, layer=layer), layer=layer)
 
     def _cast(self, node: fx.Node, a0: Any) -> Any:
         rest, kwargs = node.args[1:], dict(node.kwargs)
@@ -310,7 +333,9 @@ class _Rewriter:
         onehot = a0.onehot if isinstance(a0, Rows) else None
         if isinstance(a0, Layers):
             return Layers(emit=emit, invariant=a0.invariant, narrow=narrow)
-        return Rows(emit=emit, invariant=a0.invariant, narrow=narrow, onehot=onehot)
+        same = isinstance(_val(node), torch.Tensor) and _val(node).dtype == _val(node.args[0]).dtype
+        return Rows(emit=emit, invariant=a0.invariant, narrow=narrow, onehot=onehot,
+                    is_logits=a0.is_logits and same and node.target in ("float", "to", "contiguous"))
 
     def _reshape(self, node: fx.Node, a0: Any) -> Rows:
         in_shape, out_shape = _shape(node.args[0]), _shape(node)
@@ -608,6 +633,8 @@ def _hoist(graph: fx.Graph, nodes: Iterable[fx.Node]) -> int:
         if not _is_pure(node) and not _is_fresh_inplace(node):
             continue
         inputs = node.all_input_nodes
+        if any(_is_mutation(u) and u is not node for i in inputs for u in i.users):
+            continue  # an in-place op writes an input: moving the read could cross the write
         order = {n: i for i, n in enumerate(graph.nodes)}
         anchor = max(inputs, key=order.get) if inputs else None
         if anchor is None:
@@ -618,6 +645,24 @@ def _hoist(graph: fx.Graph, nodes: Iterable[fx.Node]) -> int:
             anchor.append(node)
             moved += 1
     return moved
+
+
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_mutation(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    return node.op == "call_function" and (node.target in _INPLACE_FUNCTIONS or getattr(getattr(node.target, "_schema", None), "is_mutable", False))
+
+
+def _input_only(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from graph inputs alone by pure ops (mask flattening, zero buffers)."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op in ("placeholder", "get_attr") or (_is_pure(n) and all(i in out for i in n.all_input_nodes)):
+            out.add(n)
+    return out
 
 
 def _is_fresh_inplace(node: fx.Node) -> bool:
@@ -714,7 +759,8 @@ class LayerwiseAuxLossPass(GraphPass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         result = PassResult(self.name)
         graph = gm.graph
-        stats = {"groups_rewritten": 0, "layers": 0, "counts_without_onehot": 0, "softmax_reused": 0,
+        stats = {"groups_rewritten": 0, "layers": 0, "counts_without_onehot": 0, "logsumexp_grad_from_router_softmax": 0,
+                 "softmax_reused": 0,
                  "topk_reused": 0, "all_reduces_merged": 0, "loop_form_layers": 0, "nodes_hoisted": 0}
         for group in _find_groups(gm):
             region = f"{'/'.join(sorted({s.target.__name__ for s in group.sources}))} of {len(group.logits)} router logits ({', '.join(s.name for s in group.sources)})"
@@ -743,6 +789,7 @@ class LayerwiseAuxLossPass(GraphPass):
             stats["groups_rewritten"] += 1
             stats["layers"] += len(group.logits)
             stats["counts_without_onehot"] += rewriter.counts_without_onehot
+            stats["logsumexp_grad_from_router_softmax"] += rewriter.lse_reusing_softmax
             stats["softmax_reused"] += reused["softmax"]
             stats["topk_reused"] += reused["topk"]
             result.matched.append(f"{region}: layers {[_layer_name(x) for x in group.logits]}")
@@ -779,11 +826,11 @@ class LayerwiseAuxLossPass(GraphPass):
             )
         if not duplicates:
             return 0
-        region = _forward_closure(duplicates)
+        model = set().union(*(_ancestors(_strip_noop(d.args[0])) for d in duplicates))
+        region = _forward_closure(duplicates, model | _input_only(graph))
         if not any(_is_row_reduction(n) for n in region):
             result.skip(f"{len(duplicates)} repeated router softmaxes", "no per-layer reduction below them: not a loss in loop form")
             return 0
-        model = set().union(*(_ancestors(_strip_noop(d.args[0])) for d in duplicates))
         for node in duplicates:
             node.meta["moe_passes"] = self.name
         reused = _dedupe_router_ops(graph, sorted(region | set(duplicates), key=order.get))
@@ -812,15 +859,20 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _forward_closure(starts: list[fx.Node]) -> set[fx.Node]:
+def _forward_closure(starts: list[fx.Node], allowed: set[fx.Node] | None = None) -> set[fx.Node]:
+    """Pure users reachable from ``starts``; with ``allowed``, only users whose other inputs are
+    allowed (the routers' inputs, graph-input-only values): the loss, not the model after it."""
     seen: set[fx.Node] = set()
     stack = list(starts)
     while stack:
         n = stack.pop()
         for u in n.users:
-            if u not in seen and (_is_pure(u) or _is_fresh_inplace(u)):
-                seen.add(u)
-                stack.append(u)
+            if u in seen or not (_is_pure(u) or _is_fresh_inplace(u)):
+                continue
+            if allowed is not None and not all(i in seen or i in starts or i in allowed for i in u.all_input_nodes):
+                continue
+            seen.add(u)
+            stack.append(u)
     return seen
 
 
@@ -833,16 +885,15 @@ def _is_row_reduction(node: fx.Node) -> bool:
 
 
 def _pure_ancestors_after(graph: fx.Graph, nodes: list[fx.Node], model: set[fx.Node]) -> list[fx.Node]:
-    """Pure inputs of the loop loss computed late (mask flattening, zero buffers): hoisted with it.
-
-    ``model`` (the routers' logits and everything they depend on) is never moved.
-    """
-    closure = set(nodes) | model
+    """Inputs of the moved loss nodes computed from graph inputs alone (mask flattening, zero
+    buffers) but placed late: they move too. Model computation (``model``, anything else) never moves."""
+    early = _input_only(graph) - model
+    closure = set(nodes)
     out: list[fx.Node] = []
     stack = [i for n in nodes for i in n.all_input_nodes]
     while stack:
         n = stack.pop()
-        if n in closure or not (_is_pure(n) or n.target in (torch.zeros, torch.zeros_like, torch.full)):
+        if n in closure or n not in early or n.op in ("placeholder", "get_attr"):
             continue
         closure.add(n)
         out.append(n)
