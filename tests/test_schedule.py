@@ -1,0 +1,216 @@
+"""schedule_overlap: chunk k+1's all-to-all is in flight during chunk k's expert matmuls.
+
+Checked where it matters, in Inductor's final output code, forward and
+backward, for the 2-layer test model with 2 chunks (compiled once on a fake
+process group: nothing runs, so no ranks are needed).  Numerics of the
+scheduled graphs are covered by tests/test_domino_ep.py (the equivalence
+runs compile with this pass on).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from moe_passes.config import BackendConfig
+from moe_passes.fx.domino_ep import DominoEPPass
+from moe_passes.fx.graph_text import normalize_text
+from moe_passes.fx.schedule import INDUCTOR_CONFIG, ScheduleOverlapPass, as_custom_pass, is_a2a, is_wait, overlap_order, overlap_stats
+from tests.golden import check_golden
+from tests.test_domino_model import TinyMoEStack, capture_without_running, init_biased, init_fake_group, make_inputs
+
+_A2A = re.compile(r"(\w+) = torch\.ops\._c10d_functional\.all_to_all_single\.default\((\w+), \[([^\]]*)\], \[([^\]]*)\]")
+_WAIT = re.compile(r"torch\.ops\._c10d_functional\.wait_tensor\.default\((\w+)\)")
+_MM = re.compile(r"extern_kernels\.(mm|addmm|bmm)\(")
+
+
+@dataclass
+class Compiled:
+    codes: list[str]  # Inductor output code: forward, backward
+    graphs: list[str]  # scheduled post-grad graphs (a2a / wait / matmul listing)
+    reports: list[Any]
+
+
+def _listing(graph: fx.Graph) -> str:
+    """The scheduled post-grad order as a compact listing: collectives, waits, runs of matmuls."""
+    lines: list[str] = []
+    for n in graph.nodes:
+        if is_a2a(n):
+            lines.append(f"all_to_all {n.name}({n.args[0].name})")
+        elif is_wait(n):
+            lines.append(f"wait {n.args[0].name}")
+        elif n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            if lines and lines[-1].startswith("matmul x"):
+                lines[-1] = f"matmul x{int(lines[-1][8:]) + 1}"
+            else:
+                lines.append("matmul x1")
+    return normalize_text("\n".join(lines))
+
+
+@pytest.fixture(scope="module")
+def compiled() -> Iterator[Compiled]:
+    init_fake_group(2)
+    try:
+        model = TinyMoEStack(dist.group.WORLD)
+        init_biased(model, seed=1, world_size=2)
+        config = BackendConfig(num_chunks=2, passes=("domino_ep",))
+        out = Compiled([], [], [])
+        scheduler = ScheduleOverlapPass(config)
+
+        class Recording(ScheduleOverlapPass):
+            def __call__(self, gm: fx.GraphModule) -> Any:
+                result = scheduler(gm)
+                out.reports.append(result)
+                out.graphs.append(_listing(gm.graph))
+                return result
+
+        def compile_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
+            from torch._inductor.compile_fx import compile_fx
+
+            DominoEPPass(config)(gm)
+            patch = {"post_grad_custom_post_pass": as_custom_pass(Recording(config)), "fx_graph_cache": False, **INDUCTOR_CONFIG}
+            with torch._inductor.config.patch(patch), torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                compile_fx(gm, example_inputs)
+
+        from torch._inductor.graph import GraphLowering
+
+        with mock.patch.object(GraphLowering, "save_output_code", out.codes.append):
+            capture_without_running(model, make_inputs(0, 0, 12), compile_with=compile_graph)
+        yield out
+    finally:
+        dist.destroy_process_group()
+
+
+def code_events(code: str) -> list[tuple[str, str]]:
+    """(kind, buffer) per all-to-all issue, wait and matmul in the output code's call()."""
+    events: list[tuple[str, str]] = []
+    for line in code[code.index("def call(") :].splitlines():
+        line = line.strip()
+        if m := _A2A.match(line):
+            events.append(("a2a", m.group(1), m.group(3), m.group(4)))  # type: ignore[arg-type]
+        elif m := _WAIT.match(line):
+            events.append(("wait", m.group(1)))
+        elif _MM.match(line):
+            events.append(("mm", ""))
+    return events
+
+
+def token_pairs(events: list[tuple[str, ...]]) -> list[tuple[str, str]]:
+    """(first, second) all-to-all buffers of each chunk's token exchange, in issue order.
+
+    Token all-to-alls have data-dependent splits (unbacked symbols); a chunk's
+    second exchange mirrors its first's split sizes (dispatch/combine in the
+    forward, their gradients in the backward).
+    """
+    token = [e for e in events if e[0] == "a2a" and re.search(r"\bu\d+", e[2])]
+    pairs = []
+    used: set[str] = set()
+    for i, a in enumerate(token):
+        if a[1] in used:
+            continue
+        b = next(b for b in token[i + 1 :] if b[2] == a[3] and b[3] == a[2] and b[1] not in used)
+        used.update((a[1], b[1]))
+        pairs.append((a[1], b[1]))
+    return pairs
+
+
+def assert_next_chunk_overlaps(code: str, label: str) -> int:
+    """For every consecutive pair of chunks: chunk k+1's first all-to-all brackets chunk k's expert matmuls."""
+    events = code_events(code)
+    pos = {(e[0], e[1]): i for i, e in enumerate(events) if e[0] != "mm"}
+    pairs = token_pairs(events)
+    assert len(pairs) == 4, f"{label}: expected 2 layers x 2 chunks of token exchanges, found {pairs}"
+    checked = 0
+    for layer in range(2):
+        (first0, second0), (first1, _) = pairs[2 * layer], pairs[2 * layer + 1]
+        experts = [i for i in range(pos[("wait", first0)], pos[("a2a", second0)]) if events[i][0] == "mm"]
+        assert experts, f"{label}: no expert matmul of chunk 0 between its exchanges"
+        assert pos[("a2a", first1)] < experts[0], f"{label} layer {layer}: chunk 1 issued after chunk 0's experts started"
+        assert pos[("wait", first1)] > experts[-1], f"{label} layer {layer}: chunk 1 waited before chunk 0's experts finished"
+        checked += 1
+    return checked
+
+
+def test_forward_and_backward_graphs_are_scheduled(compiled: Compiled) -> None:
+    assert len(compiled.reports) == 2, "one forward and one backward post-grad graph"
+    for r in compiled.reports:
+        assert r.changed
+        before, after = r.stats["before"], r.stats["after"]
+        assert after["all_to_all"] == before["all_to_all"]
+        assert after["overlapped"] > before["overlapped"]
+        assert after["max_in_flight"] <= 2  # config.max_chunks_in_flight
+
+
+def test_scheduled_graph_goldens(compiled: Compiled, update_goldens: bool) -> None:
+    check_golden("domino_schedule_fw.txt", compiled.graphs[0], update_goldens)
+    check_golden("domino_schedule_bw.txt", compiled.graphs[1], update_goldens)
+
+
+def test_forward_output_code_overlaps_chunks(compiled: Compiled) -> None:
+    assert len(compiled.codes) == 2
+    assert assert_next_chunk_overlaps(compiled.codes[0], "forward") == 2
+
+
+def test_backward_output_code_overlaps_chunks(compiled: Compiled) -> None:
+    assert assert_next_chunk_overlaps(compiled.codes[1], "backward") == 2
+
+
+def test_output_code_golden(compiled: Compiled, update_goldens: bool) -> None:
+    for name, code in zip(("fw", "bw"), compiled.codes):
+        events = code_events(code)
+        names: dict[str, str] = {}
+        lines = []
+        for e in events:
+            if e[0] == "mm":
+                if lines and lines[-1].startswith("matmul x"):
+                    lines[-1] = f"matmul x{int(lines[-1][8:]) + 1}"
+                else:
+                    lines.append("matmul x1")
+                continue
+            label = names.setdefault(e[1], f"comm{len(names)}")
+            lines.append(f"issue {label} splits [{e[2]}] [{e[3]}]" if e[0] == "a2a" else f"wait {label}")
+        check_golden(f"domino_output_code_{name}.txt", normalize_text("\n".join(lines)), update_goldens)
+
+
+def _chain(graph: fx.Graph, steps: int) -> list[fx.Node]:
+    """A toy post-grad graph: per chunk, an all-to-all, its wait, then a matmul on the result."""
+    x = graph.placeholder("x")
+    w = graph.placeholder("w")
+    outs = []
+    for _ in range(steps):
+        a = graph.call_function(torch.ops._c10d_functional.all_to_all_single.default, (x, [1, 1], [1, 1], "0"))
+        t = graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (a,))
+        outs.append(graph.call_function(torch.ops.aten.mm.default, (t, w)))
+    graph.output(tuple(outs))
+    return outs
+
+
+@pytest.mark.parametrize("bound", [1, 2, 3])
+def test_in_flight_bound_is_respected(bound: int) -> None:
+    graph = fx.Graph()
+    _chain(graph, 4)
+    order = overlap_order(graph, bound)
+    graph2 = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in order:
+        env[n] = graph2.node_copy(n, lambda a: env[a])
+    graph2.lint()
+    stats = overlap_stats(graph2)
+    assert stats["max_in_flight"] == bound
+    assert stats["overlapped"] >= 3  # every later chunk's all-to-all overlaps the previous chunk's matmul
+
+
+def test_graph_without_collectives_is_skipped() -> None:
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.ops.aten.mm.default, (x, x)))
+    gm = fx.GraphModule({}, graph)
+    result = ScheduleOverlapPass(BackendConfig())(gm)
+    assert not result.changed and result.skipped[0].reason == "no all-to-all in this graph"
