@@ -304,6 +304,31 @@ def test_stacked_logits_that_leave_the_graph_are_left_alone() -> None:
     assert len(result.skipped) == 1 and "output" in result.skipped[0].reason, result.as_dict()
 
 
+def stack_z_loss(logits: tuple[torch.Tensor, ...], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """z-loss written with ``torch.stack`` + reshape instead of ``cat``."""
+    stacked = torch.stack(logits, dim=0).reshape(-1, EXPERTS).float()
+    return torch.logsumexp(stacked, dim=-1).pow(2).mean()
+
+
+def test_stack_form_is_rewritten_with_equal_loss_and_grads() -> None:
+    model = make_model(2, z_loss=stack_z_loss)
+    backend = PassThenEager()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        rewritten = torch.compile(model, backend=backend, fullgraph=True)
+        x, mask = make_inputs(9, False)
+        assert_same(loss_and_grads(model, model, x), loss_and_grads(rewritten, model, x), "stack form")
+    torch._dynamo.reset()
+    result = backend.results[0]
+    assert result.changed and result.stats["groups_rewritten"] == 1, result.as_dict()  # cat and stack: one group
+    assert result.stats["logsumexp_grad_from_router_softmax"] == LAYERS, result.as_dict()
+
+
+def test_rejects_what_is_not_a_graph_module() -> None:
+    with pytest.raises(ValueError, match="GraphModule"):
+        LayerwiseAuxLossPass()(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
 def test_no_moe_graph_is_untouched() -> None:
     gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     before = graph_text(gm)

@@ -116,6 +116,7 @@ class Layers:
     emit: Callable[[int], fx.Node]  # slice keeps a leading dim of size 1
     invariant: bool
     narrow: Callable[[int], fx.Node] | None = None
+    is_logits: bool = False  # a stack of the layers' logits
 
 
 @dataclass
@@ -236,7 +237,7 @@ class _Rewriter:
     def _source_value(self, source: fx.Node) -> Any:
         if source.target is torch.cat:
             return Rows(emit=lambda layer: self.layers[layer], is_logits=True)
-        return Layers(emit=lambda layer: self._memoised(("stack", source), layer, False, lambda: self._method("unsqueeze", self.layers[layer], 0, layer=layer)), invariant=False)
+        return Layers(emit=lambda layer: self._memoised(("stack", source), layer, False, lambda: self._method("unsqueeze", self.layers[layer], 0, layer=layer)), invariant=False, is_logits=True)
 
     def _interpret(self, node: fx.Node) -> Any:
         args = node.args
@@ -352,7 +353,9 @@ class _Rewriter:
             narrow = None
             if a0.narrow is not None and rest:
                 narrow = lambda layer: self._memoised(("reshape_n", node), layer, a0.invariant, lambda: self._method("reshape", a0.narrow(layer), (-1, *rest[:-1], 1)))
-            return Rows(emit=emit, invariant=a0.invariant, narrow=narrow)
+            is_logits = a0.is_logits and all(tuple(rest) == _shape(x)[1:] for x in self.layers)
+            return Rows(emit=lambda layer: self.layers[layer] if is_logits else emit(layer), invariant=a0.invariant,
+                        narrow=narrow, is_logits=is_logits)
         if not isinstance(a0, Rows):
             raise Unsupported(f"{node.name}: reshape of an unexpected value")
         row_elems = 1
@@ -757,6 +760,8 @@ class LayerwiseAuxLossPass(GraphPass):
     stage = "pre_grad"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
+        if not isinstance(gm, fx.GraphModule):
+            raise ValueError(f"{self.name} needs a torch.fx.GraphModule, got {type(gm).__name__}")
         result = PassResult(self.name)
         graph = gm.graph
         stats = {"groups_rewritten": 0, "layers": 0, "counts_without_onehot": 0, "logsumexp_grad_from_router_softmax": 0,
