@@ -351,14 +351,18 @@ def _retarget_sizes(n: fx.Node, token_input: bool, T: int, K: int, c: int) -> No
         n.args = tuple(scale.get(a, a) if isinstance(a, int) and not isinstance(a, bool) and a != 0 else a for a in n.args)
 
 
-def rewrite_region(gm: fx.GraphModule, region: MoERegion, num_chunks: int) -> list[int]:
-    """Replace the region by ``num_chunks`` copies on row slices, concatenated back. Returns chunk sizes."""
+def rewrite_region(gm: fx.GraphModule, region: MoERegion, num_chunks: int) -> tuple[list[int], list[fx.Node]]:
+    """Replace the region by ``num_chunks`` copies on row slices, concatenated back.
+
+    Returns the chunk sizes and the concatenation nodes (checked after shape propagation).
+    """
     graph = gm.graph
     sizes = chunk_sizes(region.num_tokens, num_chunks)
     last = region.nodes[-1]
     members = set(region.nodes)
     outside_users = {out: [u for u in out.users if u not in members] for out in region.outputs}
     copies: list[dict[fx.Node, fx.Node]] = []
+    cats: list[fx.Node] = []
     with graph.inserting_before(last.next):
         split = graph.call_function(torch.tensor_split, (region.tokens, num_chunks), {"dim": 0})
         split.meta["nn_module_stack"] = dict(region.tokens.meta.get("nn_module_stack") or {})
@@ -376,11 +380,23 @@ def rewrite_region(gm: fx.GraphModule, region: MoERegion, num_chunks: int) -> li
         for out, users in outside_users.items():
             cat = graph.call_function(torch.cat, ([env[out] for env in copies],), {"dim": 0})
             cat.meta["nn_module_stack"] = dict(out.meta.get("nn_module_stack") or {})
+            cat.meta["domino_rows"] = (sizes, tuple(_val(out).shape))
+            cats.append(cat)
             for u in users:
                 u.replace_input_with(out, cat)
     for n in reversed(region.nodes):
         graph.erase_node(n)
-    return sizes
+    return sizes, cats
+
+
+def _check_rows(cats: list[fx.Node]) -> None:
+    """Each chunk's output has its own row count and the concatenation the original shape: else the pass is wrong."""
+    for cat in cats:
+        sizes, shape = cat.meta.pop("domino_rows")
+        pieces = [tuple(_val(p).shape) for p in cat.args[0]]
+        expected = [(c, *shape[1:]) for c in sizes]
+        if pieces != expected or tuple(_val(cat).shape) != shape:
+            raise RuntimeError(f"domino_ep: chunked {cat.name} has pieces {pieces} (expected {expected}); refusing a wrong rewrite")
 
 
 def repropagate(gm: fx.GraphModule) -> None:
@@ -447,6 +463,7 @@ class DominoEPPass(GraphPass):
         regions = find_regions(gm, result)
         result.stats["regions"] = len(regions)
         result.stats["chunks"] = {}
+        cats: list[fx.Node] = []
         for region in regions:
             label = f"{region.path} ({region.dispatch.name}/{region.combine.name})"
             if self.config.num_chunks == "auto":
@@ -458,7 +475,8 @@ class DominoEPPass(GraphPass):
             if n == 1:
                 result.skip(label, "num_chunks=1: nothing to split")
                 continue
-            sizes = rewrite_region(gm, region, n)
+            sizes, region_cats = rewrite_region(gm, region, n)
+            cats.extend(region_cats)
             result.matched.append(region.path)
             result.stats["chunks"][region.path] = sizes
             log.info("domino_ep: %s: %d tokens split into chunks %s", label, region.num_tokens, sizes)
@@ -466,6 +484,7 @@ class DominoEPPass(GraphPass):
             gm.graph.lint()
             gm.recompile()
             repropagate(gm)
+            _check_rows(cats)
             _refresh_assert_messages(gm)
             result.changed = True
         return result
