@@ -449,3 +449,19 @@ def test_transformers_qwen3_vl_moe_graphs(padded: bool) -> None:
     assert len(applied) == 1, results
     stats = applied[0]["stats"]
     assert stats["loop_form_layers"] == 2 and stats["softmax_reused"] == 2 and stats["topk_reused"] == 2, stats
+
+
+# -- memory, measured ----------------------------------------------------------------
+
+
+def test_memory_bench_measures_a_flat_small_overhead() -> None:
+    """The bench's real measurement (profiler allocation events) on a small config: the stacked
+    loss costs memory growing with the layers, the rewritten one almost nothing."""
+    from moe_passes.bench.memory import measure
+
+    rows = [measure(layers, hidden=16, ffn=16, num_experts=32, top_k=4, tokens=512, device=torch.device("cpu"))
+            for layers in (2, 4)]
+    for row in rows:
+        assert row["aux_overhead_stacked_MiB"] > 0.5, row
+        assert row["aux_overhead_layerwise_MiB"] <= 0.1 * row["aux_overhead_stacked_MiB"], row
+    assert rows[1]["aux_overhead_stacked_MiB"] > 1.5 * rows[0]["aux_overhead_stacked_MiB"], rows
