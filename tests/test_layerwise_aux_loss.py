@@ -451,6 +451,32 @@ def test_transformers_qwen3_vl_moe_graphs(padded: bool) -> None:
     assert stats["loop_form_layers"] == 2 and stats["softmax_reused"] == 2 and stats["topk_reused"] == 2, stats
 
 
+def test_reference_model_graph_is_rewritten_with_equal_loss_and_grads() -> None:
+    """Engineer A's InternS1-VL tiny model (stacked loss + z-loss, padding): rewritten, values unchanged."""
+    from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = InternS1VLForConditionalGeneration(InternS1VLConfig.tiny())
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 80, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+
+    def step(m: nn.Module) -> torch.Tensor:
+        return m(input_ids=ids, attention_mask=mask, labels=ids).loss
+
+    ref = loss_and_grads(lambda: step(model), model)
+    backend = PassThenEager()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(model, backend=backend)
+        assert_same(ref, loss_and_grads(lambda: step(compiled), model), "InternS1-VL tiny")
+    torch._dynamo.reset()
+    rewritten = [r.stats for r in backend.results if r.changed]
+    assert len(rewritten) == 1 and rewritten[0]["layers"] == 2, [r.as_dict() for r in backend.results]
+    assert rewritten[0]["logsumexp_grad_from_router_softmax"] == 2 and rewritten[0]["counts_without_onehot"] == 2
+
+
 # -- memory, measured ----------------------------------------------------------------
 
 
