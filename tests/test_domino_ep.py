@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from moe_passes.fx.domino_ep import chunk_sizes
 from tests.distributed import run_distributed
-from tests.test_domino_model import TinyMoEStack, domino_backend, init_biased, make_inputs
+from tests.test_domino_model import EXPERTS, TinyMoEStack, domino_backend, init_biased, make_inputs
 
 STEPS = 10
 # (num_chunks, tokens per rank): T divisible and not, T < N (empty chunks).
@@ -67,6 +67,7 @@ def equivalence_worker(rank: int, world_size: int, cases: list[tuple[int, int]])
             "param": max((params[k] - ref_params[k]).abs().max().item() for k in ref_params),
             "grad_norm": max(g.abs().max().item() for g in ref_grads.values()),
             "selected_equal": bool(torch.equal(sel, ref_sel)),
+            "starved_experts_unused": bool((ref_sel < ref_sel.new_tensor(EXPERTS - 2)).all()),
             "losses": losses,
             "chunks": [r.stats.get("chunks") for r in results],
         }
@@ -81,6 +82,7 @@ def _check(reports: list[dict[str, Any]]) -> None:
             expected = [] if n == 1 else [chunk_sizes(t, n)] * 2
             assert [list(c.values()) for c in r["chunks"]] == [expected], f"{case}: chunked regions {r['chunks']}"
             assert r["selected_equal"], f"rank {rank} {case}: routing differs"
+            assert r["starved_experts_unused"], f"rank {rank} {case}: the biased router did pick the starved experts"
             assert r["loss"] <= 1e-5, f"rank {rank} {case}: loss differs by {r['loss']}"
             assert r["grad"] <= 1e-5 * max(1.0, r["grad_norm"]), f"rank {rank} {case}: gradient differs by {r['grad']}"
             assert r["param"] <= 1e-5, f"rank {rank} {case}: parameters after {STEPS} steps differ by {r['param']}"
