@@ -187,6 +187,18 @@ def test_post_grad_pipeline_uuid_follows_pass_code_and_config() -> None:
     assert a.uuid() == b.uuid() != c.uuid()
 
 
+def test_inductor_patches_carry_the_post_grad_pipeline_and_its_config() -> None:
+    report = moe_passes.inductor.backend.GraphReport(index=0, num_nodes=0)
+    assert make_backend(passes=()).inductor_patches(report) == {}
+    assert make_backend(passes=("domino_ep",), schedule_overlap=False).inductor_patches(report) == {}
+    patches = make_backend(passes=("domino_ep",)).inductor_patches(report)
+    assert isinstance(patches["post_grad_custom_post_pass"], PostGradPipeline)
+    assert [p.name for p in patches["post_grad_custom_post_pass"].passes] == ["schedule_overlap"]
+    from moe_passes.fx.schedule import INDUCTOR_CONFIG
+
+    assert INDUCTOR_CONFIG.items() <= patches.items()
+
+
 def test_entry_point_resolves_to_domino_backend() -> None:
     (ep,) = [e for e in importlib.metadata.entry_points(group="torch_dynamo_backends") if e.name == "domino"]
     assert ep.value == "moe_passes.inductor.backend:domino_backend"

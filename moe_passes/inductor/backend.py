@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -153,10 +154,22 @@ class DominoBackend:
             report.verify = verify_graphs(original, gm, example_inputs, self.config.verify_rtol, self.config.verify_atol)
         elif self.config.verify:
             report.verify = "skipped: no pre-grad passes to verify"
+        return compile_fx(gm, example_inputs, config_patches=self.inductor_patches(report))
+
+    def inductor_patches(self, report: GraphReport) -> dict[str, Any]:
+        """Inductor config for one compile: the post-grad pipeline plus what its passes need.
+
+        A post-grad pass module may declare ``INDUCTOR_CONFIG`` (e.g. the
+        overlap scheduler needs ``reorder_for_peak_memory`` off, or Inductor
+        undoes its order); those settings are applied with the pass.
+        """
+        post = self.post_grad_passes()
         patches: dict[str, Any] = {}
+        for graph_pass in post:
+            patches.update(getattr(sys.modules[type(graph_pass).__module__], "INDUCTOR_CONFIG", {}))
         if post or self.keep_graphs:
             patches["post_grad_custom_post_pass"] = PostGradPipeline(post, report, self.keep_graphs)
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return patches
 
 
 def _verify_skip_reason(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:
