@@ -6,8 +6,9 @@ one of those ops works row by row, and the loss only ever *sums over rows*, so
 ``sum_rows f(cat(X_0..X_L))`` equals ``sum_l sum_rows f(X_l)``. The pass finds
 that structure with no hints (an abstract interpretation of the nodes below a
 ``cat``/``stack`` of logits, which fails closed on any op it does not
-understand), emits each layer's partial sums right after that layer's router,
-accumulates them, and keeps the original final combine on the accumulated sums.
+understand), emits each layer's partial sums within that layer (after its
+router, before the next layer's router), accumulates them, and keeps the
+original final combine on the accumulated sums.
 
 Details that matter for value equality and memory:
 - one-hot token counts become a ``scatter_add`` of the (mask) weights, so the
@@ -24,7 +25,7 @@ Details that matter for value equality and memory:
 - the per-layer loop form (transformers >= 5: softmax / top-k / histc or
   scatter_add per layer, reduced at the end of the forward) is already
   layer-wise in value; there the pass deduplicates the loss's softmax/top-k
-  against the router's and hoists each layer's partial sums next to its router.
+  against the router's and hoists each layer's partial sums into its layer.
 
 A group of losses over the same logits (balancing + z-loss) is rewritten all
 together or not at all, so a z-loss the pass cannot handle is never dropped.
@@ -629,23 +630,27 @@ def _is_pure(node: fx.Node) -> bool:
     return not node.is_impure() and node.target not in (*_ALL_REDUCES, *_WAITS)
 
 
-def _hoist(graph: fx.Graph, nodes: Iterable[fx.Node]) -> int:
-    """Move each node (pure, in graph order) to right after its latest input: its layer's router."""
+def _hoist(graph: fx.Graph, nodes: Iterable[fx.Node], routers: Iterable[fx.Node]) -> int:
+    """Move each node (pure, in graph order) up to just before the first router after its inputs.
+
+    That is the end of the layer that produced its inputs: the layer's logits die there, and
+    nothing lands inside the layer's own dispatch (Inductor mis-orders unbacked split sizes
+    when unrelated nodes sit between the router's top-k and the ``.item()`` calls).
+    Nodes of the last layer stay where they are (after every router already).
+    """
     moved = 0
-    for node in [n for n in graph.nodes if n in set(nodes)]:
+    wanted = set(nodes)
+    for node in [n for n in graph.nodes if n in wanted]:
         if not _is_pure(node) and not _is_fresh_inplace(node):
             continue
         inputs = node.all_input_nodes
         if any(_is_mutation(u) and u is not node for i in inputs for u in i.users):
             continue  # an in-place op writes an input: moving the read could cross the write
         order = {n: i for i, n in enumerate(graph.nodes)}
-        anchor = max(inputs, key=order.get) if inputs else None
-        if anchor is None:
-            anchor = next(n for n in graph.nodes if n.op != "placeholder").prev
-        if anchor.op == "placeholder":
-            anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        if order[anchor] + 1 < order[node]:
-            anchor.append(node)
+        ready = max((order[i] for i in inputs), default=-1)
+        barrier = next((r for r in sorted(routers, key=order.get) if order[r] > ready), None)
+        if barrier is not None and order[barrier] < order[node]:
+            barrier.prepend(node)
             moved += 1
     return moved
 
@@ -754,7 +759,7 @@ def _layer_name(node: fx.Node) -> str:
 
 
 class LayerwiseAuxLossPass(GraphPass):
-    """Stacked router-logit losses -> per-layer partial sums next to each router."""
+    """Stacked router-logit losses -> per-layer partial sums inside each layer."""
 
     name = "layerwise_aux_loss"
     stage = "pre_grad"
@@ -788,7 +793,7 @@ class LayerwiseAuxLossPass(GraphPass):
             graph.eliminate_dead_code()
             live = [n for n in rewriter.new_nodes if _alive(graph, n)]
             model = set().union(*(_ancestors(x) for x in group.logits))
-            stats["nodes_hoisted"] += _hoist(graph, _pure_ancestors_after(graph, live, model) + live)
+            stats["nodes_hoisted"] += _hoist(graph, _pure_ancestors_after(graph, live, model) + live, group.logits)
             stats["all_reduces_merged"] += _merge_all_reduces(graph, list(rewriter.replace.values()))
             _propagate_meta(gm, [n for n in graph.nodes if n.meta.get("moe_passes") == self.name])
             stats["groups_rewritten"] += 1
@@ -831,7 +836,8 @@ class LayerwiseAuxLossPass(GraphPass):
             )
         if not duplicates:
             return 0
-        model = set().union(*(_ancestors(_strip_noop(d.args[0])) for d in duplicates))
+        routers = [_strip_noop(d.args[0]) for d in duplicates]
+        model = set().union(*(_ancestors(r) for r in routers))
         region = _forward_closure(duplicates, model | _input_only(graph))
         if not any(_is_row_reduction(n) for n in region):
             result.skip(f"{len(duplicates)} repeated router softmaxes", "no per-layer reduction below them: not a loss in loop form")
@@ -842,7 +848,7 @@ class LayerwiseAuxLossPass(GraphPass):
         graph.eliminate_dead_code()
         live = sorted((n for n in region if _alive(graph, n)), key=lambda n: order.get(n, 0))
         needed = _pure_ancestors_after(graph, live, model)
-        moved = _hoist(graph, needed + live)
+        moved = _hoist(graph, needed + live, routers)
         stats["softmax_reused"] += reused["softmax"]
         stats["topk_reused"] += reused["topk"]
         stats["nodes_hoisted"] += moved
