@@ -15,7 +15,7 @@ import torch.distributed as dist
 from moe_passes import BackendConfig
 from moe_passes.fx.capture import CapturedGraph, capture_graphs
 from moe_passes.fx.match import collective_nodes
-from moe_passes.fx.pass_manager import PassFailedError, PassManager, copy_graph_module
+from moe_passes.fx.pass_manager import PassManager, copy_graph_module
 from moe_passes.targets import moe_stack
 
 
@@ -33,13 +33,6 @@ def ep_graph() -> Iterator[CapturedGraph]:
         dist.destroy_process_group()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=PassFailedError,
-    reason="known integration bug (2026-11-25): after layerwise_aux_loss hoists per-layer uses of the router "
-    "logits, domino_ep inserts their chunk concatenation after those uses ('used before it has been defined'); "
-    "in the other order layerwise_aux_loss does not understand the chunked logits. Remove this mark once fixed.",
-)
 def test_default_passes_compose_on_an_ep_graph(ep_graph: CapturedGraph) -> None:
     gm = copy_graph_module(ep_graph.gm)
     records = PassManager.from_config(BackendConfig(num_chunks=2)).run(gm, ep_graph.example_inputs)
