@@ -214,3 +214,20 @@ def test_graph_without_collectives_is_skipped() -> None:
     gm = fx.GraphModule({}, graph)
     result = ScheduleOverlapPass(BackendConfig())(gm)
     assert not result.changed and result.skipped[0].reason == "no all-to-all in this graph"
+
+
+def test_in_place_writes_keep_their_readers_on_the_right_side() -> None:
+    """A buffer written in place (``copy_``) is read before the write by a node the scheduler would otherwise delay."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    w = graph.placeholder("w")
+    buf = graph.placeholder("buf")
+    a = graph.call_function(torch.ops._c10d_functional.all_to_all_single.default, (x, [1, 1], [1, 1], "0"))
+    t = graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (a,))
+    mm = graph.call_function(torch.ops.aten.mm.default, (t, w))
+    read = graph.call_function(torch.ops.aten.add.Tensor, (buf, mm))  # reads the old buffer, after the wait
+    write = graph.call_function(torch.ops.aten.copy_.default, (buf, x))  # ready at once: data flow alone would hoist it
+    graph.output((read, write))
+    order = overlap_order(graph, 2)
+    assert order.index(read) < order.index(write)
+    assert order.index(a) < order.index(t)

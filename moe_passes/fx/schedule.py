@@ -87,6 +87,40 @@ def _nodes_in(x: Any) -> list[fx.Node]:
     return found
 
 
+def _mutated_args(n: fx.Node) -> list[fx.Node]:
+    """Graph values an ATen op writes in place (``copy_`` of an input buffer, ``index_put_``, ...)."""
+    schema = getattr(n.target, "_schema", None)
+    if n.op != "call_function" or schema is None or not schema.is_mutable:
+        return []
+    out: list[fx.Node] = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = n.args[i] if i < len(n.args) else n.kwargs.get(arg.name)
+            out.extend(_nodes_in(value))
+    return out
+
+
+def ordering_edges(nodes: list[fx.Node]) -> dict[fx.Node, set[fx.Node]]:
+    """Extra predecessors that data flow does not show: readers of a value stay on their side of its in-place writes.
+
+    Post-grad graphs are functional except for such writes (input mutations
+    put back at the end); re-listing by data flow alone could move a write
+    above a read of the old value.
+    """
+    index = {n: i for i, n in enumerate(nodes)}
+    extra: dict[fx.Node, set[fx.Node]] = {n: set() for n in nodes}
+    for m in nodes:
+        for target in _mutated_args(m):
+            for other in target.users:
+                if other is m or other.op == "output":
+                    continue
+                if index[other] < index[m]:
+                    extra[m].add(other)
+                else:
+                    extra[other].add(m)
+    return extra
+
+
 def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
     """A topological order that issues all-to-alls early and waits late, bounded by ``max_in_flight``."""
     nodes = list(graph.nodes)
@@ -94,7 +128,12 @@ def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
     urgency = comm_urgency(nodes)
     split_args = {a for n in nodes if is_a2a(n) for a in _nodes_in(n.args[1:3])}
     split_urgency = comm_urgency(nodes, split_args)
-    missing = {n: len(set(n.all_input_nodes)) for n in nodes}
+    extra = ordering_edges(nodes)
+    successors: dict[fx.Node, list[fx.Node]] = {n: list(n.users) for n in nodes}
+    for n, preds in extra.items():
+        for p in preds - set(n.all_input_nodes):
+            successors[p].append(n)
+    missing = {n: len(set(n.all_input_nodes) | extra[n]) for n in nodes}
     output = next(n for n in reversed(nodes) if n.op == "output")
 
     issued: dict[fx.Node, int] = {}
@@ -128,7 +167,7 @@ def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
             issued[n] = len(issued)
         elif is_wait(n) and n.args[0] in in_flight:
             in_flight.remove(n.args[0])
-        for u in n.users:
+        for u in successors[n]:
             missing[u] -= 1
             if missing[u] == 0 and u is not output:
                 heapq.heappush(ready, (key(u), u))
