@@ -99,3 +99,20 @@ def test_num_chunks_one_changes_nothing(ep_group: dist.ProcessGroup) -> None:
     result = DominoEPPass(BackendConfig(num_chunks=1))(gm)
     assert not result.changed and "num_chunks=1" in result.skipped[0].reason
     assert graph_text(gm) == before
+
+
+def test_outside_reader_placed_inside_the_region_moves_after_the_concatenation(ep_group: dist.ProcessGroup) -> None:
+    """Dynamo may list a node of another module between a region's nodes; it must end up after the chunk concat."""
+    gm = _block_graph(ep_group, tokens=6)
+    logits = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear)
+    with gm.graph.inserting_after(logits):
+        reader = gm.graph.call_function(torch.neg, (logits,))
+    reader.meta["example_value"] = logits.meta["example_value"]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((*out.args[0], reader),)
+    gm.recompile()
+    result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
+    assert result.changed
+    gm.graph.lint()
+    (cat,) = reader.args
+    assert cat.target is torch.cat

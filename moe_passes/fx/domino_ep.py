@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._inductor.pattern_matcher import stable_topological_sort
 from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 
 from moe_passes.fx.pass_base import GraphPass, PassResult
@@ -481,6 +482,9 @@ class DominoEPPass(GraphPass):
             result.stats["chunks"][region.path] = sizes
             log.info("domino_ep: %s: %d tokens split into chunks %s", label, region.num_tokens, sizes)
         if result.matched:
+            # Chunk copies sit after the region's last node; a node outside the module that Dynamo
+            # placed inside the region's span and reads a region output must now follow its concat.
+            stable_topological_sort(gm.graph)
             gm.graph.lint()
             gm.recompile()
             repropagate(gm)
