@@ -384,7 +384,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise CLIError(f"unknown bench section(s) {unknown}; known: {sorted(SECTIONS)}")
-    options = BenchOptions(quick=args.quick)
+    options = BenchOptions(quick=args.quick, world_size=args.world_size, steps=args.steps, warmup=args.warmup,
+                           device=_bench_device(args.device))
     console = _console()
     results: dict[str, Any] = {}
     failed = 0
@@ -414,6 +415,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _bench_device(name: str) -> str:
+    """``auto`` is CUDA where torch sees a GPU, else CPU; asking for CUDA without one is an error, not a silent CPU run."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: torch sees no CUDA device on this machine")
+    return name
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -436,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--section", nargs="+", metavar="NAME")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--json", metavar="FILE")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: CUDA (NCCL) where available, else CPU (gloo)")
+    bench.add_argument("--world-size", type=int, default=2, help="ranks for the speed section (default 2)")
+    bench.add_argument("--steps", type=int, default=7, help="timed steps per variant (default 7)")
+    bench.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant, the first compiles (default 2)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_passes.bench import BenchOptions
-from moe_passes.bench.speed import COLUMNS, VARIANTS, combine, run, shape
+from moe_passes.bench.speed import COLUMNS, VARIANTS, combine, exposed_us, run, shape
 
 
 def _cell(name: str, step: float, wait: float, note: str = "") -> dict:
@@ -43,3 +43,12 @@ def test_full_shape_makes_all_to_all_a_real_share() -> None:
     full, quick = shape(BenchOptions()), shape(BenchOptions(quick=True))
     assert full["hidden"] >= 1024 and full["tokens"] >= 4096 and full["intermediate"] < full["hidden"]
     assert quick["tokens"] < full["tokens"]
+
+
+def test_exposed_time_is_communication_not_covered_by_compute() -> None:
+    comm = [(0.0, 10.0), (20.0, 30.0), (25.0, 35.0)]  # the last two overlap each other: counted once
+    compute = [(5.0, 22.0), (21.0, 24.0), (40.0, 50.0)]
+    # [0,5) exposed, [5,10) hidden; [20,24) hidden, [24,35) exposed
+    assert exposed_us(comm, compute) == 5.0 + 11.0
+    assert exposed_us(comm, []) == 25.0
+    assert exposed_us([], compute) == 0.0

@@ -8,9 +8,13 @@ their own baseline measured in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 SECTIONS: dict[str, str] = {
     "speed": "moe_passes.bench.speed",
@@ -43,3 +47,27 @@ def run_section(name: str, options: BenchOptions) -> BenchSection:
     if name not in SECTIONS:
         raise ValueError(f"unknown bench section {name!r}; known: {sorted(SECTIONS)}")
     return importlib.import_module(SECTIONS[name]).run(options)
+
+
+@contextlib.contextmanager
+def quiet_profiler_stderr() -> Iterator[None]:
+    """Hide the profiler's native start/stop lines (libkineto writes them to fd 2, which no setting silences).
+
+    Anything else written to stderr meanwhile is replayed once the block ends, so
+    no warning or error is lost.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode(errors="replace").splitlines(keepends=True)
+                    if not (line.startswith("USDT:") and "profiler_st" in line)]
+            if kept:
+                sys.stderr.write("".join(kept))

@@ -34,7 +34,7 @@ from torch import nn
 
 from models.interns1_vl.losses import load_balancing_loss, router_z_loss
 from models.interns1_vl.moe import SparseMoeBlock
-from moe_passes.bench import BenchOptions, BenchSection
+from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.fx.capture import capture_graphs
 from moe_passes.fx.layerwise_aux_loss import LayerwiseAuxLossPass
 
@@ -105,7 +105,7 @@ def step_peak_bytes(gm: fx.GraphModule, inputs: list[Any], device: torch.device)
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     # Raw allocator events (signed bytes, every thread incl. autograd's), not the per-op aggregates.
     events = sorted(

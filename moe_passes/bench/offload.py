@@ -37,7 +37,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from models.interns1_vl.moe import SparseMoeBlock
-from moe_passes.bench import BenchOptions, BenchSection
+from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.inductor.ops import OFFLOAD_START, OFFLOAD_WAIT
 
 
@@ -166,7 +166,7 @@ def _measured_bytes(compiled: Any, x: torch.Tensor, device: torch.device) -> int
         return measured
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = compiled(x)
     measured = sum(e.self_cpu_memory_usage for e in prof.key_averages())
     del out
