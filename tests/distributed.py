@@ -2,10 +2,19 @@
 
 Bounded: every rank gets a timeout, processes are always joined (and killed
 if they hang), and a failure on any rank is re-raised with its traceback.
+
+Ranks trace the same graphs, so Inductor compiles run one rank at a time
+(a file lock around Inductor's inner compile): the first rank compiles, the
+others hit its FX-graph cache entry.  On a 2-core machine that turns N
+concurrent C++ compiles of one graph into one, which is what keeps the 4-rank
+tests inside the suite's time budget.  Nothing inside Inductor's compile
+waits on another rank, so the lock cannot deadlock with a collective.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import pickle
 import socket
@@ -13,15 +22,36 @@ import tempfile
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.multiprocessing as mp
+from filelock import FileLock
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def inductor_compiles_one_at_a_time(lock_path: str) -> Iterator[None]:
+    """Serialise Inductor's inner compile (forward and lazily compiled backward) across processes."""
+    import torch._inductor.compile_fx as compile_fx
+
+    inner = compile_fx._compile_fx_inner
+    lock = FileLock(lock_path)
+
+    @functools.wraps(inner)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return inner(*args, **kwargs)
+
+    compile_fx._compile_fx_inner = locked
+    try:
+        yield
+    finally:
+        compile_fx._compile_fx_inner = inner
 
 
 def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable[..., Any], args: tuple, timeout_s: float) -> None:
@@ -35,7 +65,8 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable[...
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
         try:
-            result = ("ok", fn(rank, world_size, *args))
+            with inductor_compiles_one_at_a_time(str(Path(outdir) / "inductor.lock")):
+                result = ("ok", fn(rank, world_size, *args))
         finally:
             dist.destroy_process_group()
     except BaseException:

@@ -89,10 +89,12 @@ def _check(reports: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # five fresh compiles of forward and backward
 def test_two_ranks_match_unmodified_model() -> None:
     _check(run_distributed(equivalence_worker, 2, CASES, timeout_s=900))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 4 ranks on 2 cores: five fresh compiles of forward and backward
 def test_four_ranks_match_unmodified_model() -> None:
     _check(run_distributed(equivalence_worker, 4, CASES, timeout_s=900))
