@@ -112,23 +112,23 @@ def _wait_ms(prof: Any) -> float:
     return total_us / 1000.0 / max(1, len(steps))
 
 
-def exposed_us(comm: list[tuple[float, float]], compute: list[tuple[float, float]]) -> float:
-    """Time covered by communication intervals and by no compute interval (same clock, any units)."""
+def _union(intervals: list[tuple[float, float]]) -> list[list[float]]:
+    """Disjoint, sorted intervals covering the same time as ``intervals``."""
     merged: list[list[float]] = []
-    for start, end in sorted(compute):
+    for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    comm_union: list[list[float]] = []
-    for start, end in sorted(comm):
-        if comm_union and start <= comm_union[-1][1]:
-            comm_union[-1][1] = max(comm_union[-1][1], end)
-        else:
-            comm_union.append([start, end])
+    return merged
+
+
+def exposed_us(comm: list[tuple[float, float]], compute: list[tuple[float, float]]) -> float:
+    """Time covered by communication intervals and by no compute interval (same clock, any units)."""
+    busy = _union(compute)
     total = 0.0
-    for start, end in comm_union:
-        covered = sum(max(0.0, min(end, ce) - max(start, cs)) for cs, ce in merged)
+    for start, end in _union(comm):
+        covered = sum(max(0.0, min(end, ce) - max(start, cs)) for cs, ce in busy)
         total += (end - start) - covered
     return total
 
@@ -293,7 +293,8 @@ def run(options: BenchOptions) -> BenchSection:
     """Measure every variant on real ranks; one table row per variant."""
     if options.world_size < 2:
         raise ValueError(f"speed bench needs at least 2 ranks for expert parallelism, got world_size={options.world_size}")
-    if options.device.startswith("cuda"):
+    on_gpu = options.device.startswith("cuda")
+    if on_gpu:
         import torch
 
         if torch.cuda.device_count() < options.world_size:
@@ -309,7 +310,7 @@ def run(options: BenchOptions) -> BenchSection:
         f"{options.world_size} ranks, device {options.device}, 1 compute thread per rank",
         f"step = forward + backward + SGD step, median of {options.steps} after {options.warmup} warm-up; "
         + ("exposed comm = NCCL kernel time not overlapped by compute kernels (CUDA profiler, median of 3 steps); "
-         if options.device.startswith("cuda") else
+         if on_gpu else
          "exposed comm = time in wait_tensor on the stepping thread (profiler, median of 3 steps); ")
         + "compile = first step minus the median step",
         "target: exposed_vs_inductor <= 0.4 and step_vs_inductor <= 0.85 for the domino rows",
