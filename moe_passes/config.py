@@ -45,6 +45,13 @@ class BackendConfig:
     def __post_init__(self) -> None:
         from moe_passes.fx.registry import PRE_GRAD_PASSES
 
+        for name in ("schedule_overlap", "strict", "verify"):  # "yes" or 1 must not pass as a bool
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("verify_rtol", "verify_atol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         if isinstance(self.passes, str):
             raise ValueError(f"passes must be a sequence of pass names, got the string {self.passes!r}")
         object.__setattr__(self, "passes", tuple(self.passes))
@@ -57,7 +64,7 @@ class BackendConfig:
             isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or self.num_chunks < 1
         ):
             raise ValueError(f"num_chunks must be a positive int or 'auto', got {self.num_chunks!r}")
-        if not isinstance(self.max_chunks_in_flight, int) or self.max_chunks_in_flight < 1:
+        if isinstance(self.max_chunks_in_flight, bool) or not isinstance(self.max_chunks_in_flight, int) or self.max_chunks_in_flight < 1:
             raise ValueError(f"max_chunks_in_flight must be a positive int, got {self.max_chunks_in_flight!r}")
         if isinstance(self.offload_targets, str):
             if self.offload_targets != "auto":
