@@ -19,11 +19,24 @@ class CapturedGraph:
     example_inputs: list[Any]
 
 
-def capture_graphs(fn: Callable[..., Any], *args: Any, dynamic: bool | None = False, **kwargs: Any) -> list[CapturedGraph]:
-    """Run ``fn(*args, **kwargs)`` under Dynamo and return every graph it captured (one per graph break)."""
+def capture_graphs(
+    fn: Callable[..., Any], *args: Any, dynamic: bool | None = False, canonical: bool = False, **kwargs: Any
+) -> list[CapturedGraph]:
+    """Run ``fn(*args, **kwargs)`` under Dynamo and return every graph it captured (one per graph break).
+
+    ``canonical=True`` returns each graph re-traced to the canonical pre-dispatch ATen IR
+    (``moe_passes.ir.canonical``), as the backend hands it to the pre-grad passes.
+    """
     graphs: list[CapturedGraph] = []
 
     def recorder(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        if canonical:
+            from moe_passes.ir.canonical import canonicalize
+
+            result = canonicalize(gm, example_inputs)
+            if not result.canonical:
+                raise RuntimeError(f"canonical IR unavailable: {result.reason}")
+            gm = result.gm
         graphs.append(CapturedGraph(gm, list(example_inputs)))
         return gm.forward
 

@@ -1,0 +1,6 @@
+"""The graph vocabulary and the canonical IR every pass reads.
+
+``facts``: what a node is and does (values, collectives, waits, mutation, dims, modules), in
+torch IR and ATen IR alike. ``canonical``: Dynamo's graph re-traced to pre-dispatch ATen in
+its own fake mode, where the analyses run.  Nothing here imports Inductor or any pass.
+"""

@@ -1,0 +1,122 @@
+"""The canonical IR the analysis passes read: Dynamo's graph re-traced to pre-dispatch ATen.
+
+Why: Dynamo's torch-level graph spells one op many ways (``F.softmax``,
+``Tensor.softmax``, ``torch.softmax``; ``.float()``/``.to``/``.type`` casts),
+hides writes in method names and keeps negative dims. Re-tracing the same
+forward with ``make_fx(pre_dispatch=True)`` gives one ``OpOverload`` per op
+with a schema (mutation visible as ``alias_info.is_write``; dims and defaults
+explicit), before autograd, so AOT autograd still derives the backward of
+whatever a pass rewrites.
+
+How (verified on torch 2.13 CPU inside a real backend call):
+
+* the re-trace runs in **Dynamo's own fake mode and shape env**
+  (``torch._guards.detect_fake_mode(example_inputs)``); a fake mode of our
+  own fails with "Mixing fake modes";
+* ``torch.fx.traceback.preserve_node_meta()`` keeps ``nn_module_stack``,
+  ``stack_trace`` and ``source_fn_stack`` on every ATen node (absent only on
+  the root module's own nodes, as in Dynamo's graph);
+* unbacked sizes from ``.item()``/``.tolist()`` stay unbacked symbols of the
+  same shape env, so the all-to-all split sizes remain data-dependent;
+* functional collectives appear as ``_c10d_functional.*.default``.
+
+``torch.func.functionalize`` on top hit an internal functorch assert, so the
+canonical graph is *not* functionalized: in-place ATen ops stay, and every
+analysis reads them from schemas (``moe_passes.ir.facts.mutated_args``).
+
+The re-trace is skipped (the Dynamo graph is used as is, and the reason is
+returned) when no fake mode can be found (hand-built graphs) or when tracing
+raises; passes that need the canonical form then decline with that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from moe_passes.ir.facts import node_value
+
+log = logging.getLogger(__name__)
+
+#: ``gm.meta`` key marking a graph module that is already in the canonical IR.
+CANONICAL_META_KEY = "moe_passes_canonical"
+
+
+@dataclass
+class Canonicalized:
+    gm: fx.GraphModule
+    canonical: bool  # False: gm is the input graph unchanged, ``reason`` says why
+    reason: str | None = None
+    fake_mode: FakeTensorMode | None = None
+
+
+def is_canonical(gm: fx.GraphModule) -> bool:
+    return bool(getattr(gm, "meta", {}).get(CANONICAL_META_KEY))
+
+
+def graph_fake_mode(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> FakeTensorMode | None:
+    """The fake mode the graph was traced in: its placeholders' values, else the example inputs'."""
+    vals = [node_value(n) for n in gm.graph.find_nodes(op="placeholder")]
+    return detect_fake_mode(vals) or detect_fake_mode(list(example_inputs))
+
+
+def _fake_args(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: FakeTensorMode) -> list[Any]:
+    """Placeholder values in ``mode``: Dynamo's own fakes where it recorded them (symbols kept)."""
+    out: list[Any] = []
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    for i, ph in enumerate(placeholders):
+        val = node_value(ph)
+        if val is None and i < len(example_inputs):
+            val = example_inputs[i]
+        if isinstance(val, FakeTensor) and val.fake_mode is mode:
+            out.append(val)
+        elif isinstance(val, torch.Tensor):
+            out.append(mode.from_tensor(val))
+        else:
+            out.append(val)
+    return out
+
+
+def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonicalized:
+    """Re-trace ``gm`` to pre-dispatch ATen in its own fake mode; metadata kept.
+
+    Returns the input unchanged (``canonical=False`` and a reason) when that is not possible.
+    """
+    if is_canonical(gm):
+        return Canonicalized(gm, True, fake_mode=graph_fake_mode(gm, example_inputs))
+    mode = graph_fake_mode(gm, example_inputs)
+    if mode is None:
+        return Canonicalized(gm, False, "no fake mode on the graph or its example inputs (hand-built graph)")
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = _fake_args(gm, example_inputs, mode)
+    interp_gm = gm
+
+    def run(*a: Any) -> Any:
+        return fx.Interpreter(interp_gm).run(*a)
+
+    try:
+        with mode, torch.fx.traceback.preserve_node_meta():
+            traced = make_fx(run, pre_dispatch=True, tracing_mode="real")(*args)
+    except Exception as e:  # noqa: BLE001 - any tracer failure means "use the Dynamo graph"
+        reason = f"pre-dispatch re-trace failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        log.warning("canonical IR unavailable: %s", reason)
+        return Canonicalized(gm, False, reason, mode)
+    _copy_placeholder_meta(gm, traced)
+    traced.meta = dict(getattr(gm, "meta", {}))
+    traced.meta[CANONICAL_META_KEY] = True
+    log.debug("canonical IR: %d Dynamo nodes -> %d ATen nodes", len(gm.graph.nodes), len(traced.graph.nodes))
+    return Canonicalized(traced, True, fake_mode=mode)
+
+
+def _copy_placeholder_meta(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    """Give the re-traced placeholders Dynamo's names' metadata (grapharg, tensor_dict, ...)."""
+    for a, b in zip(src.graph.find_nodes(op="placeholder"), dst.graph.find_nodes(op="placeholder")):
+        for key, value in a.meta.items():
+            b.meta.setdefault(key, value)
