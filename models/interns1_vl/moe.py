@@ -13,6 +13,7 @@ experts (rank r owns experts ``[r*E_local, (r+1)*E_local)``).
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,10 @@ from torch.distributed._functional_collectives import (
     all_to_all_single,
     all_to_all_single_autograd,
 )
+
+from models.interns1_vl.grouped_mm import grouped_mm
+
+log = logging.getLogger(__name__)
 
 
 class MoEOutput(NamedTuple):
@@ -50,7 +55,14 @@ class TopKRouter(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """The local experts as 3-D weights (SwiGLU), run one grouped GEMM each."""
+    """The local experts as 3-D weights (SwiGLU), all run as one grouped GEMM per projection.
+
+    ``forward(x, offsets)``: ``x`` holds the token copies sorted by local
+    expert, ``offsets`` the cumulative end row of each expert's group
+    (``torch._grouped_mm``'s ``offs``). Rows in == rows out. No per-expert
+    Python loop and no per-expert size reaches the compiler: the graph is the
+    same for 8 or 512 experts.
+    """
 
     def __init__(self, num_local_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -58,12 +70,9 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_local_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_local_experts, hidden_size, intermediate_size))
 
-    def forward(self, tokens_per_expert: list[torch.Tensor]) -> list[torch.Tensor]:
-        outputs = []
-        for expert, tokens in enumerate(tokens_per_expert):
-            gate, up = F.linear(tokens, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
-        return outputs
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        gate, up = grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offsets).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offsets)
 
 
 class SparseMoeBlock(nn.Module):
@@ -149,13 +158,14 @@ class SparseMoeBlock(nn.Module):
         return MoEOutput(out.view(batch_size, seq_len, hidden_size), router_logits, selected)
 
     def dispatch_and_compute(self, permuted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Send each token copy to the rank owning its expert, run the experts, send results back."""
+        """Send each token copy to the rank owning its expert, run the experts, send results back.
+
+        Without EP nothing is data-dependent: ``permuted`` is already sorted by
+        expert and the grouped GEMM takes the count offsets as a tensor. With
+        EP only the all-to-all split sizes (2 x EP numbers) become host values.
+        """
         if self.ep_group is None:
-            splits = counts.tolist()
-            for size in splits:
-                torch._check(size >= 0)
-            torch._check(sum(splits) == permuted.shape[0])
-            return torch.cat(self.experts(list(permuted.split(splits))), dim=0)
+            return self.experts(permuted, counts.cumsum(0))
 
         ep, local = self.ep_size, self.num_local_experts
         # counts laid out [dst_rank, local_expert]; after the exchange, [src_rank, local_expert].
@@ -163,21 +173,19 @@ class SparseMoeBlock(nn.Module):
         input_splits = counts.view(ep, local).sum(dim=1).tolist()
         recv_matrix = recv_counts.view(ep, local)
         output_splits = recv_matrix.sum(dim=1).tolist()
-        recv_sizes = recv_matrix.reshape(-1).tolist()
-        for size in input_splits + output_splits + recv_sizes:
+        for size in input_splits + output_splits:
             torch._check(size >= 0)
         torch._check(sum(input_splits) == permuted.shape[0])
 
         received = all_to_all_single_autograd(permuted, output_splits, input_splits, self.ep_group)
-        torch._check(sum(recv_sizes) == received.shape[0])
-        pieces = received.split(recv_sizes)
-        per_expert = [
-            torch.cat([pieces[src * local + e] for src in range(ep)], dim=0) for e in range(local)
-        ]
-        results = self.experts(per_expert)
-        back_pieces: list[torch.Tensor] = [None] * (ep * local)  # type: ignore[list-item]
-        for e, result in enumerate(results):
-            for src, piece in enumerate(result.split([recv_sizes[src * local + e] for src in range(ep)])):
-                back_pieces[src * local + e] = piece
-        combined = torch.cat(back_pieces, dim=0)
+        offsets = recv_matrix.sum(dim=0).cumsum(0)  # end row of each local expert once rows are grouped by expert
+        if local == 1:
+            return all_to_all_single_autograd(self.experts(received, offsets), input_splits, output_splits, self.ep_group)
+        # Received rows come in blocks [src_rank, local_expert]; a stable sort by expert groups them [expert, src_rank].
+        block_ends = recv_counts.reshape(-1).cumsum(0)
+        rows = torch.arange(received.shape[0], device=received.device)
+        expert_of_row = torch.searchsorted(block_ends, rows, right=True) % local
+        order = torch.argsort(expert_of_row, stable=True)
+        results = self.experts(received[order], offsets)
+        combined = torch.zeros_like(results).index_copy(0, order, results)
         return all_to_all_single_autograd(combined, input_splits, output_splits, self.ep_group)
