@@ -20,6 +20,7 @@ SECTIONS: dict[str, str] = {
     "speed": "moe_passes.bench.speed",
     "memory": "moe_passes.bench.memory",
     "offload": "moe_passes.bench.offload",
+    "compile": "moe_passes.bench.compile",
 }
 
 
