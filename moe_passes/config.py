@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moe_passes.fx.registry import PRE_GRAD_PASSES
+
 DEFAULT_PASSES: tuple[str, ...] = ("layerwise_aux_loss", "domino_ep", "async_offload")
 
 NumChunks = int | Literal["auto"]
@@ -23,7 +25,8 @@ class BackendConfig:
     """Options of ``make_backend``; every field is part of the cache key.
 
     num_chunks: token chunks per MoE region for Domino EP, or "auto".
-    passes: pre-grad passes to run, in order (names from ``moe_passes.fx.registry``).
+    passes: pre-grad passes to run (names from ``moe_passes.fx.registry``); the order they run in is
+        declared by the passes themselves (``moe_passes.fx.pipeline``), not the order listed here.
     schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs.
     max_chunks_in_flight: bound on all-to-alls issued but not yet waited (memory bound).
     offload_targets: "auto" (router tensors that are graph outputs) or explicit kinds.
@@ -43,8 +46,6 @@ class BackendConfig:
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        from moe_passes.fx.registry import PRE_GRAD_PASSES
-
         for name in ("schedule_overlap", "strict", "verify"):  # "yes" or 1 must not pass as a bool
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -167,12 +167,46 @@ class NothingToDoPass(GraphPass):
         return result
 
 
+class NothingToDoWithoutTriggerPass(NothingToDoPass):
+    """Declines everything, but the graph holds nothing it is for (strict must not raise)."""
+
+    name: ClassVar[str] = "t_nothing_untriggered"
+
+    def trigger(self, gm: fx.GraphModule) -> str | None:
+        return None
+
+
 class NotAResultPass(GraphPass):
     name: ClassVar[str] = "t_not_a_result"
     stage: ClassVar = "pre_grad"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return "done"  # type: ignore[return-value]
+
+
+class AtenScaleByOnePass(GraphPass):
+    """Neutral pass on the canonical ATen IR: multiplies the first output by 1.0 with ``aten.mul.Tensor``.
+
+    Records whether every op it saw was an ATen ``OpOverload`` (the canonical form), in ``stats``.
+    """
+
+    name: ClassVar[str] = "t_aten_scale_by_one"
+    stage: ClassVar = "pre_grad"
+    ir: ClassVar = "aten"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(self.name)
+        calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+        result.stats["all_overloads"] = all(
+            isinstance(n.target, torch._ops.OpOverload) or n.target is operator.getitem for n in calls
+        )
+        result.stats["call_methods"] = sum(n.op == "call_method" for n in calls)
+        target = _first_output(gm)
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (target, 1.0))
+        _replace_first_output(gm, scaled)
+        result.changed = True
+        return result
 
 
 class RecordingPostGradPass(GraphPass):

@@ -1,7 +1,8 @@
-"""Pass manager: order, validation after every pass, snapshots, logging, strict mode, config errors.
+"""Pass manager: declared order, canonical IR, validation after every pass, fail-closed, snapshots, logging,
+strict mode, config errors.
 
-Runs on the Dynamo graph of a real (1-rank) MoE stack, which carries unbacked
-symbols from ``.tolist()`` split sizes, so re-propagation is tested where it is hard.
+Runs on the Dynamo graph of a real (1-rank) MoE stack (its grouped-matmul experts take
+data-dependent offsets), captured once and copied per test.
 """
 
 from __future__ import annotations
@@ -47,15 +48,44 @@ def run(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph, *classes: type, s
     return PassManager.from_config(config).run(graph.gm, graph.example_inputs)
 
 
-def test_the_graph_has_unbacked_symbols(captured: CapturedGraph) -> None:
-    assert any(n.op == "call_method" and n.target == "item" for n in captured.gm.graph.nodes)
+def apply(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph, *classes: type, strict: bool = False):
+    h.register(monkeypatch, *classes)
+    config = BackendConfig(passes=tuple(c.name for c in classes), strict=strict)
+    return PassManager.from_config(config).apply(graph.gm, graph.example_inputs)
 
 
-def test_passes_run_in_config_order(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
-    h.CALL_LOG.clear()
-    records = run(monkeypatch, graph, h.SecondPass, h.FirstPass)
-    assert h.CALL_LOG == ["t_second", "t_first"]
-    assert [r.name for r in records] == ["t_second", "t_first"]
+def test_passes_run_in_declared_order_whatever_the_listed_order(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    h.register(monkeypatch, h.FirstPass, h.SecondPass)  # registry order: t_first, then t_second
+    for listed in (("t_second", "t_first"), ("t_first", "t_second")):
+        h.CALL_LOG.clear()
+        records = PassManager.from_config(BackendConfig(passes=listed)).run(graph.gm, graph.example_inputs)
+        assert h.CALL_LOG == ["t_first", "t_second"]
+        assert [r.name for r in records] == ["t_first", "t_second"]
+
+
+def test_aten_pass_runs_on_the_canonical_graph_after_torch_passes(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    run_ = apply(monkeypatch, graph, h.AtenScaleByOnePass, h.ScaleByOnePass)
+    assert [r.name for r in run_.records] == ["t_scale_by_one", "t_aten_scale_by_one"]
+    torch_rec, aten_rec = run_.records
+    assert (torch_rec.ir, aten_rec.ir, run_.ir) == ("torch", "aten", "aten")
+    assert aten_rec.result.stats == {"all_overloads": True, "call_methods": 0}
+    assert run_.gm is not graph.gm and run_.gm.meta["moe_passes_canonical"]
+    assert any("re-propagation ran" in n for n in aten_rec.notes), aten_rec.notes
+    # the torch pass's multiply survived the re-trace as an ATen op
+    assert any(n.target is torch.ops.aten.mul.Tensor for n in run_.gm.graph.nodes)
+
+
+def test_aten_pass_is_skipped_with_the_reason_when_no_canonical_ir(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    hand_built = torch.fx.symbolic_trace(lambda x: (x * 2,))  # no fake mode anywhere: cannot re-trace
+    with caplog.at_level(logging.WARNING):
+        run_ = apply(monkeypatch, CapturedGraph(hand_built, [torch.randn(3)]), h.AtenScaleByOnePass)
+    (aten_rec,) = run_.records
+    assert aten_rec.ir == "unavailable" and not aten_rec.result.changed
+    assert run_.ir == "torch" and run_.gm is hand_built
+    assert "canonical ATen IR unavailable: no fake mode" in aten_rec.result.skipped[0].reason
+    assert "canonical ATen IR unavailable" in caplog.text
 
 
 def test_valid_pass_is_recorded_with_before_and_after_text(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
@@ -84,17 +114,38 @@ def test_new_nodes_get_fake_values_from_repropagation(monkeypatch: pytest.Monkey
         (h.NotAResultPass, "expected PassResult"),
     ],
 )
-def test_validation_catches_a_broken_pass(
-    monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph, bad_pass: type, message: str
+def test_validation_catches_a_broken_pass_and_fails_closed(
+    monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph, bad_pass: type, message: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    before = graph_text(graph.gm)
+    with caplog.at_level(logging.WARNING, logger="moe_passes.fx.pass_manager"):
+        (record,) = run(monkeypatch, graph, bad_pass)
+    assert "PassValidationError" in record.result.error and message in record.result.error
+    assert graph_text(graph.gm) == before  # rolled back: the graph compiles without the pass
+    assert not record.result.changed and "graph restored" in record.result.skipped[0].reason
+    assert f"{bad_pass.name} on graph failed" in caplog.text and message in caplog.text
+
+
+@pytest.mark.parametrize("bad_pass, message", [(h.WrongShapePass, "output 0 changed"), (h.NotAResultPass, "expected PassResult")])
+def test_strict_raises_on_a_broken_pass(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph, bad_pass: type, message: str) -> None:
     with pytest.raises(PassValidationError, match=f"pass '{bad_pass.name}'") as err:
-        run(monkeypatch, graph, bad_pass)
+        run(monkeypatch, graph, bad_pass, strict=True)
     assert message in str(err.value)
 
 
-def test_a_pass_that_raises_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+def test_a_pass_that_raises_fails_closed_with_its_traceback(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    scaled, raised = run(monkeypatch, graph, h.ScaleByOnePass, h.RaisingPass)
+    assert scaled.result.changed and "torch.mul" in graph_text(graph.gm)  # the earlier pass is kept
+    assert raised.after == scaled.after  # the raising pass left nothing behind
+    assert "Traceback" in raised.result.error and "in __call__" in raised.result.error
+    assert "RuntimeError: Argument 'x' was used before it has been defined!" in raised.result.error
+    assert raised.as_dict()["error"] == raised.result.error
+
+
+def test_a_pass_that_raises_is_named_in_one_line_under_strict(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
     with pytest.raises(PassFailedError) as err:
-        run(monkeypatch, graph, h.ScaleByOnePass, h.RaisingPass)
+        run(monkeypatch, graph, h.ScaleByOnePass, h.RaisingPass, strict=True)
     assert str(err.value) == "pass 't_raising' failed on graph: RuntimeError: Argument 'x' was used before it has been defined!"
     assert isinstance(err.value.__cause__, RuntimeError)
 
@@ -104,12 +155,19 @@ def test_strict_raises_with_the_skip_reasons(monkeypatch: pytest.MonkeyPatch, gr
         run(monkeypatch, graph, h.NothingToDoPass, strict=True)
 
 
+def test_strict_does_not_raise_on_a_graph_without_the_trigger(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
+    (record,) = run(monkeypatch, graph, h.NothingToDoWithoutTriggerPass, strict=True)
+    assert record.trigger is None and not record.result.changed
+
+
 def test_non_strict_records_the_skips(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="moe_passes"):
         (record,) = run(monkeypatch, graph, h.NothingToDoPass)
     assert record.as_dict()["skipped"] == [{"region": "layers.0", "reason": "router output used by a side effect"}]
     assert "skipped layers.0: router output used by a side effect" in caplog.text
-    assert "t_nothing on graph: changed=False" in caplog.text
+    assert "t_nothing on graph (torch IR): changed=False" in caplog.text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("t_nothing changed nothing in graph although it holds" in r.getMessage() for r in warnings)
 
 
 def test_before_and_after_graphs_are_structured_trace_artifacts(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:

@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from moe_passes.fx.pass_base import GraphPass, PassResult
 
-log = logging.getLogger("moe_passes")
+log = logging.getLogger(__name__)
 
 INDUCTOR_CONFIG: dict[str, Any] = {"reorder_for_peak_memory": False}
 
@@ -212,6 +212,12 @@ class ScheduleOverlapPass(GraphPass):
 
     name = "schedule_overlap"
     stage = "post_grad"
+    ir = "aten"
+    implied_by = ("domino_ep",)
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return bool(config.schedule_overlap)
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         result = PassResult(self.name)

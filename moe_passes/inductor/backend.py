@@ -1,16 +1,25 @@
-"""``domino_backend``: pre-grad passes on the Dynamo graph, then Inductor.
+"""``DominoBackend``: the pre-grad pipeline on the Dynamo graph, then Inductor with the post-grad passes.
 
 Dynamo calls the backend once per captured graph (every graph break, every
-recompile). For each graph the backend runs the configured pre-grad passes
-through the validating ``PassManager``, optionally verifies the transformed
-graph against the original on the example inputs, then hands the graph to
-Inductor's ``compile_fx`` with the post-grad passes installed as one
-``CustomGraphPass`` whose ``uuid()`` combines the passes' uuids, so Inductor's
-FX graph cache never serves code compiled with different passes or config.
+recompile). For each graph the backend runs the requested pre-grad passes in
+their declared order (``moe_passes.fx.pipeline``) through the validating,
+fail-closed ``PassManager``: ``"torch"``-IR passes on Dynamo's graph, then,
+before the first ``"aten"`` pass, the graph re-traced once to the canonical
+pre-dispatch ATen IR (``moe_passes.ir.canonical``), which is also what Inductor
+then compiles. It optionally verifies the transformed graph against the
+original on the example inputs, then hands it to Inductor's ``compile_fx`` with
+the post-grad passes the config implies installed as one ``CustomGraphPass``
+whose ``uuid()`` combines the passes' uuids, so Inductor's FX graph cache never
+serves code compiled with different passes or config.
+
+Post-grad passes learn which AOT graph they see (forward, backward, inference)
+from Inductor's own call: the backend wraps ``compile_fx_inner``, which AOT
+autograd calls with ``is_backward``/``is_inference``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import logging
@@ -27,26 +36,40 @@ from torch.utils._pytree import tree_leaves
 
 from moe_passes.config import DEFAULT_PASSES, BackendConfig, NumChunks
 from moe_passes.fx.graph_text import graph_text
-from moe_passes.fx.match import collective_nodes
 from moe_passes.fx.memory import estimate_graph
 from moe_passes.fx.pass_base import GraphPass, PassResult
-from moe_passes.fx.pass_manager import PassManager, PassRecord, copy_graph_module, load_pass, run_post_grad
+from moe_passes.fx.pass_manager import PassManager, PassRecord, copy_graph_module, run_post_grad
+from moe_passes.fx.pipeline import load_pass, post_grad_pass_names
+from moe_passes.ir.facts import collective_nodes
 
-log = logging.getLogger("moe_passes")
+log = logging.getLogger(__name__)
 
 
 class VerificationError(RuntimeError):
     """``verify=True`` and the transformed graph computes something else than the original."""
 
 
-def post_grad_pass_names(config: BackendConfig) -> list[str]:
-    """Post-grad passes implied by the config: the overlap scheduler follows Domino EP."""
-    return ["schedule_overlap"] if "domino_ep" in config.passes and config.schedule_overlap else []
+#: The AOT graph Inductor is compiling right now ("forward", "backward", "inference"), set by the
+#: backend's ``compile_fx_inner`` wrapper from the ``is_backward``/``is_inference`` AOT passes it.
+_GRAPH_KIND: contextvars.ContextVar[str | None] = contextvars.ContextVar("moe_passes_graph_kind", default=None)
 
 
-def graph_kind(graph: fx.Graph) -> str:
-    """"backward" for an AOT backward graph (it takes tangents), else "forward"."""
-    return "backward" if any(n.name.startswith("tangents") for n in graph.find_nodes(op="placeholder")) else "forward"
+def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
+    """``compile_fx_inner`` that records which AOT graph it compiles, for the post-grad passes."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
+    token = _GRAPH_KIND.set(kind)
+    try:
+        return compile_fx_inner(gm, example_inputs, *args, **kwargs)
+    finally:
+        _GRAPH_KIND.reset(token)
+
+
+def graph_kind(graph: fx.Graph | None = None) -> str:
+    """The AOT graph being compiled: "forward", "backward" or "inference" (from Inductor's call);
+    "unknown" outside the backend's compile."""
+    return _GRAPH_KIND.get() or "unknown"
 
 
 @dataclass
@@ -57,6 +80,8 @@ class GraphReport:
     num_nodes: int
     pre_grad: list[PassRecord] = field(default_factory=list)
     post_grad: dict[str, list[PassResult]] = field(default_factory=lambda: {"forward": [], "backward": []})
+    ir: str = "torch"  # the IR the graph was compiled in: "torch" (Dynamo's) or "aten" (canonical re-trace)
+    canonical_error: str | None = None
     post_grad_graphs: dict[str, dict[str, str]] = field(default_factory=dict)
     post_grad_estimates: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     verify: str | None = None
@@ -68,23 +93,29 @@ class GraphReport:
             "pre_grad": [r.as_dict() for r in self.pre_grad],
             "post_grad": {k: [r.as_dict() for r in v] for k, v in self.post_grad.items()},
             "verify": self.verify,
+            "ir": self.ir,
+            "canonical_error": self.canonical_error,
         }
 
 
 class PostGradPipeline(CustomGraphPass):
     """Post-grad passes as one Inductor custom pass; called on the forward and the backward graph."""
 
-    def __init__(self, passes: Sequence[GraphPass], report: GraphReport, keep_graphs: bool = False) -> None:
+    def __init__(self, passes: Sequence[GraphPass], report: GraphReport, keep_graphs: bool = False,
+                 strict: bool = False) -> None:
         self.passes = list(passes)
         self.report = report
         self.keep_graphs = keep_graphs
+        self.strict = strict
 
     def __call__(self, graph: fx.Graph) -> None:
         gm = graph.owning_module
         kind = graph_kind(graph)
         if self.keep_graphs:
             self._keep(kind, "before", gm)
-        run_post_grad(self.passes, gm, self.report.post_grad[kind].append)
+        passes = [p for p in self.passes if kind == "unknown" or kind in p.graphs]
+        run_post_grad(passes, gm, self.report.post_grad.setdefault(kind, []).append, strict=self.strict,
+                      graph_name=f"graph_{self.report.index} ({kind})")
         if self.keep_graphs:
             self._keep(kind, "after", gm)
 
@@ -93,7 +124,7 @@ class PostGradPipeline(CustomGraphPass):
         self.report.post_grad_estimates.setdefault(kind, {})[when] = estimate_graph(gm).as_dict()
 
     def uuid(self) -> str:
-        parts = [p.uuid() for p in self.passes] + [f"keep_graphs={self.keep_graphs}"]
+        parts = [p.uuid() for p in self.passes] + [f"keep_graphs={self.keep_graphs}", f"strict={self.strict}"]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -102,7 +133,19 @@ def _tracing_enabled() -> bool:
 
 
 class DominoBackend:
-    """The torch.compile backend object; ``reports`` says what happened to every compiled graph."""
+    """The torch.compile backend object; ``reports`` says what happened to every graph it compiled.
+
+    Reports belong to the backend object: every graph it compiles (each graph break, each
+    recompile, of every model compiled with it) appends one ``GraphReport`` to ``graphs``
+    until ``clear_reports()``. Make one backend per model (``make_backend(...)``) to keep
+    reports apart.
+
+    The process-wide ``moe_passes.domino_backend`` (the object ``backend="domino"``
+    resolves to, through the ``torch_dynamo_backends`` entry point) is one such object with
+    the default config: it is shared by every ``torch.compile(..., backend="domino")`` in
+    the process, so its reports accumulate across models; call
+    ``domino_backend.clear_reports()`` between models, or use ``make_backend()``.
+    """
 
     def __init__(
         self,
@@ -126,9 +169,16 @@ class DominoBackend:
         """Per compiled graph: per pass what it matched, changed and skipped; post-grad results fw/bw."""
         return [g.as_dict() for g in self.graphs]
 
+    def clear_reports(self) -> None:
+        """Forget the reports of the graphs compiled so far (later graphs count from 0 again)."""
+        self.graphs.clear()
+
     def pre_grad_passes(self) -> list[GraphPass]:
+        """The requested pre-grad passes, in their declared pipeline order."""
         if self._pre is None:
-            self._pre = [load_pass(name, self.config) for name in self.config.passes]
+            from moe_passes.fx.pipeline import build_pipeline
+
+            self._pre = build_pipeline([load_pass(name, self.config) for name in self.config.passes])
         return self._pre
 
     def post_grad_passes(self) -> list[GraphPass]:
@@ -141,20 +191,24 @@ class DominoBackend:
 
         report = GraphReport(index=len(self.graphs), num_nodes=len(gm.graph.nodes))
         self.graphs.append(report)
-        pre, post = self.pre_grad_passes(), self.post_grad_passes()
+        pre = self.pre_grad_passes()
+        self.post_grad_passes()
         original = copy_graph_module(gm) if self.config.verify and pre else None
         manager = PassManager(
             pre,
             strict=self.config.strict,
             snapshot=self.keep_graphs or _tracing_enabled(),
             graph_name=f"graph_{report.index}",
+            order=False,  # already in pipeline order
         )
-        report.pre_grad = manager.run(gm, example_inputs)
+        run = manager.apply(gm, example_inputs)
+        report.pre_grad, report.ir, report.canonical_error = run.records, run.ir, run.canonical_error
         if original is not None:
-            report.verify = verify_graphs(original, gm, example_inputs, self.config.verify_rtol, self.config.verify_atol)
+            report.verify = verify_graphs(original, run.gm, example_inputs, self.config.verify_rtol, self.config.verify_atol)
         elif self.config.verify:
             report.verify = "skipped: no pre-grad passes to verify"
-        return compile_fx(gm, example_inputs, config_patches=self.inductor_patches(report))
+        return compile_fx(run.gm, example_inputs, inner_compile=_inner_compile,
+                          config_patches=self.inductor_patches(report))
 
     def inductor_patches(self, report: GraphReport) -> dict[str, Any]:
         """Inductor config for one compile: the post-grad pipeline plus what its passes need.
@@ -168,7 +222,7 @@ class DominoBackend:
         for graph_pass in post:
             patches.update(getattr(sys.modules[type(graph_pass).__module__], "INDUCTOR_CONFIG", {}))
         if post or self.keep_graphs:
-            patches["post_grad_custom_post_pass"] = PostGradPipeline(post, report, self.keep_graphs)
+            patches["post_grad_custom_post_pass"] = PostGradPipeline(post, report, self.keep_graphs, self.config.strict)
         return patches
 
 
@@ -259,3 +313,5 @@ def make_backend(
 
 
 domino_backend = make_backend()
+"""The process-wide backend with the default config (``backend="domino"``); see ``DominoBackend`` about
+its shared reports and ``clear_reports()``."""
