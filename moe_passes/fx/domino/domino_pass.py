@@ -1,0 +1,175 @@
+"""The ``domino_ep`` pass: chunk every proven expert-parallel MoE region into N token chunks.
+
+Runs on the canonical pre-dispatch ATen IR (``ir = "aten"``).  Each chunk
+routes, exchanges counts, dispatches, computes and combines only its own rows
+of the token matrix, so dropless routing stays exact and the all-to-all of one
+chunk can be overlapped with the expert GEMMs of another (``schedule.py``
+fixes that order after AOT autograd, which derives the chunked backward).
+
+Regions come from data flow (``regions``), safety from op meaning
+(``kinds``), and the rewrite checks itself after re-propagating shapes
+(``rewrite``); any failure leaves the graph untouched and says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._inductor.pattern_matcher import stable_topological_sort
+
+from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
+from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, repropagate, rewrite_region
+from moe_passes.fx.pass_base import GraphPass, PassResult
+from moe_passes.ir.canonical import CANONICAL_META_KEY, canonicalize, is_canonical
+from moe_passes.ir.facts import node_value, tensor_value
+
+log = logging.getLogger(__name__)
+
+
+def find_regions(gm: fx.GraphModule, result: PassResult) -> list[MoERegion]:
+    """Every EP region proven safe to chunk; every other candidate is reported with its reason."""
+    for hop in hop_all_to_alls(gm.graph):
+        result.skip(f"{hop.name}", "all-to-all inside a higher-order op (torch 2.11 captures all_to_all_single_autograd as "
+                    "autograd_function_apply): not analysed; the canonical re-trace normally inlines it")
+    pairs, unpaired = pair_all_to_alls(gm.graph)
+    regions: list[MoERegion] = []
+    for d, c in pairs:
+        label = f"all_to_all {d.name}/{c.name}"
+        try:
+            regions.append(build_region(d, c))
+        except RegionError as e:
+            result.skip(label, str(e))
+    if unpaired:
+        result.skip(f"all_to_all {[n.name for n in unpaired]}", "token all-to-all without a mirrored combine all-to-all")
+    return regions
+
+
+def _auto_chunks(region: MoERegion) -> tuple[int, str]:
+    """N from rank-invariant sizes (local expert weights), never from local token counts."""
+    weights = {}
+    for n in region.nodes:
+        for a in n.all_input_nodes:
+            v = tensor_value(a)
+            if a.op in ("placeholder", "get_attr") and v is not None and v.dim() == 3:
+                weights[a] = v
+    elems = sum(int(w.numel()) for w in weights.values())
+    n = 2 if elems < (1 << 20) else 4
+    return n, f"{elems} local expert weight elements -> {n} chunks"
+
+
+def ensure_canonical(gm: fx.GraphModule) -> str | None:
+    """Re-trace a Dynamo graph to the canonical IR in place (for callers that run the pass directly).
+
+    Returns None on success, else the reason it is impossible.
+    """
+    if is_canonical(gm):
+        return None
+    res = canonicalize(gm, [node_value(p) for p in gm.graph.find_nodes(op="placeholder")])
+    if not res.canonical:
+        return res.reason
+    traced = res.gm
+    for n in traced.graph.nodes:
+        if n.op == "get_attr":
+            setattr(gm, n.target, getattr(traced, n.target))
+    gm.graph = traced.graph
+    gm.meta[CANONICAL_META_KEY] = True
+    gm.recompile()
+    return None
+
+
+class DominoEPPass(GraphPass):
+    """Chunk every proven expert-parallel MoE region into ``config.num_chunks`` token chunks."""
+
+    name = "domino_ep"
+    stage = "pre_grad"
+    ir = "aten"
+
+    def trigger(self, gm: fx.GraphModule) -> str | None:
+        """The all-to-alls the graph holds (any spelling), or None."""
+        return describe_trigger(gm.graph)
+
+    def uuid(self) -> str:
+        src = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
+        return hashlib.sha256(f"{self.name}|{src}|{self.config.digest()}".encode()).hexdigest()
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(self.name)
+        result.stats["regions"] = 0
+        result.stats["chunks"] = {}
+        if describe_trigger(gm.graph) is None:
+            return result
+        why = ensure_canonical(gm)
+        if why is not None:
+            result.skip("graph", f"canonical ATen IR unavailable: {why}")
+            return result
+        regions = find_regions(gm, result)
+        result.stats["regions"] = len(regions)
+        if not regions:
+            return result
+        # Rewrite a copy; keep it only if every chunk checks out after re-propagation.
+        new_graph = fx.Graph(owning_module=gm)
+        val_map: dict[fx.Node, fx.Node] = {}
+        out = new_graph.graph_copy(gm.graph, val_map)
+        new_graph.output(out)
+        planned: list[tuple[MoERegion, int, str]] = []
+        for region in regions:
+            if self.config.num_chunks == "auto":
+                n, why = _auto_chunks(region)
+                result.stats.setdefault("auto", {})[region.path] = why
+                log.info("domino_ep: %s: auto num_chunks: %s", region.label, why)
+            else:
+                n = int(self.config.num_chunks)
+            if n == 1:
+                result.skip(region.label, "num_chunks=1: nothing to split")
+                continue
+            planned.append((region, n, region.label))
+        if not planned:
+            return result
+        reassembled_all = []
+        for region, n, label in planned:
+            mapped = _map_region(region, val_map)
+            sizes, reassembled = rewrite_region(new_graph, mapped, n)
+            reassembled_all.append((sizes, reassembled))
+            result.matched.append(region.path)
+            result.stats["chunks"][region.path] = sizes
+        old_graph = gm.graph
+        try:
+            stable_topological_sort(new_graph)
+            new_graph.lint()
+            gm.graph = new_graph
+            gm.recompile()
+            repropagate(gm)
+            for sizes, reassembled in reassembled_all:
+                check_rows(reassembled, sizes)
+            refresh_assert_messages(gm.graph)
+            gm.recompile()
+        except Exception as e:  # noqa: BLE001 - refuse the whole rewrite, keep the original graph
+            gm.graph = old_graph
+            gm.recompile()
+            reason = f"rewrite failed its own check ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            log.warning("domino_ep: %s", reason)
+            for region, _, label in planned:
+                result.skip(label, reason)
+            result.matched.clear()
+            result.stats["chunks"] = {}
+            return result
+        for region, n, label in planned:
+            log.info("domino_ep: %s: %d tokens split into chunks %s", label, region.num_tokens, result.stats["chunks"][region.path])
+        result.changed = True
+        return result
+
+
+def _map_region(region: MoERegion, val_map: dict[fx.Node, fx.Node]) -> MoERegion:
+    m = MoERegion(region.path, val_map[region.tokens], val_map[region.dispatch], val_map[region.combine],
+                  val_map.get(region.count_exchange) if region.count_exchange is not None else None,
+                  region.num_tokens, region.top_k)
+    m.nodes = [val_map[n] for n in region.nodes]
+    m.outputs = [val_map[n] for n in region.outputs]
+    m.kinds = {val_map[n]: k for n, k in region.kinds.items() if n in val_map}
+    m.extra = list(region.extra)
+    return m

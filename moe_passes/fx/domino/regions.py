@@ -1,0 +1,334 @@
+"""Expert-parallel MoE regions, found by data flow (no module grouping, no hints).
+
+A region starts from the EP token all-to-all pair: a *dispatch* whose split
+sizes are graph values and a later *combine* whose split sizes are the same
+values mirrored (output <-> input).  From the dispatch input we walk back to
+the row gather ``src[index]`` whose index comes from an ``argsort``/``sort`` of
+the flattened top-k expert ids; the *token matrix* X is the latest value on
+the gather source's chain that also feeds the router's top-k (so router,
+gather and counts all descend from it, whichever modules hold them: parent,
+child, a dispatcher object, or the compiled root itself).
+
+The region's nodes: every descendant of X that is an ancestor of the combine
+(routing, counts, count exchange, split sizes, dispatch, experts, combine),
+then, in graph order, every descendant of X whose inputs are region nodes or
+values independent of X and whose row-locality is proven (un-permute,
+top-k weighting, reduction over the K copies...).  Everything it reads from
+outside is independent of X (weights, buffers, constants) and is shared by
+the chunks; everything that leaves it must be token rows (concatenated) or
+per-expert counts (summed).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from moe_passes.fx.domino.kinds import ADD, Kind, RowAnalysis, Unproven, _overload
+from moe_passes.ir.facts import (
+    all_to_all_split_args,
+    has_node,
+    is_all_to_all,
+    is_inplace_c10d,
+    is_topk,
+    is_wait,
+    module_path,
+    mutated_args,
+    op_namespace_and_name,
+    tensor_value,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RegionError(Exception):
+    """The candidate region cannot be chunked safely; the message says why."""
+
+
+@dataclass
+class MoERegion:
+    """One expert-parallel MoE region of a canonical graph."""
+
+    path: str  # module path of the dispatch (reports only)
+    tokens: fx.Node  # X: the [T, ...] token matrix
+    dispatch: fx.Node
+    combine: fx.Node
+    count_exchange: fx.Node | None
+    num_tokens: int
+    top_k: int
+    nodes: list[fx.Node] = field(default_factory=list)  # graph order, X excluded
+    outputs: list[fx.Node] = field(default_factory=list)  # nodes read outside the region
+    kinds: dict[fx.Node, Any] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)  # proven extension nodes, for reports
+
+    @property
+    def label(self) -> str:
+        return f"{self.path} ({self.dispatch.name}/{self.combine.name})"
+
+
+def _split_list(arg: Any) -> list[Any] | None:
+    return list(arg) if isinstance(arg, (list, tuple)) else None
+
+
+def token_all_to_alls(graph: fx.Graph) -> list[fx.Node]:
+    """All-to-alls whose split sizes are graph values (data-dependent: token exchanges)."""
+    out = []
+    for n in graph.nodes:
+        if is_all_to_all(n):
+            splits = all_to_all_split_args(n)
+            if splits is not None and any(has_node(s) for s in splits):
+                out.append(n)
+    return out
+
+
+def pair_all_to_alls(graph: fx.Graph) -> tuple[list[tuple[fx.Node, fx.Node]], list[fx.Node]]:
+    """(dispatch, combine) pairs with mirrored split sizes, and the unpaired token all-to-alls."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    token = token_all_to_alls(graph)
+    pairs: list[tuple[fx.Node, fx.Node]] = []
+    used: set[fx.Node] = set()
+    for d in token:
+        if d in used:
+            continue
+        od, idd = all_to_all_split_args(d)
+        for c in token:
+            if c in used or c is d or order[c] <= order[d]:
+                continue
+            oc, ic = all_to_all_split_args(c)
+            if _split_list(oc) == _split_list(idd) and _split_list(ic) == _split_list(od):
+                pairs.append((d, c))
+                used.update((d, c))
+                break
+    return pairs, [n for n in token if n not in used]
+
+
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.users)
+    return seen
+
+
+def _count_exchange(dispatch: fx.Node) -> fx.Node | None:
+    """The all-to-all whose received counts give the dispatch's split sizes."""
+    splits = all_to_all_split_args(dispatch) or ()
+    starts: list[fx.Node] = []
+    for s in splits:
+        fx.map_arg(s, lambda a: starts.append(a) or a)
+    for n in _ancestors(starts):
+        if is_wait(n) and isinstance(n.args[0], fx.Node) and is_all_to_all(n.args[0]):
+            return n.args[0]
+        if is_all_to_all(n) and not has_node((all_to_all_split_args(n) or (None, None))):
+            return n
+    return None
+
+
+def _is_sort(n: fx.Node) -> bool:
+    return _overload(n) in ("aten.argsort", "aten.sort")
+
+
+def _row_gather(dispatch: fx.Node) -> fx.Node:
+    """The ``src[index]`` row gather feeding the dispatch, index derived from a sort of expert ids."""
+    stack = [dispatch.args[0]]
+    seen: set[fx.Node] = set()
+    while stack:
+        n = stack.pop(0)
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if _overload(n) in ("aten.index", "aten._unsafe_index") and isinstance(n.args[1], (list, tuple)):
+            idx = [i for i in n.args[1] if i is not None]
+            if len(idx) == 1 and isinstance(idx[0], fx.Node) and any(_is_sort(a) for a in _ancestors([idx[0]])):
+                return n
+        if n.op == "call_function" and not is_all_to_all(n):
+            stack.extend(n.all_input_nodes)
+    raise RegionError("no row gather src[sorted index] feeds the dispatch all-to-all (tokens are not permuted by expert before it)")
+
+
+def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(X, top-k node): the latest value on the gather source's chain that also feeds the router's top-k."""
+    order = {n: i for i, n in enumerate(gather.graph.nodes)}
+    index = next(i for i in gather.args[1] if i is not None)
+    sorts = [a for a in _ancestors([index]) if _is_sort(a) and tensor_value(a.args[0]) is not None and tensor_value(a.args[0]).dim() == 1]
+    if not sorts:
+        raise RegionError(f"the gather index {index.name} is not derived from a sort of 1-D expert ids")
+    sort = max(sorts, key=order.__getitem__)
+    topks = [a for a in _ancestors([sort]) if is_topk(a)]
+    if not topks:
+        raise RegionError(f"the expert ids sorted by {sort.name} do not come from a top-k")
+    topk = max(topks, key=order.__getitem__)
+    router_inputs = _ancestors([topk])
+    n: Any = gather.args[0]
+    while isinstance(n, fx.Node):
+        if n in router_inputs:
+            return n, topk
+        tensors = [a for a in n.all_input_nodes if tensor_value(a) is not None]
+        n = tensors[0] if n.op == "call_function" and tensors else None
+    raise RegionError(f"the gathered rows ({gather.args[0].name}) and the router's top-k ({topk.name}) share no token matrix")
+
+
+def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
+    graph = d.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    gather = _row_gather(d)
+    X, topk = _token_matrix(gather)
+    T = tensor_value(X).shape[0] if tensor_value(X) is not None and tensor_value(X).dim() > 0 else None
+    if not isinstance(T, int):
+        raise RegionError(f"token count {T} of {X.name} is symbolic; only static token counts are chunked")
+    if T == 0:
+        raise RegionError("no tokens")
+    kv = tensor_value(topk.args[0]) if topk.args else None
+    K = topk.args[1] if len(topk.args) > 1 and isinstance(topk.args[1], int) else None
+    count = _count_exchange(d)
+    desc = _descendants(X)
+    for required, what in ((d, "dispatch"), (c, "combine"), (topk, "router top-k")):
+        if required not in desc:
+            raise RegionError(f"{what} {required.name} does not depend on the token matrix {X.name}")
+    core = (desc & _ancestors([c])) - {X}
+    while True:  # in-place writers of core values (``buf[perm] = rows`` then ``buf`` is read) belong to the core
+        writers = {u for n in core for u in n.users if u not in core and n in mutated_args(u)}
+        if not writers:
+            break
+        core |= (desc & _ancestors(list(writers))) - {X}
+    for n in core:
+        if n.op != "call_function":
+            raise RegionError(f"{n.name}: {n.op} node inside the region")
+        if is_inplace_c10d(n):
+            raise RegionError(f"{n.name}: traced in-place c10d collective inside the region")
+        parsed = op_namespace_and_name(n.target)
+        if parsed is not None and parsed[0] == "higher_order":
+            raise RegionError(f"{n.name}: higher-order op {parsed[1]} inside the region (not analysed)")
+    region_set = set(core)
+    analysis = RowAnalysis(X, T, region_set)
+    try:
+        analysis.run(sorted(core, key=order.__getitem__))
+    except Unproven as e:
+        raise RegionError(str(e)) from None
+    # proven extension: descendants of X reading only the region or X-independent values
+    extra: list[str] = []
+    for n in graph.nodes:
+        if n in region_set or n is X or n not in desc or n.op != "call_function":
+            continue
+        if any(a not in region_set and a is not X and a in desc for a in n.all_input_nodes):
+            continue
+        if is_all_to_all(n) or mutated_args(n):
+            continue
+        region_set.add(n)
+        try:
+            k = analysis.transfer(n)
+        except Unproven:
+            region_set.discard(n)
+            continue
+        analysis.kinds[n] = k
+        extra.append(n.name)
+    # retract extension nodes whose value would leave the region unprovably (and their region users)
+    changed = True
+    while changed:
+        changed = False
+        for n in sorted(region_set - core, key=order.__getitem__):
+            if n not in region_set:
+                continue
+            k = analysis.kinds.get(n)
+            if any(u not in region_set for u in n.users) and not (isinstance(k, Kind) and k.tag in ("row", "add")):
+                doomed = [n]
+                while doomed:
+                    m = doomed.pop()
+                    if m in region_set and m not in core:
+                        region_set.discard(m)
+                        doomed.extend(m.users)
+                changed = True
+    nodes = sorted(region_set, key=order.__getitem__)
+    path = module_path(d) or "<root>"
+    region = MoERegion(path, X, d, c, count, T, (K or 1), nodes=nodes, kinds=analysis.kinds)
+    region.extra = [e for e in extra if any(n.name == e for n in nodes)]
+    region.outputs = [n for n in nodes if any(u not in region_set for u in n.users)]
+    check_outputs(region)
+    return region
+
+
+def check_outputs(region: MoERegion) -> None:
+    """Every value leaving the region is token rows (concatenated) or per-expert counts (summed)."""
+    inside = set(region.nodes)
+    for out in region.outputs:
+        k = region.kinds.get(out)
+        readers = [u for u in out.users if u not in inside]
+        if not isinstance(k, Kind) or k.tag not in ("row", "add"):
+            what = "split sizes / layout metadata" if isinstance(k, Kind) and k.tag == "meta" else str(k)
+            raise RegionError(f"{out.name} ({what}) leaves the region (read by {[u.name for u in readers]}); only token rows and counts can be reassembled from chunks")
+        if tensor_value(out) is None:
+            raise RegionError(f"{out.name} leaves the region but is not a tensor")
+        if k.tag == "row" and k.fresh and out in region.kinds and False:
+            pass
+        for u in readers:
+            written = mutated_args(u)
+            if out in written:
+                raise RegionError(f"{out.name} leaves the region and is mutated in place by {u.name}")
+            for buf in written:  # e.g. tokens_per_expert.add_(counts): nobody else may read buf before the region ends
+                early = [r.name for r in buf.users if r is not u and _before(r, region.nodes[-1])]
+                if early:
+                    raise RegionError(f"{u.name} writes {buf.name} in place with region output {out.name}, and {early} read it inside the region's span")
+
+
+def _before(a: fx.Node, b: fx.Node) -> bool:
+    for n in a.graph.nodes:
+        if n is a:
+            return True
+        if n is b:
+            return False
+    return False
+
+
+def hop_all_to_alls(graph: fx.Graph) -> list[fx.Node]:
+    """Higher-order ops (torch 2.11's ``autograd_function_apply``) whose subgraphs hold an all-to-all."""
+    gm = graph.owning_module
+    hits = []
+    for n in graph.nodes:
+        parsed = op_namespace_and_name(n.target) if n.op == "call_function" else None
+        if parsed is None or parsed[0] != "higher_order":
+            continue
+        for a in n.args:
+            if isinstance(a, fx.Node) and a.op == "get_attr" and gm is not None:
+                sub = getattr(gm, a.target, None)
+                if isinstance(sub, fx.GraphModule) and any(is_all_to_all(m) or hop_all_to_alls(sub.graph) for m in sub.graph.nodes):
+                    hits.append(n)
+                    break
+    return hits
+
+
+def describe_trigger(graph: fx.Graph) -> str | None:
+    """What all-to-alls the graph holds (any spelling), or None: the backend's 'trigger present' test."""
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        if is_all_to_all(n):
+            ns = op_namespace_and_name(n.target)[0]
+            counts[f"{ns}.all_to_all_single"] = counts.get(f"{ns}.all_to_all_single", 0) + 1
+        elif is_inplace_c10d(n) and "alltoall" in op_namespace_and_name(n.target)[1]:
+            key = f"c10d.{op_namespace_and_name(n.target)[1]} (in-place)"
+            counts[key] = counts.get(key, 0) + 1
+    for n in hop_all_to_alls(graph):
+        key = f"{op_namespace_and_name(n.target)[1]} around an all_to_all"
+        counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return None
+    return ", ".join(f"{v} x {k}" for k, v in counts.items())

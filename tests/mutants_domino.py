@@ -1,0 +1,134 @@
+"""MoE-block mutants for the Domino soundness corpus.
+
+``MutantBlock`` is a small dropless EP block with the structure of
+``models.interns1_vl.moe.SparseMoeBlock`` (router -> softmax -> top-k ->
+renormalise -> argsort by expert -> gather -> counts -> count exchange ->
+dispatch all-to-all -> grouped experts -> combine all-to-all -> un-permute ->
+weighted sum over the K copies), with one named mutation that makes some step
+cross tokens.  Every mutant must be either chunked and exact, or left alone
+with a reason: never chunked and wrong.
+
+``EXPECTED`` maps each mutant to ``("rewritten", None)`` or
+``("skipped", substring of the reason)``.  Every future soundness bug adds a
+mutant here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
+
+log = logging.getLogger(__name__)
+
+HIDDEN, FFN, EXPERTS, TOP_K = 8, 8, 4, 2
+
+EXPECTED: dict[str, tuple[str, str | None]] = {
+    "reference": ("rewritten", None),
+    "softmax_dim0": ("skipped", "over the token dim"),
+    "softmax_dim_neg2": ("skipped", "over the token dim"),
+    "cumsum_tokens": ("skipped", "over the token dim"),
+    "mean_tokens": ("skipped", "reduces over the token dim 0"),
+    "sort_tokens": ("skipped", "over the token dim"),
+    "inplace_logits_after_softmax": ("skipped", "in place"),
+    "cross_token_after_combine": ("rewritten", None),
+    "capacity_router": ("skipped", "over the token dim"),
+    "capacity_mask_after_combine": ("rewritten", None),
+    "topk_second_norm_before_dispatch": ("skipped", "reduces over the token dim 0"),
+    "topk_second_norm_after_combine": ("rewritten", None),
+    "gather_by_fixed_index": ("skipped", "outside (fixed) index"),
+}
+
+
+class MutantBlock(nn.Module):
+    def __init__(self, mutation: str, group: dist.ProcessGroup, seed: int = 0) -> None:
+        super().__init__()
+        assert mutation in EXPECTED, mutation
+        self.mutation = mutation
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        self.local = EXPERTS // self.ep
+        g = torch.Generator().manual_seed(seed)
+        self.gate = nn.Parameter(torch.randn(EXPERTS, HIDDEN, generator=g) * 0.5)
+        rank = dist.get_rank(group)
+        w1 = torch.randn(EXPERTS, HIDDEN, FFN, generator=g) * 0.3
+        w2 = torch.randn(EXPERTS, FFN, HIDDEN, generator=g) * 0.3
+        self.w1 = nn.Parameter(w1[rank * self.local:(rank + 1) * self.local].clone())
+        self.w2 = nn.Parameter(w2[rank * self.local:(rank + 1) * self.local].clone())
+
+    def _experts(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        from models.interns1_vl.grouped_mm import grouped_mm
+
+        return grouped_mm(F.silu(grouped_mm(x, self.w1, offsets)), self.w2, offsets)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mut = self.mutation
+        x = h.reshape(-1, HIDDEN)
+        T = x.shape[0]
+        logits = F.linear(x, self.gate)
+        if mut == "cumsum_tokens":
+            logits = logits.cumsum(0)
+        if mut == "mean_tokens":
+            logits = logits - logits.mean(0, keepdim=True)
+        if mut == "sort_tokens":
+            logits = logits.sort(dim=0).values
+        dim = {"softmax_dim0": 0, "softmax_dim_neg2": -2}.get(mut, -1)
+        probs = F.softmax(logits, dim=dim, dtype=torch.float)
+        if mut == "inplace_logits_after_softmax":
+            logits.mul_(0.5)
+        weights, selected = torch.topk(probs, TOP_K, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if mut in ("topk_second_norm_before_dispatch", "topk_second_norm_after_combine"):
+            weights = weights / weights.sum(dim=0, keepdim=True) * T
+        mask = None
+        if mut in ("capacity_router", "capacity_mask_after_combine"):
+            one_hot = F.one_hot(selected, EXPERTS).sum(1)  # [T, E]
+            position = one_hot.cumsum(0)  # position of each token in its expert's queue: crosses tokens
+            capacity = max(1, (T * TOP_K) // EXPERTS)
+            keep = (position <= capacity).gather(1, selected)  # [T, K]
+            mask = keep.to(weights.dtype)
+        flat = selected.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        if mut == "gather_by_fixed_index":
+            permuted = x[torch.arange(T).repeat_interleave(TOP_K)][order]
+        else:
+            permuted = x[order // TOP_K]
+        if mut in ("capacity_router", "topk_second_norm_before_dispatch"):
+            scale = weights * mask if mask is not None else weights
+            permuted = permuted * scale.reshape(-1)[order].unsqueeze(-1)
+        counts = torch.zeros(EXPERTS, dtype=torch.int64).scatter_add(0, flat, torch.ones_like(flat))
+        recv_counts = all_to_all_single(counts, [self.local] * self.ep, [self.local] * self.ep, self.group)
+        input_splits = counts.view(self.ep, self.local).sum(dim=1).tolist()
+        recv = recv_counts.view(self.ep, self.local)
+        output_splits = recv.sum(dim=1).tolist()
+        for s in input_splits + output_splits:
+            torch._check(s >= 0)
+        torch._check(sum(input_splits) == permuted.shape[0])
+        received = all_to_all_single_autograd(permuted, output_splits, input_splits, self.group)
+        offsets = recv.sum(dim=0).cumsum(0)
+        block_ends = recv_counts.reshape(-1).cumsum(0)
+        rows = torch.arange(received.shape[0])
+        expert_of_row = torch.searchsorted(block_ends, rows, right=True) % self.local
+        sort_rows = torch.argsort(expert_of_row, stable=True)
+        results = self._experts(received[sort_rows], offsets)
+        back = torch.zeros_like(results).index_copy(0, sort_rows, results)
+        combined = all_to_all_single_autograd(back, input_splits, output_splits, self.group)
+        unpermuted = torch.zeros_like(combined).index_copy(0, order, combined)
+        if mut in ("capacity_router", "topk_second_norm_before_dispatch"):
+            out = unpermuted.view(T, TOP_K, HIDDEN).sum(dim=1)
+        else:
+            w = weights * mask if mask is not None else weights
+            out = (unpermuted.view(T, TOP_K, HIDDEN) * w.unsqueeze(-1)).sum(dim=1)
+        if mut == "cross_token_after_combine":
+            out = out - out.mean(dim=0, keepdim=True)
+        loss = out.square().mean() + 0.01 * logits.square().mean()
+        return loss, selected
+
+
+def make_input(seed: int, rank: int, tokens: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    return torch.randn(1, tokens, HIDDEN, generator=g)
