@@ -1,4 +1,4 @@
-"""Domino EP on captured graphs (fake process group, nothing runs): what it rewrites and what it refuses."""
+"""Domino EP on captured canonical graphs (fake process group, nothing runs): what it rewrites and what it refuses."""
 
 from __future__ import annotations
 
@@ -10,10 +10,17 @@ import torch.distributed as dist
 
 from models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.config import BackendConfig
-from moe_passes.fx.domino_ep import DominoEPPass, chunk_sizes
+from moe_passes.fx.domino import DominoEPPass, chunk_sizes, ensure_canonical
 from moe_passes.fx.graph_text import graph_text
+from moe_passes.ir.facts import is_collective, is_wait, op_namespace_and_name
 from tests.golden import check_golden
 from tests.test_domino_model import HIDDEN, INTER, capture_without_running, init_fake_group
+
+aten = torch.ops.aten
+
+#: Ops whose order per chunk the golden event trace records (names stable across torch versions).
+_EVENT_OPS = {"linear", "softmax", "topk", "argsort", "index", "scatter_add", "item", "grouped_mm", "_grouped_mm",
+              "index_copy", "split_with_sizes", "cat", "add"}
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +32,36 @@ def ep_group() -> Iterator[dist.ProcessGroup]:
         dist.destroy_process_group()
 
 
-def _block_graph(group: dist.ProcessGroup | None, tokens: int = 5) -> torch.fx.GraphModule:
+def _block_graph(group: dist.ProcessGroup | None, tokens: int = 5, root: bool = False) -> torch.fx.GraphModule:
     block = SparseMoeBlock(HIDDEN, INTER, 4, 2, ep_group=group)
+    x = torch.randn(1, tokens, HIDDEN, requires_grad=True)
+    if root:  # regional compile: the MoE block itself is the compiled root (no nn_module_stack on its own nodes)
+        (gm,) = capture_without_running(block, x)
+    else:
 
-    def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = block(x)
-        return out.hidden_states.sum(), out.router_logits, out.selected_experts
+        def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out = block(x)
+            return out.hidden_states.sum(), out.router_logits, out.selected_experts
 
-    (gm,) = capture_without_running(fn, torch.randn(1, tokens, HIDDEN, requires_grad=True))
+        (gm,) = capture_without_running(fn, x)
+    assert ensure_canonical(gm) is None
     return gm
+
+
+def event_trace(gm: torch.fx.GraphModule) -> str:
+    """Per-chunk collective / compute events in graph order: a golden that survives torch upgrades."""
+    lines = []
+    for n in gm.graph.nodes:
+        parsed = op_namespace_and_name(n.target) if n.op == "call_function" else None
+        if parsed is None:
+            continue
+        name = parsed[1]
+        if not (is_collective(n) or is_wait(n) or name in _EVENT_OPS):
+            continue
+        chunk = n.meta.get("domino_chunk")
+        where = f"chunk {chunk}" if chunk is not None else "shared "
+        lines.append(f"{where}: {parsed[0]}.{name}")
+    return "\n".join(lines) + "\n"
 
 
 def test_chunk_sizes_follow_tensor_split() -> None:
@@ -47,9 +75,22 @@ def test_rewritten_graph_golden(ep_group: dist.ProcessGroup, update_goldens: boo
     gm = _block_graph(ep_group, tokens=5)
     result = DominoEPPass(BackendConfig(num_chunks=3))(gm)
     assert result.changed and list(result.stats["chunks"].values()) == [[2, 2, 1]]
-    text = graph_text(gm)
-    assert text.count("all_to_all_single(") == 9  # counts, dispatch, combine per chunk
-    check_golden("domino_pre_grad_block_n3.txt", text, update_goldens)
+    a2a = [n for n in gm.graph.nodes if is_collective(n)]
+    assert len(a2a) == 9  # counts, dispatch, combine per chunk
+    assert [n.meta["domino_chunk"] for n in a2a] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    check_golden("domino_pre_grad_block_n3.txt", event_trace(gm), update_goldens)
+
+
+def test_block_as_compiled_root_is_chunked(ep_group: dist.ProcessGroup) -> None:
+    """Regional compile: the block is the root, its own nodes carry no nn_module_stack; regions come from data flow."""
+    gm = _block_graph(ep_group, tokens=6, root=True)
+    result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
+    assert result.changed and list(result.stats["chunks"].values()) == [[3, 3]], result.as_dict()
+
+
+def test_trigger_describes_the_all_to_alls(ep_group: dist.ProcessGroup) -> None:
+    assert DominoEPPass().trigger(_block_graph(ep_group)) == "3 x _c10d_functional.all_to_all_single"
+    assert DominoEPPass().trigger(_block_graph(None)) is None
 
 
 def test_fewer_tokens_than_chunks(ep_group: dist.ProcessGroup) -> None:
@@ -70,26 +111,37 @@ def test_no_expert_parallelism_is_left_alone() -> None:
     gm = _block_graph(None)
     before = graph_text(gm)
     result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
-    assert not result.changed and result.stats["regions"] == 0
+    assert not result.changed and result.stats["regions"] == 0 and not result.skipped
     assert graph_text(gm) == before
 
 
 def test_region_with_in_place_update_is_skipped(ep_group: dist.ProcessGroup) -> None:
     gm = _block_graph(ep_group)
-    softmax = next(n for n in gm.graph.nodes if n.target is torch.nn.functional.softmax)
+    softmax = next(n for n in gm.graph.nodes if n.target is aten.softmax.int)
     with gm.graph.inserting_after(softmax):
-        mutation = gm.graph.call_method("mul_", (softmax, 1.0))
-    mutation.meta["nn_module_stack"] = dict(softmax.meta["nn_module_stack"])
+        mutation = gm.graph.call_function(aten.mul_.Tensor, (softmax, 1.0))
+    mutation.meta["val"] = softmax.meta["val"]
     gm.recompile()
     before = graph_text(gm)
     result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
     assert not result.changed
-    assert [s.reason for s in result.skipped] == ["mul_ mutates a tensor in place"]
+    assert [s.reason for s in result.skipped] == [f"{mutation.name}: aten.mul_ mutates softmax in place"]
+    assert graph_text(gm) == before
 
-    mutation.meta.pop("nn_module_stack")  # outside the MoE module, mutating a tensor the region produces
+
+def test_region_output_mutated_outside_is_skipped(ep_group: dist.ProcessGroup) -> None:
+    """The top-k ids (read by the region and returned) written in place after the region: refused, not chunked."""
+    gm = _block_graph(ep_group)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    selected = out.args[0][2]
+    with gm.graph.inserting_before(out):
+        mutation = gm.graph.call_function(aten.add_.Tensor, (selected, 1))
+    mutation.meta["val"] = selected.meta["val"]
+    gm.recompile()
+    before = graph_text(gm)
     result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
     assert not result.changed
-    assert [s.reason for s in result.skipped] == ["routing_weights leaves the region and is mutated in place by ['mul_']"]
+    assert [s.reason for s in result.skipped] == [f"{mutation.name}: aten.add_ mutates {selected.name} in place"]
     assert graph_text(gm) == before
 
 
@@ -101,18 +153,19 @@ def test_num_chunks_one_changes_nothing(ep_group: dist.ProcessGroup) -> None:
     assert graph_text(gm) == before
 
 
-def test_outside_reader_placed_inside_the_region_moves_after_the_concatenation(ep_group: dist.ProcessGroup) -> None:
-    """Dynamo may list a node of another module between a region's nodes; it must end up after the chunk concat."""
+def test_outside_reader_placed_inside_the_region_reads_the_concatenation(ep_group: dist.ProcessGroup) -> None:
+    """A reader of the router logits that is not row-local stays outside and reads the reassembled logits."""
     gm = _block_graph(ep_group, tokens=6)
-    logits = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear)
+    logits = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
     with gm.graph.inserting_after(logits):
-        reader = gm.graph.call_function(torch.neg, (logits,))
-    reader.meta["example_value"] = logits.meta["example_value"]
+        reader = gm.graph.call_function(aten.cumsum.default, (logits, 0))  # crosses tokens: cannot join the region
+    reader.meta["val"] = logits.meta["val"]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     out.args = ((*out.args[0], reader),)
     gm.recompile()
     result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
     assert result.changed
     gm.graph.lint()
-    (cat,) = reader.args
-    assert cat.target is torch.cat
+    (reader,) = [n for n in gm.graph.nodes if n.target is aten.cumsum.default and n.args[1] == 0 and n.meta.get("domino_chunk") is None]
+    (cat, _dim) = reader.args
+    assert cat.target is aten.cat.default
