@@ -15,13 +15,18 @@ which random router weights and a few tokens give in practice.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 BUILTIN_PRESETS = ("moe_stack",)
 
@@ -33,6 +38,10 @@ class Target:
     name: str
     fn: Callable[..., Any]
     example_inputs: list[Any]
+    description: str = ""
+    meta: bool = False
+    num_layers: int | None = None
+    total_layers: int | None = None
 
 
 class MoEStack(nn.Module):
@@ -88,49 +97,160 @@ def moe_stack(seed: int = 0, batch: int = 2, seq: int = 4, **kwargs: Any) -> Tar
     hidden = model.layers[0].hidden_size
     x = torch.randn(batch, seq, hidden, requires_grad=True)
     target = torch.randn(batch, seq, hidden)
-    return Target("moe_stack", model, [x, target])
+    layers = len(model.layers)
+    return Target("moe_stack", model, [x, target], description=f"moe_stack: {layers} MoE layers, {batch} x {seq} tokens",
+                  num_layers=layers, total_layers=layers)
 
 
-def _reference_model_preset(name: str) -> Target:
-    """``models.interns1_vl.preset(name)``: the reference model, loss on random token ids."""
+class TargetError(ValueError):
+    """The target cannot be resolved: unknown preset, unimportable module, factory breaking the contract."""
+
+
+CONTRACT = "(model, example_inputs): a callable and the list or tuple of its positional inputs"
+
+#: Presets shown at their real shape by default: traced on the meta device (nothing allocated).
+META_PRESETS = {"interns1-pro": {"layers": 3, "world_size": 8, "batch": 1, "seq": 8192}}
+
+
+def _image_batch(config: Any, batch: int, seq: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Token ids with one image (a 4 x 4 merged-patch grid) in sequence 0, its pixels and grid; labels mask it."""
+    v = config.vision
+    text_vocab = min(config.image_token_id, config.vision_start_token_id or config.image_token_id)
+    ids = torch.randint(0, text_vocab, (batch, seq), generator=generator)
+    side = 2 * v.spatial_merge_size
+    grid = torch.tensor([[1, side, side]])
+    tokens = (side * side) // v.spatial_merge_size**2
+    ids[0, 1 : 1 + tokens] = config.image_token_id
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    pixels = torch.randn(side * side, patch_dim, generator=generator)
+    labels = ids.clone()
+    labels[labels == config.image_token_id] = -100
+    return {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid, "labels": labels}
+
+
+def _reference_model_preset(name: str, layers: int | None = None, meta: bool | None = None) -> Target:
+    """``models.interns1_vl.preset(name)``: the reference model, loss on random tokens and one image.
+
+    ``tiny`` is fed text only (the smallest graph); the other presets get one
+    image too, so the vision tower's graph is part of what the passes see.
+    ``meta`` builds model and inputs on the meta device: shapes and dtypes
+    only, so a real-shape preset (``interns1-pro``) traces without allocating.
+    """
     try:
         ref = importlib.import_module("models.interns1_vl")
         preset = getattr(ref, "preset")
         presets = sorted(getattr(ref, "PRESETS"))
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"unknown preset {name!r}: built-in presets are {list(BUILTIN_PRESETS)} and the reference model is not importable ({e})") from e
+        raise TargetError(f"unknown preset {name!r}: built-in presets are {list(BUILTIN_PRESETS)} and the reference model is not importable ({e})") from e
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted([*BUILTIN_PRESETS, *presets])}")
-    torch.manual_seed(0)
+        raise TargetError(f"unknown preset {name!r}; choose one of {sorted([*BUILTIN_PRESETS, *presets])}")
+    shape = META_PRESETS.get(name, {})
+    meta = bool(shape) if meta is None else meta
+    layers = layers if layers is not None else shape.get("layers")
     config = preset(name)
-    model = ref.InternS1VLForConditionalGeneration(config, ep_group=ep_group_or_none())
-    ids = torch.randint(0, config.text.vocab_size, (2, 8))
+    total_layers = config.text.num_hidden_layers
+    if layers is not None:
+        if layers < 1:
+            raise TargetError(f"--layers must be >= 1, got {layers}")
+        layers = min(layers, total_layers)
+        deepstack = config.vision.deepstack_visual_indexes
+        if len(deepstack) > layers:  # each deepstack level feeds one decoder layer
+            log.info("%s: keeping %d of %d deepstack levels for %d decoder layers", name, layers, len(deepstack), layers)
+            config = config.replace(vision={"deepstack_visual_indexes": tuple(deepstack[:layers])})
+        config = config.replace(text={"num_hidden_layers": layers})
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batch, seq = shape.get("batch", 2), shape.get("seq", 8 if name == "tiny" else 16)
+    if name == "tiny":
+        ids = torch.randint(0, config.text.vocab_size, (batch, seq), generator=g)
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids, "labels": ids.clone()}
+    else:
+        inputs = _image_batch(config, batch, seq, g)
+    keys = list(inputs)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = ref.InternS1VLForConditionalGeneration(config, ep_group=ep_group_or_none())
+    if meta:
+        inputs = {k: v.to("meta") for k, v in inputs.items()}
 
-    def loss_fn(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return model(input_ids, labels=labels).loss
+    def loss_fn(*args: torch.Tensor) -> torch.Tensor:
+        return model(**dict(zip(keys, args))).loss
 
-    return Target(name, loss_fn, [ids, ids.clone()])
+    shown = config.text.num_hidden_layers
+    what = f"{shown} of {total_layers} decoder layers" if shown != total_layers else f"{shown} decoder layers"
+    desc = f"{name}: {what}, {batch} x {seq} tokens{', one image' if 'pixel_values' in inputs else ''}"
+    if meta:
+        desc += ", on the meta device (nothing allocated)"
+    return Target(name, loss_fn, [inputs[k] for k in keys], description=desc, meta=meta,
+                  num_layers=shown, total_layers=total_layers)
 
 
-def resolve_target(spec: str) -> Target:
-    """``preset`` name or ``package.module:function``; a bad spec raises ValueError saying why."""
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of {len(value)}: ({', '.join(type(v).__name__ for v in value[:4])}{', ...' if len(value) > 4 else ''})"
+    return type(value).__name__
+
+
+def _check_signature(spec: str, fn: Any, inputs: list[Any]) -> None:
+    """``fn(*example_inputs)`` must bind: say so now, not as a TypeError from deep inside Dynamo."""
+    call = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        sig = inspect.signature(call)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*inputs)
+    except TypeError as e:
+        raise TargetError(
+            f"target {spec!r} must return {CONTRACT}; calling the model with its {len(inputs)} example input(s) fails: {e}"
+        ) from e
+
+
+def _from_factory(spec: str, meta: bool) -> Target:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, SyntaxError, anything the module raises while importing
+        raise TargetError(f"cannot import target module {module_name!r}: {type(e).__name__}: {e}") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise TargetError(f"target {spec!r}: module {module_name!r} has no callable {attr!r}")
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        try:
+            produced = factory()
+        except Exception as e:
+            raise TargetError(f"target {spec!r}: {attr}() raised {type(e).__name__}: {e}") from e
+    if isinstance(produced, Target):
+        return produced
+    if isinstance(produced, nn.Module) or not isinstance(produced, (tuple, list)) or len(produced) != 2:
+        raise TargetError(f"target {spec!r} must return {CONTRACT}; got {_describe(produced)}")
+    fn, inputs = produced
+    if not callable(fn):
+        raise TargetError(f"target {spec!r} must return {CONTRACT}; the model is a {type(fn).__name__}, which is not callable")
+    if not isinstance(inputs, (tuple, list)):
+        raise TargetError(
+            f"target {spec!r} must return {CONTRACT}; example_inputs is a {type(inputs).__name__} "
+            f"(wrap a single input as [x])"
+        )
+    _check_signature(spec, fn, list(inputs))
+    return Target(spec, fn, list(inputs), description=spec, meta=meta)
+
+
+def resolve_target(spec: str, layers: int | None = None, meta: bool | None = None) -> Target:
+    """``preset`` name or ``package.module:function``; a bad spec raises ``TargetError`` saying why.
+
+    ``layers``: decoder layers to build (reference-model presets; the built-in
+    stack takes it as its layer count). ``meta``: trace on the meta device
+    (default: only for real-shape presets such as ``interns1-pro``).
+    """
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"cannot import target module {module_name!r}: {e}") from e
-        factory = getattr(module, attr, None)
-        if not callable(factory):
-            raise ValueError(f"target {spec!r}: module {module_name!r} has no callable {attr!r}")
-        produced = factory()
-        if isinstance(produced, Target):
-            return produced
-        try:
-            fn, inputs = produced
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"target {spec!r} must return (model, example_inputs), got {type(produced).__name__}") from e
-        return Target(spec, fn, list(inputs))
+        if layers is not None:
+            raise TargetError("--layers applies to presets only; a package.module:function target builds its own model")
+        return _from_factory(spec, bool(meta))
     if spec in BUILTIN_PRESETS:
-        return moe_stack()
-    return _reference_model_preset(spec)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            target = moe_stack(**({"num_layers": layers} if layers is not None else {}))
+        target.meta = bool(meta)
+        if meta:
+            target.example_inputs = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in target.example_inputs]
+        return target
+    return _reference_model_preset(spec, layers, meta)

@@ -1,0 +1,7 @@
+"""``python -m moe_passes.cli``."""
+
+import sys
+
+from moe_passes.cli import main
+
+sys.exit(main())

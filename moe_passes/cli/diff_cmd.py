@@ -1,0 +1,92 @@
+"""The ``diff`` command: options checked, target resolved, sections computed, one format written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from moe_passes.cli.diff import check_passes, compiled_sections, pre_grad_sections
+from moe_passes.cli.errors import CLIError, check_writable
+from moe_passes.cli.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def init_fake_process_group(world_size: int) -> None:
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+
+
+def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
+    check_writable(args.output, "--output")
+    progress("importing torch and the passes")
+    from moe_passes.config import DEFAULT_PASSES
+    from moe_passes.targets import META_PRESETS, TargetError, resolve_target
+
+    pass_names = tuple(args.passes) if args.passes else DEFAULT_PASSES
+    num_chunks = args.num_chunks if args.num_chunks is not None else "auto"
+    meta = args.meta
+    if meta and args.stage != "pre_grad":
+        raise CLIError(f"--meta traces without real tensors: only --stage pre_grad (got --stage {args.stage})")
+    shape = META_PRESETS.get(args.target, {})
+    if shape and args.stage != "pre_grad" and meta is None:
+        raise CLIError(f"{args.target} is a real-shape preset traced on the meta device: only --stage pre_grad")
+    world_size = args.world_size if args.world_size is not None else shape.get("world_size", 2)
+    progress(f"checking passes: {', '.join(pass_names) or '(none)'}")
+    check_passes(pass_names)
+    init_fake_process_group(world_size)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # targets import from the working directory, as with python -m
+    progress(f"building target {args.target}")
+    try:
+        target = resolve_target(args.target, layers=args.layers, meta=meta)
+    except TargetError as e:
+        raise CLIError(str(e)) from e
+    if target.description:
+        progress(target.description)
+    if args.stage == "pre_grad":
+        sections = pre_grad_sections(target, pass_names, num_chunks, progress, args.diff)
+    else:
+        sections = compiled_sections(target, pass_names, num_chunks, args.stage, progress, args.diff)
+    header: dict[str, Any] = {
+        "target": args.target, "stage": args.stage, "passes": list(pass_names), "num_chunks": num_chunks,
+        "diff": args.diff, "world_size": world_size, "description": target.description, "meta": target.meta,
+        "num_layers": target.num_layers, "total_layers": target.total_layers,
+    }
+    progress(f"rendering {len(sections)} section(s) as {args.format}")
+    if args.format == "json":
+        from moe_passes.cli.render import real_shape_lines
+
+        payload = {**header, "sections": [s.as_dict() for s in sections]}
+        if target.meta:
+            payload["real_shape"] = real_shape_lines(header, sections)
+        emit(json.dumps(payload, indent=2, default=str), args.output)
+    elif args.format == "html":
+        from moe_passes.cli.html import render_html
+
+        emit(render_html(sections, header), args.output)
+    else:
+        from moe_passes.cli.render import output_width, render_text, use_colour
+
+        if args.output:
+            with open(args.output, "w") as f:
+                render_text(f, sections, header, None, False)
+        else:
+            render_text(sys.stdout, sections, header, output_width(sys.stdout), use_colour(sys.stdout))
+    if args.output:
+        progress(f"wrote {args.output}")
+    return 0
+
+
+def emit(text: str, output: str | None) -> None:
+    if output:
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
