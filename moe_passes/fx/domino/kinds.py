@@ -83,10 +83,11 @@ class Kind:
     key: Any = None  # perm identity (perm, tokidx, bag); dispatch node (recv)
     p: Any = None  # recv: the permutation node applied to received rows (None: as received)
     fresh: bool = False  # a freshly allocated buffer (zeros/empty), any layout
+    lead: int = 1  # row: how many leading dims flatten to the token-major index ([B, L, ...] -> 2)
 
     def __str__(self) -> str:
         if self.tag == "row":
-            return f"row({self.m})"
+            return f"row({self.m})" if self.lead == 1 else f"row({self.m}, lead={self.lead})"
         if self.tag in ("perm", "tokidx", "bag"):
             return f"{self.tag}({getattr(self.key, 'name', self.key)})"
         if self.tag == "recv":
@@ -94,8 +95,25 @@ class Kind:
         return self.tag
 
 
-def row(m: int) -> Kind:
-    return Kind("row", m)
+def row(m: int, lead: int = 1) -> Kind:
+    return Kind("row", m, lead=lead)
+
+
+def lead_of(k: Any) -> int:
+    """Number of leading (token) dims of a kind: ``lead`` for rows, 1 for every other data kind."""
+    return k.lead if isinstance(k, Kind) and k.tag == "row" else 1
+
+
+def token_prefix(shape: Any, T: int) -> tuple[int, int] | None:
+    """(lead, m): the shortest prefix of ``shape`` whose product is a positive multiple of T, else None."""
+    prod = 1
+    for i, s in enumerate(shape):
+        if not isinstance(s, int):
+            return None
+        prod *= s
+        if prod > 0 and prod % T == 0:
+            return i + 1, prod // T
+    return None
 
 
 META = Kind("meta")
@@ -138,6 +156,8 @@ _ZERO_ALLOC = {"aten.zeros", "aten.zeros_like", "aten.new_zeros"}
 _MATMUL = {"aten.linear", "aten.matmul", "aten.mm", "aten.addmm", "aten.bmm"}
 _GROUPED = {"aten._grouped_mm", "moe_models.grouped_mm"}
 _COUNTS = {"aten.histc", "aten.bincount"}
+#: Custom ops known to mean ``aten.scatter_add(out, 0, index, src)`` (functional): torchtitan's deterministic combine.
+SCATTER_ADD_DIM0 = {"torchtitan.deterministic_scatter_add"}
 _SYM_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                   operator.neg, operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
                   torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_int, torch.sym_float}
@@ -190,7 +210,10 @@ class RowAnalysis:
         self.X = tokens
         self.T = num_tokens
         self.region = region
-        self.kinds: dict[fx.Node, Any] = {tokens: row(1)}
+        pre = token_prefix(tuple(tensor_value(tokens).shape), num_tokens)
+        if pre is None or pre[1] != 1:
+            raise Unproven(f"{tokens.name}: its leading dims do not flatten to the {num_tokens} tokens")
+        self.kinds: dict[fx.Node, Any] = {tokens: row(1, pre[0])}
         self.written: dict[fx.Node, fx.Node] = {}  # fresh buffer -> its one in-place writer
         self.order = {n: i for i, n in enumerate(tokens.graph.nodes)}
 
@@ -268,6 +291,8 @@ class RowAnalysis:
             return self._unpermute(n, name)
         if name in ("aten.scatter_add", "aten.scatter", "aten.scatter_reduce"):
             return self._scatter(n, name)
+        if name in SCATTER_ADD_DIM0:  # custom ops with aten.scatter_add(out, 0, index, src) meaning
+            return self._scatter(n, "aten.scatter_add", dim0=True)
         if name in _COUNTS:
             (a, k), = args
             if k.tag == "row" and _rank(a) == 1:
@@ -318,7 +343,7 @@ class RowAnalysis:
 
     def _data_kind(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
         kinds = {k for _, k in args}
-        base = {Kind(k.tag, k.m, k.key, k.p) for k in kinds if k.tag != "fresh"}
+        base = {Kind(k.tag, k.m, k.key, k.p, lead=k.lead) for k in kinds if k.tag != "fresh"}
         if len(base) != 1:
             raise Unproven(f"{n.name}: {_overload(n)} mixes values of different layouts ({', '.join(sorted(map(str, kinds)))})")
         (k,) = base
@@ -342,12 +367,16 @@ class RowAnalysis:
             if v is None:
                 continue
             inside = self.kind(a) is not None
+            lead = lead_of(k)
             if inside:
-                if v.dim() != out.dim() or not _same_size(v.shape[0], out.shape[0]):
+                if v.dim() != out.dim() or any(not _same_size(v.shape[i], out.shape[i]) for i in range(lead)):
                     raise Unproven(f"{n.name}: operand {a.name} is broadcast along the token dim")
-            elif v.dim() == out.dim() and not (isinstance(v.shape[0], int) and v.shape[0] == 1):
-                raise Unproven(f"{n.name}: operand {a.name} from outside the region spans the token dim "
-                               f"(shape {tuple(v.shape)}): it is not replicated across chunks")
+            else:
+                offset = out.dim() - v.dim()  # right-aligned broadcasting
+                spans = [i for i in range(lead) if i >= offset and not (isinstance(v.shape[i - offset], int) and v.shape[i - offset] == 1)]
+                if spans:
+                    raise Unproven(f"{n.name}: operand {a.name} from outside the region spans the token dim "
+                                   f"(shape {tuple(v.shape)}): it is not replicated across chunks")
         return k
 
     def _same_rows(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
@@ -369,7 +398,7 @@ class RowAnalysis:
                 pass
             return Kind("fresh", fresh=True)
         if k.tag in DATA_TAGS:
-            return Kind(k.tag, k.m, k.key, k.p, fresh=name in ("aten.zeros_like", "aten.empty_like"))
+            return Kind(k.tag, k.m, k.key, k.p, fresh=name in ("aten.zeros_like", "aten.empty_like"), lead=k.lead)
         if k.tag in ("meta", "add"):
             return META
         raise Unproven(f"{n.name}: {name} of a {k} value")
@@ -384,10 +413,10 @@ class RowAnalysis:
         if out is None or out.dim() == 0:
             raise Unproven(f"{n.name}: view to a scalar")
         if k.tag == "row":
-            m = self._row_multiple(out.shape[0])
-            if m is None:
-                raise Unproven(f"{n.name}: reshape to dim 0 = {out.shape[0]} is not a multiple of the {self.T} tokens")
-            return row(m)
+            pre = token_prefix(tuple(out.shape), self.T)
+            if pre is None:
+                raise Unproven(f"{n.name}: reshape to {tuple(out.shape)}: no leading dims flatten to a multiple of the {self.T} tokens")
+            return row(pre[1], pre[0])
         if _same_size(out.shape[0], _dim0(a)):
             return k
         raise Unproven(f"{n.name}: reshape changes the rows of a {k} value")
@@ -401,32 +430,33 @@ class RowAnalysis:
         if k.tag in ("meta", "add"):
             return META
         out = node_value(n)
+        lead = lead_of(k)
         if name == "aten.expand":
-            if not _same_size(tensor_value(n).shape[0], src.shape[0]) or tensor_value(n).dim() != rank:
+            if tensor_value(n).dim() != rank or any(not _same_size(tensor_value(n).shape[i], src.shape[i]) for i in range(lead)):
                 raise Unproven(f"{n.name}: expand along the token dim")
             return k
         if name == "aten.unsqueeze":
             d = normalize_dim(n.args[1], rank + 1)
-            if d == 0:
-                raise Unproven(f"{n.name}: unsqueeze(0) moves the token dim")
+            if d is None or d < lead:
+                raise Unproven(f"{n.name}: unsqueeze({n.args[1]}) moves the token dim")
             return k
         if name == "aten.squeeze":
             dims = n.args[1] if len(n.args) > 1 else None
             if dims is None:
-                if isinstance(src.shape[0], int) and src.shape[0] == 1:
+                if any(isinstance(src.shape[i], int) and src.shape[i] == 1 for i in range(lead)):
                     raise Unproven(f"{n.name}: squeeze may drop the token dim")
                 return k
             dims = dims if isinstance(dims, (list, tuple)) else [dims]
-            if 0 in {normalize_dim(d, rank) for d in dims}:
+            if any(d is None or d < lead for d in {normalize_dim(d, rank) for d in dims}):
                 raise Unproven(f"{n.name}: squeeze of the token dim")
             return k
         if name == "aten.transpose":
             d0, d1 = normalize_dim(n.args[1], rank), normalize_dim(n.args[2], rank)
-            if 0 in (d0, d1) and d0 != d1:
+            if d0 != d1 and (d0 is None or d1 is None or d0 < lead or d1 < lead):
                 raise Unproven(f"{n.name}: transpose moves the token dim")
             return k
         if name == "aten.permute":
-            if normalize_dim(n.args[1][0], rank) != 0:
+            if [normalize_dim(d, rank) for d in n.args[1][:lead]] != list(range(lead)):
                 raise Unproven(f"{n.name}: permute moves the token dim")
             return k
         if name == "aten.movedim":
@@ -435,12 +465,12 @@ class RowAnalysis:
             raise Unproven(f"{n.name}: transpose of a token-indexed matrix")
         if name in ("aten.select", "aten.slice", "aten.narrow", "aten.unflatten"):
             d = normalize_dim(_arg(n, 1, "dim", 0), rank)
-            if d == 0:
+            if d is None or d < lead:
                 raise Unproven(f"{n.name}: {name} along the token dim (position-dependent)")
             return k
         if name in ("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.tensor_split"):
             d = normalize_dim(_arg(n, 2 if name != "aten.unbind" else 1, "dim", 0), rank)
-            if d == 0:
+            if d is None or d < lead:
                 raise Unproven(f"{n.name}: {name} along the token dim (position-dependent)")
             return tuple(k for _ in (out or ()))
         raise Unproven(f"{n.name}: {name}")
@@ -457,13 +487,15 @@ class RowAnalysis:
         else:
             dims = dims if isinstance(dims, (list, tuple)) else [dims]
             reduced = {normalize_dim(d, rank) for d in dims}
-        if 0 not in reduced:
+        lead = lead_of(k)
+        token_dims = set(range(lead))
+        if not (reduced & token_dims) and None not in reduced:
             out = node_value(n)
             if isinstance(out, (tuple, list)):
                 return tuple(k for _ in out)
             return k
         integer = not src.dtype.is_floating_point and not src.dtype.is_complex
-        if name == "aten.sum" and k.tag == "row" and integer:
+        if name == "aten.sum" and k.tag == "row" and integer and token_dims <= reduced:
             return ADD
         raise Unproven(f"{n.name}: {name} reduces over the token dim 0 ({'float' if not integer else 'non-sum'} reduction across tokens)")
 
@@ -476,7 +508,7 @@ class RowAnalysis:
         d = normalize_dim(_arg(n, pos, "dim", default), rank) if name != "aten.msort" else 0
         if k.tag in ("meta", "add"):
             return META
-        if d != 0:
+        if d is not None and d >= lead_of(k):
             out = node_value(n)
             if isinstance(out, (tuple, list)):
                 return tuple(k for _ in out)
@@ -501,7 +533,7 @@ class RowAnalysis:
             raise Unproven(f"{n.name}: {name} whose row operand is not token data")
         if any(isinstance(o, fx.Node) and self.kind(o) is not None for o in others):
             raise Unproven(f"{n.name}: {name} of two region values (mixes tokens)")
-        if (_rank(data) or 0) < 2 or name == "aten.bmm":
+        if (_rank(data) or 0) <= lead_of(k) or name == "aten.bmm":
             raise Unproven(f"{n.name}: {name} contracts over the token dim")
         return k
 
@@ -511,15 +543,18 @@ class RowAnalysis:
             raise Unproven(f"{n.name}: {name} of region and outside values")
         rank = _rank(n) if name == "aten.cat" else (_rank(n) or 1)
         d = normalize_dim(_arg(n, 1, "dim", 0), rank)
-        if d == 0:
+        k = self._data_kind(n, args)
+        if d is None or d < lead_of(k):
             raise Unproven(f"{n.name}: {name} along the token dim")
-        return self._data_kind(n, args)
+        return k
 
     def _gather(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
         src, dim, idx = n.args[0], n.args[1], n.args[2]
-        if normalize_dim(dim, _rank(src) or 0) == 0:
+        k = self._data_kind(n, args)
+        d = normalize_dim(dim, _rank(src) or 0)
+        if d is None or d < lead_of(k):
             raise Unproven(f"{n.name}: gather along the token dim")
-        return self._data_kind(n, args)
+        return k
 
     def _getitem(self, n: fx.Node) -> Any:
         src, i = n.args
@@ -550,9 +585,9 @@ class RowAnalysis:
             return META
         if ki is None:
             raise Unproven(f"{n.name}: index of token data by an outside (fixed) index")
-        if ks.tag == "row" and ks.m == 1 and ki.tag == "tokidx":
+        if ks.tag == "row" and ks.m == 1 and ks.lead == 1 and ki.tag == "tokidx":
             return Kind("bag", ki.m, ki.key)
-        if ks.tag == "row" and ki.tag == "perm" and ks.m == ki.m:
+        if ks.tag == "row" and ks.lead == 1 and ki.tag == "perm" and ks.m == ki.m:
             return Kind("bag", ki.m, ki.key)
         if ks.tag == "recv" and ks.p is None and ki.tag == "meta" and _rank(idx[0]) == 1:
             return Kind("recv", key=ks.key, p=idx[0])
@@ -584,16 +619,19 @@ class RowAnalysis:
     def _pointwise_scatter(self, n: fx.Node) -> Kind:
         raise Unproven(f"{n.name}: index_copy along a non-token dim")
 
-    def _scatter(self, n: fx.Node, name: str) -> Kind:
-        dst, dim, idx = n.args[0], n.args[1], n.args[2]
-        src = n.args[3] if len(n.args) > 3 else n.kwargs.get("src", n.kwargs.get("value"))
+    def _scatter(self, n: fx.Node, name: str, dim0: bool = False) -> Kind:
+        if dim0:
+            dst, dim, idx, src = n.args[0], 0, n.args[1], n.args[2]
+        else:
+            dst, dim, idx = n.args[0], n.args[1], n.args[2]
+            src = n.args[3] if len(n.args) > 3 else n.kwargs.get("src", n.kwargs.get("value"))
         kd, ki = self.kind(dst), self.kind(idx)
         ks = self.kind(src) if isinstance(src, fx.Node) else None
         d = normalize_dim(dim, _rank(dst) or 0)
-        if d != 0:
+        if d is not None and kd is not None and d >= lead_of(kd) and d > 0:
             return self._data_kind(n, self._region_args(n))
         if name == "aten.scatter_add" and ki is not None and ki.tag == "tokidx" and ks is not None and ks.tag == "bag" and ks.key is ki.key:
-            if kd is None or not kd.fresh or kd.tag != "row" or kd.m != 1 or not self._is_zero_alloc(dst):
+            if kd is None or not kd.fresh or kd.tag != "row" or kd.m != 1 or kd.lead != 1 or not self._is_zero_alloc(dst):
                 raise Unproven(f"{n.name}: combine scatter_add into a buffer that is not a fresh zero [T, H] tensor")
             return row(1)
         if name == "aten.scatter_add" and ki is not None and ki.tag == "row" and _rank(idx) == 1:
@@ -662,7 +700,8 @@ class RowAnalysis:
         if early:
             raise Unproven(f"{n.name}: {buf.name} is read by {early} before its in-place write")
         functional = {"aten.index_put_": "aten.index_put", "aten._unsafe_index_put_": "aten.index_put",
-                      "aten.index_copy_": "aten.index_copy", "aten.scatter_add_": "aten.scatter_add"}.get(name)
+                      "aten.index_copy_": "aten.index_copy", "aten.scatter_add_": "aten.scatter_add",
+                      "aten.scatter_": "aten.scatter"}.get(name)
         if functional is None:
             raise Unproven(f"{n.name}: in-place {name} on a fresh buffer is not a recognised un-permute")
         k = self._unpermute(n, functional) if functional in ("aten.index_put", "aten.index_copy") else self._scatter(n, functional)

@@ -166,7 +166,7 @@ def _row_gather(dispatch: fx.Node) -> fx.Node:
     raise RegionError("no row gather src[sorted index] feeds the dispatch all-to-all (tokens are not permuted by expert before it)")
 
 
-def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node]:
+def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
     """(X, top-k node): the latest value on the gather source's chain that also feeds the router's top-k."""
     order = {n: i for i, n in enumerate(gather.graph.nodes)}
     index = next(i for i in gather.args[1] if i is not None)
@@ -182,7 +182,7 @@ def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node]:
     n: Any = gather.args[0]
     while isinstance(n, fx.Node):
         if n in router_inputs:
-            return n, topk
+            return n, topk, sort
         tensors = [a for a in n.all_input_nodes if tensor_value(a) is not None]
         n = tensors[0] if n.op == "call_function" and tensors else None
     raise RegionError(f"the gathered rows ({gather.args[0].name}) and the router's top-k ({topk.name}) share no token matrix")
@@ -192,14 +192,16 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     graph = d.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     gather = _row_gather(d)
-    X, topk = _token_matrix(gather)
-    T = tensor_value(X).shape[0] if tensor_value(X) is not None and tensor_value(X).dim() > 0 else None
-    if not isinstance(T, int):
-        raise RegionError(f"token count {T} of {X.name} is symbolic; only static token counts are chunked")
+    X, topk, sort = _token_matrix(gather)
+    K = topk.args[1] if len(topk.args) > 1 else None
+    copies = tensor_value(sort.args[0]).shape[0]
+    if not isinstance(K, int) or not isinstance(copies, int) or isinstance(tensor_value(X).shape[0], torch.SymInt):
+        raise RegionError(f"token count of {X.name} / top-k {K} is symbolic; only static token counts are chunked")
+    if K <= 0 or copies % K:
+        raise RegionError(f"{copies} sorted expert ids are not a multiple of top-k {K}")
+    T = copies // K
     if T == 0:
         raise RegionError("no tokens")
-    kv = tensor_value(topk.args[0]) if topk.args else None
-    K = topk.args[1] if len(topk.args) > 1 and isinstance(topk.args[1], int) else None
     count = _count_exchange(d)
     desc = _descendants(X)
     for required, what in ((d, "dispatch"), (c, "combine"), (topk, "router top-k")):
@@ -219,8 +221,12 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
         parsed = op_namespace_and_name(n.target)
         if parsed is not None and parsed[0] == "higher_order":
             raise RegionError(f"{n.name}: higher-order op {parsed[1]} inside the region (not analysed)")
+    check_contexts(graph, core)
     region_set = set(core)
-    analysis = RowAnalysis(X, T, region_set)
+    try:
+        analysis = RowAnalysis(X, T, region_set)
+    except Unproven as e:
+        raise RegionError(str(e)) from None
     try:
         analysis.run(sorted(core, key=order.__getitem__))
     except Unproven as e:
@@ -265,6 +271,51 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     region.outputs = [n for n in nodes if any(u not in region_set for u in n.users)]
     check_outputs(region)
     return region
+
+
+_CONTEXT_FUNCTIONS = {"_enter_autocast", "_exit_autocast", "_set_grad_enabled"}
+
+
+def _context_name(n: fx.Node) -> str | None:
+    if n.op != "call_function":
+        return None
+    name = getattr(n.target, "__name__", None)
+    return name if name in _CONTEXT_FUNCTIONS else None
+
+
+def _autocast_active(args: tuple) -> bool:
+    """Whether ``_enter_autocast(device, dtype, enabled, cache)`` changes anything (CPU autocast ignores fp32)."""
+    device, dtype = (list(args) + [None, None])[:2]
+    enabled = args[2] if len(args) > 2 else True
+    if not enabled:
+        return False
+    if device == "cpu" and dtype not in (torch.bfloat16, torch.float16):
+        return False  # "CPU Autocast only supports bfloat16/float16 ... Disabling autocast"
+    return True
+
+
+def check_contexts(graph: fx.Graph, core: set[fx.Node]) -> None:
+    """Chunk copies are placed after the region: refuse floating-point region ops that run inside an
+    active autocast or a no-grad span (their copies would run outside it)."""
+    autocast: list[bool] = []
+    grad = True
+    for n in graph.nodes:
+        name = _context_name(n)
+        if name == "_enter_autocast":
+            autocast.append(_autocast_active(n.args))
+        elif name == "_exit_autocast":
+            if autocast:
+                autocast.pop()
+        elif name == "_set_grad_enabled":
+            grad = bool(n.args[0]) if n.args else True
+        elif n in core:
+            v = tensor_value(n)
+            if v is None or not v.is_floating_point():
+                continue
+            if any(autocast):
+                raise RegionError(f"{n.name} runs under autocast; its chunk copies would run outside the autocast block")
+            if not grad:
+                raise RegionError(f"{n.name} runs under no_grad; its chunk copies would run with gradients enabled")
 
 
 def check_outputs(region: MoERegion) -> None:

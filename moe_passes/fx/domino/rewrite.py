@@ -57,14 +57,25 @@ def _retarget(new: fx.Node, old: fx.Node, region: MoERegion, c: int) -> None:
     name = _overload(old)
     if isinstance(kind, Kind) and kind.tag == "row" and name in _SIZE_ARG:
         pos = _SIZE_ARG[name]
-        if len(new.args) > pos and isinstance(new.args[pos], (list, tuple)) and new.args[pos]:
+        if len(new.args) > pos and isinstance(new.args[pos], (list, tuple)) and len(new.args[pos]) >= kind.lead:
             sizes = list(new.args[pos])
-            if isinstance(sizes[0], int) and sizes[0] == T * kind.m:
-                sizes[0] = c * kind.m
+            lead = sizes[:kind.lead]
+            if all(isinstance(s, int) for s in lead):
+                if -1 in lead:  # the -1 absorbs the chunk's rows; the other token dims collapse to 1
+                    sizes[:kind.lead] = [-1 if s == -1 else 1 for s in lead]
+                elif _prod(lead) == T * kind.m:
+                    sizes[:kind.lead] = [1] * (kind.lead - 1) + [c * kind.m]
                 new.args = (*new.args[:pos], type(new.args[pos])(sizes), *new.args[pos + 1:])
     elif old.target in _COMPARISONS and old.users and all(u.target is ASSERT for u in old.users):
         scale = {T * m: c * m for m in _multiplicities(region)}
         new.args = tuple(scale.get(a, a) if isinstance(a, int) and not isinstance(a, bool) and a != 0 else a for a in new.args)
+
+
+def _prod(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
 
 
 def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple[list[int], list[tuple[fx.Node, list[fx.Node], Any, Kind]]]:
@@ -77,10 +88,17 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
     reassembled: list[tuple[fx.Node, list[fx.Node], Any, Kind]] = []
     stack = dict(region.tokens.meta.get("nn_module_stack") or {})
     with graph.inserting_before(last.next):
-        split = graph.call_function(aten.split_with_sizes.default, (region.tokens, sizes, 0))
+        xshape = tuple(tensor_value(region.tokens).shape)
+        xkind = region.kinds[region.tokens]
+        flat = region.tokens
+        if xkind.lead > 1:  # [B, L, ...] tokens: split the flattened token dim, give each piece [1, c, ...]
+            flat = graph.call_function(aten.reshape.default, (region.tokens, [region.num_tokens, *xshape[xkind.lead:]]))
+        split = graph.call_function(aten.split_with_sizes.default, (flat, sizes, 0))
         split.meta["nn_module_stack"] = stack
         for k, c in enumerate(sizes):
             piece = graph.call_function(operator.getitem, (split, k))
+            if xkind.lead > 1:
+                piece = graph.call_function(aten.reshape.default, (piece, [1] * (xkind.lead - 1) + [c, *xshape[xkind.lead:]]))
             piece.meta["nn_module_stack"] = stack
             env: dict[fx.Node, fx.Node] = {region.tokens: piece}
             for n in region.nodes:
@@ -93,8 +111,14 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
         for out, users in outside_users.items():
             kind = region.kinds[out]
             pieces = [env[out] for env in copies]
-            if kind.tag == "row":
+            if kind.tag == "row" and kind.lead == 1:
                 new = graph.call_function(aten.cat.default, (pieces, 0))
+            elif kind.tag == "row":  # [B, L, ...]: flatten the token dims of each piece, concatenate, restore
+                oshape = tuple(tensor_value(out).shape)
+                rest = list(oshape[kind.lead:])
+                flat_pieces = [graph.call_function(aten.reshape.default, (p, [c * kind.m, *rest])) for p, c in zip(pieces, sizes)]
+                cat = graph.call_function(aten.cat.default, (flat_pieces, 0))
+                new = graph.call_function(aten.reshape.default, (cat, list(oshape)))
             else:  # per-expert counts: the sum of the chunks' counts
                 new = pieces[0]
                 for p in pieces[1:]:
@@ -142,7 +166,8 @@ def check_rows(reassembled: list[tuple[fx.Node, list[fx.Node], Any, Kind]], size
     for new, pieces, shape, kind in reassembled:
         got = [tuple(tensor_value(p).shape) for p in pieces]
         if kind.tag == "row":
-            expected = [(c * kind.m, *shape[1:]) for c in sizes]
+            got = [(_prod(list(g[:kind.lead])), *g[kind.lead:]) for g in got]
+            expected = [(c * kind.m, *shape[kind.lead:]) for c in sizes]
         else:
             expected = [shape] * len(sizes)
         if got != expected or tuple(tensor_value(new).shape) != shape:
