@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from moe_passes.inductor import ops
-from moe_passes.inductor.ops import OFFLOAD_START, OFFLOAD_WAIT, offload
+from moe_passes.ops import offload as ops
+from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT, offload
 
 CUDA_REASON = "needs a CUDA device: side-stream copy and overlap only exist on CUDA (CPU path is a plain copy)"
 
@@ -60,6 +60,46 @@ def test_fake_kernels_pass_opcheck() -> None:
     torch.library.opcheck(OFFLOAD_START, (x,), test_utils=("test_schema", "test_faketensor"))
     ticket = OFFLOAD_START(x)
     torch.library.opcheck(OFFLOAD_WAIT, (ticket, [4, 3], torch.float32, [x]), test_utils=("test_schema", "test_faketensor"))
+    w = torch.randn(4, 3, requires_grad=True)
+    args = (OFFLOAD_START(w.detach()), [4, 3], torch.float32, [], w)
+    torch.library.opcheck(OFFLOAD_WAIT, args, test_utils=("test_schema", "test_autograd_registration"))
+
+
+def test_host_copy_of_a_tensor_that_requires_grad_carries_its_gradient_back_like_cpu() -> None:
+    w = torch.randn(5, 3, requires_grad=True)
+    weights = torch.randn(5, 3)
+    host = offload(w * 2)
+    assert host.requires_grad and host.device.type == "cpu"
+    (host * weights).sum().backward()
+    via_offload = w.grad.clone()
+    w.grad = None
+    ((w * 2).cpu() * weights).sum().backward()
+    assert torch.equal(via_offload, w.grad)
+
+
+def test_without_grad_source_the_host_copy_is_detached() -> None:
+    w = torch.randn(5, 3, requires_grad=True)
+    host = OFFLOAD_WAIT(OFFLOAD_START(w.detach()), [5, 3], torch.float32, [])
+    assert not host.requires_grad and torch.equal(host, w.detach())
+
+
+def test_ops_live_below_fx_and_inductor_and_the_old_path_re_exports_them() -> None:
+    """No upward import: the FX pass gets its vocabulary from ``moe_passes.ops``, never from Inductor."""
+    import ast
+    import inspect
+
+    import moe_passes.fx.async_offload as pass_module
+    import moe_passes.inductor.ops as old
+
+    imported = {
+        node.module for node in ast.walk(ast.parse(inspect.getsource(pass_module))) if isinstance(node, ast.ImportFrom)
+    }
+    assert "moe_passes.ops.offload" in imported and not any(m and m.startswith("moe_passes.inductor") for m in imported)
+    ops_imports = {
+        node.module for node in ast.walk(ast.parse(inspect.getsource(ops))) if isinstance(node, ast.ImportFrom)
+    }
+    assert not any(m and m.startswith(("moe_passes.inductor", "moe_passes.fx")) for m in ops_imports)
+    assert old.OFFLOAD_START is OFFLOAD_START and old.OFFLOAD_WAIT is OFFLOAD_WAIT
 
 
 def _router_like(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -68,13 +108,20 @@ def _router_like(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     indices = torch.topk(torch.softmax(logits, -1), 2).indices
     nonzero = torch.nonzero(indices)  # unbacked leading size
     ticket_nz = OFFLOAD_START(nonzero)
+    scaled = logits * 2  # its own buffer: two host copies of one buffer, one with a gradient edge, trip AOT autograd
+    ticket_live = OFFLOAD_START(scaled.detach())
     loss = logits.pow(2).mean()
-    done = [loss.detach()]
+    done = [loss.detach(), ticket_logits, ticket_nz, ticket_live]  # every wait after all work and every start
     return (
         loss,
         OFFLOAD_WAIT(ticket_logits, logits.shape, logits.dtype, done),
         OFFLOAD_WAIT(ticket_nz, nonzero.shape, nonzero.dtype, done),
+        OFFLOAD_WAIT(ticket_live, scaled.shape, scaled.dtype, done, scaled),  # carries the gradient back
     )
+
+
+def _loss(out: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return out[0] + (out[3] * torch.arange(4.0)).sum()
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +136,11 @@ def compiled_router_like() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor
         out, codes = run_and_get_code(torch.compile(_router_like, fullgraph=True), x, w)
     _drop_tickets()
     assert ops.pending_copies() == pending_before, "the compiled graph left pending copies behind"
-    out[0].backward()
+    _loss(out).backward()
     grad = w.grad.clone()
     w.grad = None
     ref = _router_like(x, w)
-    ref[0].backward()
+    _loss(ref).backward()
     torch._dynamo.reset()
     return out, ref, codes[0], grad - w.grad
 
@@ -102,8 +149,9 @@ def test_compiled_ops_match_eager_including_unbacked_sizes(compiled_router_like)
     out, ref, _, grad_diff = compiled_router_like
     torch.testing.assert_close(out[0], ref[0])
     for got, want in zip(out[1:], ref[1:]):
-        assert got.device.type == "cpu" and got.dtype == want.dtype and not got.requires_grad
+        assert got.device.type == "cpu" and got.dtype == want.dtype and got.requires_grad == want.requires_grad
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert [t.requires_grad for t in out[1:]] == [False, False, True]
     assert grad_diff.abs().max() < 1e-6
 
 
@@ -112,7 +160,7 @@ def test_ops_are_extern_calls_in_inductor_output_and_waits_follow_the_work(compi
     body = code[code.index("def call(") :]
     starts = [m.start() for m in re.finditer(r"torch\.ops\.moe_passes\.offload_start\.default\(", body)]
     waits = [m.start() for m in re.finditer(r"torch\.ops\.moe_passes\.offload_wait\.default\(", body)]
-    assert len(starts) == 2 and len(waits) == 2
+    assert len(starts) == 3 and len(waits) == 3
     kernels = [m.start() for m in re.finditer(r"(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.aten\.\w+\.default)\(", body)]
     assert max(starts) < min(waits)
     assert max(kernels) < min(waits), "a blocking wait was scheduled before compute it must follow"

@@ -1,42 +1,60 @@
-"""``async_offload``: copy router tensors that leave the graph to the host, asynchronously.
+"""``async_offload``: hand router tensors that leave the graph to the host, copied asynchronously.
 
-Router logits and selected experts returned for logging or routing replay sit
-on the device until the step ends, and the user's ``.cpu()`` stalls the
-stream. This pass starts the device-to-host copy right after the tensor is
-produced (``moe_passes::offload_start``) and waits for it at the end of the
-forward (``moe_passes::offload_wait``), returning the host tensor instead of
-the device one. The device tensor is then freed at its last device use, not
-held as a graph output until the forward ends.
+Routing replay and expert-load logging read every layer's routing decisions
+(selected experts) and, detached, its router logits on the host. Without
+this pass the user's ``.cpu()`` after the step is a blocking copy that stalls
+the stream, and the device tensors returned for it stay alive until the user
+drops them. This pass starts a device-to-host copy of each router output right
+after the tensor is produced (``moe_passes::offload_start`` on a ``detach``ed
+value) and waits for it at the end of the forward (``moe_passes::offload_wait``);
+the graph returns the host tensor in place of the device one.
 
-Stage: **pre-grad**, on the Dynamo graph. Only there are the *user's* outputs
+What the caller gets (the user-visible contract):
+
+* every router output the pass offloads is returned as a **host tensor with the
+  same values, dtype and shape** (pinned memory on CUDA), as if the caller had
+  called ``.cpu()`` on it, but without a blocking copy;
+* an output that **requires grad** (router logits returned as the model writes
+  them, e.g. ``output_router_logits=True`` in a training step) keeps its
+  gradient: the host tensor requires grad and its backward moves the gradient
+  back to the device logits, exactly like ``logits.cpu()`` in eager
+  (``offload_wait``'s ``grad_source``). No gradient changes, silently or not;
+* what autograd needs stays as it is: the copy is taken from a ``detach`` of
+  the device value, and the device value itself still feeds every consumer in
+  the graph and is saved for backward where a backward formula saves it (e.g.
+  ``topk`` saves its indices).
+
+So the device buffer of an offloaded output is
+
+* released right after the copy when nothing else needs it (detached logits
+  returned for logging, any router output in an inference graph);
+* kept for backward when autograd saves it (selected experts under ``topk``):
+  the host copy is still delivered without a blocking copy, it just frees
+  nothing on the device;
+* kept until the wait when the output requires grad (the wait's gradient edge
+  holds it; without the pass the caller would hold it longer, as an output).
+
+The report says, per output, what was offloaded (node, kind, module, shape,
+dtype, bytes) and which of the three happened to the device buffer, and for
+every router output left alone, why.
+
+Stage: **pre-grad**, on the Dynamo graph or on its canonical pre-dispatch ATen
+re-trace (``moe_passes.ir.canonical``). Only there are the *user's* outputs
 exactly the graph outputs (after AOT partitioning, forward outputs mix user
 outputs with tensors saved for backward) and is ``nn_module_stack`` intact to
-tell a router's ``F.linear`` from any other. The inserted ops are opaque
-custom ops with fake kernels, so AOT autograd and Inductor carry them through
-as extern calls; the offloaded values never require grad, so autograd has
-nothing to differentiate through them.
+tell a router's linear from any other. Router tensors are recognised by
+meaning in both IRs: the output of a linear/matmul whose innermost module is a
+router inside an MoE block; a softmax/sigmoid of it; ``topk`` indices of
+those; and views, detaches, dtype casts, concatenations and index arithmetic of
+those (``F.linear``/``Tensor.softmax``/``torch.topk``/``.detach()`` in torch IR,
+``aten.linear.default``/``aten.softmax.int``/``aten.topk.default``/
+``aten.detach.default`` in ATen IR).
 
-Which outputs (``BackendConfig.offload_targets``):
-
-* kinds: ``router_logits`` (the output of the router ``F.linear`` inside an
-  MoE block, or a detach/view/dtype-cast/cat/stack of such outputs) and
-  ``selected_experts`` (``topk`` indices of a softmax/sigmoid of router
-  logits, or index arithmetic/reshapes of them).
-* ``"auto"``: every router tensor output that backward does not keep.
-  Explicit kinds: every output of those kinds, even when backward keeps its
-  device buffer (the host copy is still correct; it just frees nothing).
-
-Safety rules, each reported as a skip with its reason:
-
-* an output that **requires grad** is never offloaded, whatever the config:
-  the caller may backpropagate through it, and a host copy would silently
-  cut that gradient path (and the op has no backward);
-* an output that is **mutated in place** after it is produced is not
-  offloaded (a copy taken at production would return stale values);
-* in ``"auto"`` mode an output whose storage backward **saves** (found by
-  running the graph on fake tensors under ``saved_tensors_hooks``, e.g.
-  ``topk`` saves its indices when the routing weights need grad) is left
-  alone: the device buffer lives on for backward, so the copy buys nothing.
+Which outputs (``BackendConfig.offload_targets``): ``"auto"`` offloads every
+router output (kinds ``router_logits`` and ``selected_experts``); an explicit
+tuple of kinds offloads only those. Skipped, each with its reason: kinds not
+listed, outputs **mutated in place** after they are produced (a copy taken at
+production would return stale values), outputs without a recorded value.
 """
 
 from __future__ import annotations
@@ -44,6 +62,7 @@ from __future__ import annotations
 import logging
 import operator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,58 +72,77 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
-from moe_passes.fx.match import is_topk, module_types
 from moe_passes.fx.pass_base import GraphPass, PassResult
-from moe_passes.inductor.ops import OFFLOAD_START, OFFLOAD_WAIT
+from moe_passes.ir.facts import aten_name, is_softmax, is_topk, module_types, node_value, type_name, writes_between
+from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
 
-log = logging.getLogger("moe_passes")
+log = logging.getLogger(__name__)
 
 TARGET_KINDS: tuple[str, ...] = ("router_logits", "selected_experts")
 _SCORES = "routing_scores"  # softmax/sigmoid of router logits: a label on the way to selected experts
 
-_SHAPE_METHODS = frozenset(
-    {"detach", "view", "reshape", "contiguous", "clone", "float", "to", "flatten", "squeeze", "unsqueeze",
-     "view_as", "reshape_as", "type"}
-)
-_SHAPE_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.clone, torch.detach})
-_SCORE_FUNCTIONS = frozenset({F.softmax, torch.softmax, torch.sigmoid, F.sigmoid, F.log_softmax, torch.log_softmax})
-_SCORE_METHODS = frozenset({"softmax", "sigmoid", "log_softmax"})
-_JOIN_FUNCTIONS = frozenset({torch.cat, torch.stack, torch.concat})
-_INDEX_ARITHMETIC = frozenset({operator.add, operator.sub, torch.add, torch.sub})
+DETACH = torch.ops.aten.detach.default
+SYM_SIZE = torch.ops.aten.sym_size.int
+
+# ------------------------------------------------------------------ op meaning, both IRs
+
+#: torch-IR functions, by meaning (ATen ops are named by their schema; methods by their name).
+_TORCH_FUNCTIONS: dict[Any, str] = {
+    F.linear: "linear", torch._C._nn.linear: "linear", torch.matmul: "matmul", operator.matmul: "matmul",
+    torch.mm: "mm", torch.addmm: "addmm",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
+    torch.cat: "cat", torch.concat: "cat", torch.stack: "stack",
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+    torch.flatten: "flatten", torch.reshape: "reshape", torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze",
+    torch.clone: "clone", torch.detach: "detach",
+}
+#: ATen/method spellings folded onto one meaning.
+_SYNONYMS = {
+    "_softmax": "softmax", "_safe_softmax": "softmax", "_log_softmax": "log_softmax", "_to_copy": "to",
+    "_unsafe_view": "view", "concat": "cat", "concatenate": "cat", "alias": "detach", "float": "to",
+    "type": "to", "type_as": "to", "view_as": "view", "reshape_as": "reshape", "lift_fresh_copy": "clone",
+}
+_ROUTER_OPS = frozenset({"linear", "matmul", "mm", "addmm"})
+_SHAPE_OPS = frozenset({"detach", "view", "reshape", "contiguous", "clone", "to", "flatten", "squeeze", "unsqueeze"})
+_SCORE_OPS = frozenset({"softmax", "sigmoid", "log_softmax"})
+_JOIN_OPS = frozenset({"cat", "stack"})
+_INDEX_ARITHMETIC = frozenset({"add", "sub"})
 
 
-def _val(node: Any) -> Any:
-    if not isinstance(node, fx.Node):
+def op_meaning(node: fx.Node) -> str | None:
+    """One name per op whatever its spelling: ``"softmax"`` for ``F.softmax``, ``.softmax``, ``aten.softmax.int``."""
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        name = aten_name(node) or _TORCH_FUNCTIONS.get(node.target)
+        if name is None:
+            return None
+    else:
         return None
-    return node.meta.get("val", node.meta.get("example_value"))
-
-
-def _type_name(t: Any) -> str:
-    return t.__name__ if isinstance(t, type) else str(t).rsplit(".", 1)[-1].strip("'>")
+    return _SYNONYMS.get(name, name)
 
 
 def _is_router_linear(node: fx.Node) -> bool:
-    """``F.linear`` whose innermost module is a router (``*.gate`` / ``*.router`` / ``*Router``) inside an MoE block."""
-    if node.op != "call_function" or node.target not in (F.linear, torch._C._nn.linear):
+    """A linear/matmul whose innermost module is a router (``*.gate`` / ``*.router`` / ``*Router``) inside an MoE block."""
+    if op_meaning(node) not in _ROUTER_OPS:
         return False
     stack = module_types(node)
     if not stack:
         return False
     path, mtype = stack[-1]
-    is_router = path.rsplit(".", 1)[-1] in ("gate", "router") or _type_name(mtype).lower().endswith("router")
-    in_moe = any("moe" in _type_name(t).lower() for _, t in stack[:-1])
+    is_router = path.rsplit(".", 1)[-1] in ("gate", "router") or type_name(mtype).lower().endswith("router")
+    in_moe = any("moe" in type_name(t).lower() for _, t in stack[:-1])
     return is_router and in_moe
 
 
 def _is_shape_op(node: fx.Node) -> bool:
     """Ops that keep a router tensor's meaning: views, detach, copies, dtype casts."""
-    if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
-    return node.target in _SHAPE_FUNCTIONS
+    return op_meaning(node) in _SHAPE_OPS
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+    return [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
 
 
 def classify(graph: fx.Graph) -> dict[fx.Node, str]:
@@ -113,18 +151,18 @@ def classify(graph: fx.Graph) -> dict[fx.Node, str]:
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        inputs = _tensor_inputs(node)
+        meaning = op_meaning(node)
         first = kinds.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if _is_router_linear(node):
             kinds[node] = "router_logits"
-        elif _is_shape_op(node):
+        elif meaning in _SHAPE_OPS:
             if first is not None:
                 kinds[node] = first
-        elif (node.op == "call_method" and node.target in _SCORE_METHODS) or node.target in _SCORE_FUNCTIONS:
+        elif meaning in _SCORE_OPS or is_softmax(node):
             if first in ("router_logits", _SCORES):
                 kinds[node] = _SCORES
-        elif node.target in _JOIN_FUNCTIONS:
-            labels = {kinds.get(a) for a in inputs}
+        elif meaning in _JOIN_OPS:
+            labels = {kinds.get(a) for a in _tensor_inputs(node)}
             if len(labels) == 1 and None not in labels:
                 kinds[node] = labels.pop()
         elif node.target is operator.getitem and node.args[1] == 1 and isinstance(node.args[0], fx.Node):
@@ -132,11 +170,14 @@ def classify(graph: fx.Graph) -> dict[fx.Node, str]:
             source = topk.args[0] if topk.args else None
             if is_topk(topk) and kinds.get(source) in ("router_logits", _SCORES):
                 kinds[node] = "selected_experts"
-        elif node.target in _INDEX_ARITHMETIC:
-            labels = [kinds.get(a) for a in inputs]
+        elif meaning in _INDEX_ARITHMETIC:
+            labels = [kinds.get(a) for a in _tensor_inputs(node)]
             if labels.count("selected_experts") == 1 and all(k in (None, "selected_experts") for k in labels):
                 kinds[node] = "selected_experts"
     return kinds
+
+
+# ------------------------------------------------------------------ what autograd keeps
 
 
 def _storage(val: Any) -> StorageWeakRef | None:
@@ -148,59 +189,113 @@ def _storage(val: Any) -> StorageWeakRef | None:
         return None
 
 
-def _mutates(node: fx.Node) -> bool:
-    """Whether a torch-IR node writes one of its tensor arguments in place."""
-    if node.kwargs.get("out") is not None:
-        return True
-    if node.op == "call_method":
-        name = str(node.target)
-        return name.endswith("_") and not name.endswith("__")
-    if node.op != "call_function":
-        return False
-    if node.target is operator.setitem:
-        return True
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
-    name = getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__")
+@dataclass
+class AutogradFacts:
+    """What a training step's autograd does with the graph's values (from a fake re-run, or a safe estimate)."""
+
+    saved: set[fx.Node]  # nodes whose storage some backward formula saves
+    requires_grad: set[fx.Node]  # nodes whose value requires grad
+    exact: bool = True  # False: the fake re-run failed; ``requires_grad`` over-approximates, ``saved`` is empty
+    reason: str | None = None  # why not exact
+
+
+def _input_value(node: fx.Node) -> Any:
+    """A placeholder's value with its ``requires_grad`` as Dynamo saw it (ATen re-traces drop it in ``val``)."""
+    example = node.meta.get("example_value")
+    return example if isinstance(example, torch.Tensor) else node_value(node)
+
+
+def _output_values(gm: fx.GraphModule) -> list[Any] | None:
+    """Dynamo's values of the graph outputs (they record ``requires_grad``); None in an ATen re-trace."""
+    outs = [a for a in tree_leaves(gm.graph.output_node().args) if isinstance(a, fx.Node)]
+    computed = [n for n in outs if n.op in ("call_function", "call_method")]
+    if not computed or any("example_value" not in n.meta for n in computed):
+        return None
+    return [n.meta["example_value"] for n in computed]
+
+
+def _grad_dataflow(gm: fx.GraphModule) -> set[fx.Node]:
+    """Over-approximation of which nodes require grad: floating values computed from inputs that do."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        val = node_value(node) if node.op != "placeholder" else _input_value(node)
+        if node.op in ("placeholder", "get_attr"):
+            if isinstance(val, torch.Tensor) and val.requires_grad:
+                out.add(node)
+            continue
+        if node.op not in ("call_function", "call_method") or op_meaning(node) == "detach":
+            continue
+        floating = any(isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in tree_leaves(val))
+        if floating and any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
+    """Which nodes require grad and which storages backward saves, in either IR.
+
+    Runs the graph on the placeholders' own fake values (so parameters require
+    grad as in training, and everything stays in Dynamo's fake mode) with grad
+    enabled, under ``saved_tensors_hooks`` recording what every backward node
+    packs. A graph none of whose outputs requires grad (traced under
+    ``no_grad``, inference) has no backward: nothing is saved. Dynamo's graph
+    says so in its output values (not in its other values: views of parameters
+    are recorded as requiring grad even under ``no_grad``); an ATen re-trace does
+    not record ``requires_grad``, so there the current grad mode decides, as it
+    does for AOT autograd.
+    """
+    outputs = _output_values(gm)
+    if outputs is not None and not any(isinstance(t, torch.Tensor) and t.requires_grad for v in outputs for t in tree_leaves(v)):
+        return AutogradFacts(set(), set())
+    if outputs is None and not torch.is_grad_enabled():
+        return AutogradFacts(set(), set())
+    inputs = [_input_value(n) for n in gm.graph.find_nodes(op="placeholder")]
+    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
+    reason = None
+    if len(modes) != 1 or any(v is None for v in inputs):
+        reason = "graph inputs carry no single fake mode"
+    else:
+        mode = next(iter(modes.values()))
+        saved: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        interp = fx.Interpreter(gm, garbage_collect_values=False)
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(mode)
+                if mode.shape_env is not None:
+                    stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+                interp.run(*inputs, enable_io_processing=False)
+        except Exception as e:  # cannot re-run on fake tensors: fall back to a safe estimate, say why
+            reason = f"fake re-run failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        else:
+            storages = {s for s in (_storage(t) for t in saved) if s is not None}
+            return AutogradFacts(
+                saved={n for n, v in interp.env.items() if _storage(v) in storages},
+                requires_grad={n for n, v in interp.env.items()
+                               if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(v))},
+            )
+    log.info("async_offload: autograd facts estimated (%s)", reason)
+    return AutogradFacts(set(), _grad_dataflow(gm), exact=False, reason=reason)
 
 
 def saved_for_backward(gm: fx.GraphModule) -> set[fx.Node] | str:
-    """Nodes whose storage eager autograd would save for backward; or why it cannot tell.
+    """Nodes whose storage eager autograd would save for backward; or why it cannot tell."""
+    facts = autograd_facts(gm)
+    return facts.saved if facts.exact else str(facts.reason)
 
-    Runs the graph on the placeholders' own fake values (so parameters require
-    grad as in training, and everything stays in Dynamo's fake mode) under
-    ``saved_tensors_hooks``, recording what every backward node packs.
-    """
-    # Traced without grad (inference, no_grad): autograd saves nothing. Views of parameters
-    # (``weight[e]``) are not evidence: Dynamo records them as requiring grad even then.
-    computed = [_val(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method") and n.target is not operator.getitem]
-    if not any(isinstance(t, torch.Tensor) and t.requires_grad for v in computed for t in tree_leaves(v)):
-        return set()
-    inputs = [_val(n) for n in gm.graph.find_nodes(op="placeholder")]
-    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
-    if len(modes) != 1 or any(v is None for v in inputs):
-        return "graph inputs carry no single fake mode"
-    mode = next(iter(modes.values()))
-    saved: list[torch.Tensor] = []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t)
-        return t
+# ------------------------------------------------------------------ the pass
 
-    interp = fx.Interpreter(gm, garbage_collect_values=False)
-    try:
-        with ExitStack() as stack:
-            stack.enter_context(mode)
-            if mode.shape_env is not None:
-                stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
-            stack.enter_context(torch.enable_grad())
-            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-            interp.run(*inputs, enable_io_processing=False)
-    except Exception as e:  # cannot re-run on fake tensors: say why; "auto" then offloads nothing
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    storages = {s for s in (_storage(t) for t in saved) if s is not None}
-    return {n for n, v in interp.env.items() if _storage(v) in storages}
+KEPT_FOR_BACKWARD = "kept for backward (autograd saves it); the host copy still arrives without a blocking copy"
+KEPT_FOR_GRADIENT = "kept until the wait (the output requires grad: its gradient flows back through the host copy)"
+RELEASED = "released after the copy (nothing else holds it)"
+UNKNOWN_IF_SAVED = "released after the copy unless backward saves it (could not tell: {reason})"
 
 
 class AsyncOffloadPass(GraphPass):
@@ -231,83 +326,102 @@ class AsyncOffloadPass(GraphPass):
         if not candidates:
             result.skip("graph", "no router logits or selected experts among the graph outputs")
             return result
-        saved = saved_for_backward(gm)
         chosen: list[fx.Node] = []
+        roots: dict[fx.Node, fx.Node] = {}
         for node in candidates:
-            reason = self._skip_reason(node, kinds[node], explicit, saved, graph)
+            reason = self._skip_reason(node, kinds[node], explicit, output)
+            root = alias_root(node)[0]
+            if reason is None and root in roots:
+                reason = (
+                    f"shares its device buffer with output {roots[root].name}, already offloaded; two host copies "
+                    "of one buffer with different gradient edges are mis-handled by AOT autograd (torch 2.13: a "
+                    "None tangent), so this output stays on the device"
+                )
             if reason is None:
                 chosen.append(node)
+                roots[root] = node
             else:
                 result.skip(f"{node.name} ({kinds[node]})", reason)
         if not chosen:
             return result
-        self._rewrite(graph, output, out_nodes, chosen)
+        facts = autograd_facts(gm)
+        records = [self._record(n, kinds[n], facts) for n in chosen]
+        self._rewrite(graph, output, out_nodes, chosen, facts)
         gm.recompile()
         result.changed = True
-        result.matched = [f"{n.name} ({kinds[n]})" for n in chosen]
-        result.stats["offloaded"] = len(chosen)
-        result.stats["offloaded_bytes"] = sum(_static_bytes(_val(n)) for n in chosen)
-        if explicit is not None:
-            kept = saved if isinstance(saved, str) else [n.name for n in chosen if n in saved]
-            if kept:
-                result.stats["device_copy_kept_for_backward"] = kept
-        log.info("%s: offloading %s", self.name, result.matched)
+        result.matched = [f"{r['name']} ({r['kind']})" for r in records]
+        kept_backward = sum(r["bytes"] for r in records if r["device_buffer"] == KEPT_FOR_BACKWARD)
+        kept_gradient = sum(r["bytes"] for r in records if r["device_buffer"] == KEPT_FOR_GRADIENT)
+        total = sum(r["bytes"] for r in records)
+        result.stats.update(
+            offloaded=len(chosen),
+            offloaded_bytes=total,
+            device_bytes_released=total - kept_backward - kept_gradient,
+            device_bytes_kept_for_backward=kept_backward,
+            device_bytes_kept_for_gradient=kept_gradient,
+            outputs=records,
+        )
+        if not facts.exact:
+            result.stats["autograd_facts"] = f"estimated ({facts.reason})"
+        log.info("%s: offloading %s (%d bytes)", self.name, result.matched, total)
         return result
 
-    def _skip_reason(
-        self, node: fx.Node, kind: str, explicit: tuple[str, ...] | None, saved: Any, graph: fx.Graph
-    ) -> str | None:
-        val = _val(node)
+    def _skip_reason(self, node: fx.Node, kind: str, explicit: tuple[str, ...] | None, output: fx.Node) -> str | None:
+        val = node_value(node)
         if not isinstance(val, torch.Tensor):
             return "no fake tensor value recorded for it"
         if explicit is not None and kind not in explicit:
             return f"kind {kind!r} is not in offload_targets {list(explicit)}"
-        if val.requires_grad:
-            return (
-                "requires grad: the caller may backpropagate through this output, and a detached host copy "
-                "would cut that gradient path (return it .detach()ed to have it offloaded)"
-            )
-        mutation = self._mutated_after(node, graph)
-        if mutation is not None:
-            return f"mutated in place by {mutation} after it is produced; a copy at production would be stale"
-        if explicit is None:
-            if isinstance(saved, str):
-                return f"cannot tell whether backward keeps it (fake re-run failed: {saved}); 'auto' offloads only what it can prove"
-            if node in saved:
-                return (
-                    "backward keeps its device buffer (saved for a backward formula, e.g. topk saves its indices), "
-                    "so offloading frees nothing; list the kind in offload_targets to copy it anyway"
-                )
+        root = alias_root(node)[0]
+        writes = writes_between(root, root, output)
+        if writes:
+            return f"mutated in place by {writes[0].name} after it is produced; a copy at production would be stale"
         return None
 
     @staticmethod
-    def _mutated_after(node: fx.Node, graph: fx.Graph) -> str | None:
-        node = alias_root(node)[0]
-        storage = _storage(_val(node))
-        seen = False
-        for other in graph.nodes:
-            if other is node:
-                seen = True
-                continue
-            if not seen or not _mutates(other):
-                continue
-            if any(_storage(_val(a)) == storage for a in other.all_input_nodes):
-                return other.name
-        return None
+    def _record(node: fx.Node, kind: str, facts: AutogradFacts) -> dict[str, Any]:
+        val = node_value(node)
+        root = alias_root(node)[0]
+        if node in facts.requires_grad:
+            buffer = KEPT_FOR_GRADIENT
+        elif node in facts.saved or root in facts.saved:
+            buffer = KEPT_FOR_BACKWARD
+        elif not facts.exact:
+            buffer = UNKNOWN_IF_SAVED.format(reason=facts.reason)
+        else:
+            buffer = RELEASED
+        stack = module_types(root)
+        return {
+            "name": node.name,
+            "kind": kind,
+            "module": stack[-1][0] if stack else None,
+            "shape": [s if isinstance(s, int) else str(s) for s in val.shape],
+            "dtype": str(val.dtype).replace("torch.", ""),
+            "bytes": _static_bytes(val),
+            "requires_grad": node in facts.requires_grad,
+            "device_buffer": buffer,
+        }
 
     @staticmethod
-    def _rewrite(graph: fx.Graph, output: fx.Node, out_nodes: list[fx.Node], chosen: list[fx.Node]) -> None:
-        fake_mode = _val(chosen[0]).fake_mode
+    def _rewrite(
+        graph: fx.Graph, output: fx.Node, out_nodes: list[fx.Node], chosen: list[fx.Node], facts: AutogradFacts
+    ) -> None:
+        fake_mode = node_value(chosen[0]).fake_mode
         tickets: dict[fx.Node, fx.Node] = {}
         shapes: dict[fx.Node, list[Any]] = {}
+        sources: dict[fx.Node, fx.Node] = {}
         for node in chosen:
-            val = _val(node)
+            val = node_value(node)
             source = _hoist(graph, node)
             with graph.inserting_after(source):
-                start = graph.call_function(OFFLOAD_START, (source,))
-            _copy_source_meta(source, start)
+                detached = graph.call_function(DETACH, (source,))
+            with graph.inserting_after(detached):
+                start = graph.call_function(OFFLOAD_START, (detached,))
+            for new in (detached, start):
+                _copy_source_meta(source, new)
             with fake_mode:
-                start.meta["example_value"] = OFFLOAD_START(val)
+                _set_value(detached, node, val.detach())
+                _set_value(start, node, OFFLOAD_START(val.detach()))
             shape: list[Any] = []
             anchor = start
             for dim, size in enumerate(val.shape):
@@ -315,39 +429,49 @@ class AsyncOffloadPass(GraphPass):
                     shape.append(size)
                     continue
                 with graph.inserting_after(anchor):
-                    anchor = graph.call_function(torch.ops.aten.sym_size.int, (source, dim))
-                anchor.meta["example_value"] = size
+                    anchor = graph.call_function(SYM_SIZE, (source, dim))
+                _set_value(anchor, node, size)
                 shape.append(anchor)
-            tickets[node], shapes[node] = start, shape
+            tickets[node], shapes[node], sources[node] = start, shape, source
         # The wait must follow all other work of the forward; Inductor reorders extern calls
         # for peak memory, so that order is made a data dependency (``after``).
         others: list[fx.Node] = []
         with graph.inserting_before(output):
             for node in out_nodes:
-                val = _val(node)
+                val = node_value(node)
                 if node in tickets or node.op == "placeholder" or not isinstance(val, torch.Tensor):
                     continue
-                if val.requires_grad:
-                    detached = graph.call_method("detach", (node,))
+                if node in facts.requires_grad or val.requires_grad:
+                    detached = graph.call_function(DETACH, (node,))
                     with fake_mode:
-                        detached.meta["example_value"] = val.detach()
+                        _set_value(detached, node, val.detach())
                     others.append(detached)
                 else:
                     others.append(node)
             for node in chosen:
+                val = node_value(node)
                 after = others + [t for n, t in tickets.items() if n is not node]
-                wait = graph.call_function(OFFLOAD_WAIT, (tickets[node], shapes[node], _val(node).dtype, after))
+                grad_source = sources[node] if node in facts.requires_grad else None
+                wait = graph.call_function(OFFLOAD_WAIT, (tickets[node], shapes[node], val.dtype, after, grad_source))
                 with fake_mode:
-                    wait.meta["example_value"] = torch.empty(_val(node).shape, dtype=_val(node).dtype, device="cpu")
+                    host = torch.empty(val.shape, dtype=val.dtype, device="cpu")
+                    if grad_source is not None and "example_value" in node.meta:  # Dynamo's values carry requires_grad
+                        host.requires_grad_(True)
+                    _set_value(wait, node, host)
                 output.replace_input_with(node, wait)
         for node in chosen:
             _erase_unused_chain(graph, node)
 
 
+def _set_value(new: fx.Node, like: fx.Node, value: Any) -> None:
+    """Record ``value`` under the metadata key the graph's own nodes use (``example_value`` in Dynamo's graph)."""
+    new.meta["example_value" if "example_value" in like.meta else "val"] = value
+
+
 def alias_root(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """The earliest node sharing ``node``'s storage through view-like ops (detach, view, ...), and that chain."""
     chain: list[fx.Node] = []
-    storage = _storage(_val(node))
+    storage = _storage(node_value(node))
     cur = node
     while (
         _is_shape_op(cur)
@@ -355,7 +479,7 @@ def alias_root(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         and isinstance(cur.args[0], fx.Node)
         and cur.args[0].op != "placeholder"
         and storage is not None
-        and _storage(_val(cur.args[0])) == storage
+        and _storage(node_value(cur.args[0])) == storage
     ):
         chain.append(cur)
         cur = cur.args[0]
