@@ -169,3 +169,19 @@ def test_outside_reader_placed_inside_the_region_reads_the_concatenation(ep_grou
     (reader,) = [n for n in gm.graph.nodes if n.target is aten.cumsum.default and n.args[1] == 0 and n.meta.get("domino_chunk") is None]
     (cat, _dim) = reader.args
     assert cat.target is aten.cat.default
+
+
+def test_autograd_all_to_all_spelling_is_recognised(ep_group: dist.ProcessGroup) -> None:
+    """torch 2.11 may leave the token all-to-alls as ``_c10d_functional_autograd.all_to_all_single``: same meaning."""
+    gm = _block_graph(ep_group, tokens=4)
+    autograd_a2a = torch.ops._c10d_functional_autograd.all_to_all_single.default
+    token = [n for n in gm.graph.nodes if is_collective(n) and not isinstance(n.args[1], (list, tuple)) or
+             (is_collective(n) and any(isinstance(a, torch.fx.Node) for a in n.args[1]))]
+    assert len(token) == 2
+    for n in token:
+        n.target = autograd_a2a
+    gm.recompile()
+    assert DominoEPPass().trigger(gm) == "1 x _c10d_functional.all_to_all_single, 2 x _c10d_functional_autograd.all_to_all_single"
+    result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
+    assert result.changed and list(result.stats["chunks"].values()) == [[2, 2]], result.as_dict()
+    assert sum(n.target is autograd_a2a for n in gm.graph.nodes) == 4

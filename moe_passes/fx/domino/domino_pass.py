@@ -62,6 +62,15 @@ def _auto_chunks(region: MoERegion) -> tuple[int, str]:
     return n, f"{elems} local expert weight elements -> {n} chunks"
 
 
+def carry_placeholder_attrs(old: fx.Graph, new: fx.Graph) -> None:
+    """Dynamo's per-placeholder node attributes (``_dynamo_source``: AOT autograd reads it) onto a new graph."""
+    for a, b in zip(old.find_nodes(op="placeholder"), new.find_nodes(op="placeholder")):
+        if hasattr(a, "_dynamo_source") and not hasattr(b, "_dynamo_source"):
+            b._dynamo_source = a._dynamo_source
+        for key, value in a.meta.items():
+            b.meta.setdefault(key, value)
+
+
 def ensure_canonical(gm: fx.GraphModule) -> str | None:
     """Re-trace a Dynamo graph to the canonical IR in place (for callers that run the pass directly).
 
@@ -76,6 +85,7 @@ def ensure_canonical(gm: fx.GraphModule) -> str | None:
     for n in traced.graph.nodes:
         if n.op == "get_attr":
             setattr(gm, n.target, getattr(traced, n.target))
+    carry_placeholder_attrs(gm.graph, traced.graph)
     gm.graph = traced.graph
     gm.meta[CANONICAL_META_KEY] = True
     gm.recompile()
@@ -116,6 +126,8 @@ class DominoEPPass(GraphPass):
         val_map: dict[fx.Node, fx.Node] = {}
         out = new_graph.graph_copy(gm.graph, val_map)
         new_graph.output(out)
+        new_graph._codegen = gm.graph._codegen
+        carry_placeholder_attrs(gm.graph, new_graph)
         planned: list[tuple[MoERegion, int, str]] = []
         for region in regions:
             if self.config.num_chunks == "auto":
