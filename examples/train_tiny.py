@@ -1,7 +1,15 @@
 """Train the tiny InternS1-VL MoE model a few steps on 2 CPU processes (gloo), experts sharded over both.
 
-    python examples/train_tiny.py                       # domino backend (default)
+    python examples/train_tiny.py                       # domino backend, regional compile (default)
     python examples/train_tiny.py --backend inductor --steps 3
+    python examples/train_tiny.py --compile whole       # one graph for the whole model
+
+Regional compile (the default) compiles each decoder layer / vision block on
+its own with ``moe_passes.regional.compile_regions``: every layer reuses the
+first layer's compiled graph, so compile time stays flat in the number of
+layers (what torchtitan does). Whole-model compile unrolls every layer into
+one graph (compile time grows with the layer count) but lets passes that need
+all layers at once apply (``layerwise_aux_loss`` rewrites the stacked aux loss).
 
 Each rank owns half of every layer's experts and its own batch (text with an
 image); tokens travel to their experts through the dropless all-to-all. The
@@ -17,6 +25,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,15 +50,31 @@ def make_batch(config: InternS1VLConfig, rank: int) -> dict[str, torch.Tensor]:
     return dict(input_ids=input_ids, labels=labels, pixel_values=pixel_values, image_grid_thw=torch.tensor([[1, 4, 4]]))
 
 
-def compile_model(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, backend: str, mode: str = "regional") -> torch.nn.Module:
     if backend == "eager":
         return model
     torch._dynamo.config.capture_scalar_outputs = True  # split sizes of the all-to-all are data dependent
     if backend == "domino":
         from moe_passes import domino_backend
 
-        return torch.compile(model, backend=domino_backend, fullgraph=True)
-    return torch.compile(model, backend="inductor", fullgraph=True)
+        compiler: Any = domino_backend
+    else:
+        compiler = "inductor"
+    if mode == "regional":
+        from moe_passes.regional import compile_regions
+
+        compile_regions(model, backend=compiler, fullgraph=True)  # in place; the top level (loss, embeddings) stays eager
+        return model
+    return torch.compile(model, backend=compiler, fullgraph=True)
+
+
+WHY = {
+    "regional": "regional compile: each decoder layer and vision block is compiled once and every layer of its kind "
+                "reuses that graph, so compile time does not grow with the layer count (use --compile whole for "
+                "passes that need all layers in one graph, e.g. layerwise_aux_loss)",
+    "whole": "whole-model compile: one graph with every layer unrolled (compile time grows with the layer count; "
+             "cross-layer passes such as layerwise_aux_loss apply)",
+}
 
 
 def average_gradients(model: torch.nn.Module, world_size: int) -> None:
@@ -61,7 +86,7 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
         param.grad /= world_size
 
 
-def train(rank: int, world_size: int, port: int, backend: str, steps: int) -> None:
+def train(rank: int, world_size: int, port: int, backend: str, steps: int, mode: str = "regional") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -71,7 +96,7 @@ def train(rank: int, world_size: int, port: int, backend: str, steps: int) -> No
         full_state = InternS1VLForConditionalGeneration(config).state_dict()  # same weights on every rank
         model = InternS1VLForConditionalGeneration(config, ep_group=dist.group.WORLD)
         load_hf_state_dict(model, full_state)
-        step_fn = compile_model(model, backend)
+        step_fn = compile_model(model, backend, mode)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         batch = make_batch(config, rank)
         for step in range(1, steps + 1):
@@ -101,11 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=("eager", "inductor", "domino"), default="domino")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compile", choices=("regional", "whole"), default="regional",
+                        help="compile each layer on its own (default: compile time flat in layers) or the whole model")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     print(f"training the tiny InternS1-VL MoE on {WORLD_SIZE} CPU ranks (gloo), backend={args.backend}", flush=True)
-    mp.spawn(train, args=(WORLD_SIZE, free_port(), args.backend, args.steps), nprocs=WORLD_SIZE, join=True)
+    if args.backend != "eager":
+        print(WHY[args.compile], flush=True)
+    mp.spawn(train, args=(WORLD_SIZE, free_port(), args.backend, args.steps, args.compile), nprocs=WORLD_SIZE, join=True)
 
 
 if __name__ == "__main__":
