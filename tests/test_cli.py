@@ -1,4 +1,4 @@
-"""``moe-passes`` as users run it: a subprocess per format, error exits, the bench renderer.
+"""``moe-passes diff`` as users run it: a subprocess per format, the bench renderer.
 
 Only one run compiles with Inductor (``--stage backward``); the others stop at
 the pre-grad graphs, which is all the per-pass diff needs.
@@ -7,26 +7,15 @@ the pre-grad graphs, which is all the per-pass diff needs.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from moe_passes.bench import BenchOptions, BenchSection
-
-ROOT = Path(__file__).parent.parent
-
-
-def moe_passes_cli(*args: str, timeout: int = 400) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("moe-passes")
-    cmd = [exe] if exe else [sys.executable, "-m", "moe_passes.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+from tests.cli_helpers import moe_passes_cli
 
 
 def test_console_script_is_installed() -> None:
@@ -36,48 +25,54 @@ def test_console_script_is_installed() -> None:
 @pytest.fixture(scope="module")
 def json_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("cli") / "diff.json"
-    proc = moe_passes_cli(
-        "diff", "moe_stack", "--pass", "domino_ep", "--pass", "async_offload", "--num-chunks", "2",
-        "--format", "json", "--output", str(out),
-    )
+    # `--pass a b` (nargs) and a second `--pass` both add passes.
+    proc = moe_passes_cli("diff", "moe_stack", "--pass", "domino_ep", "--pass", "async_offload", "--num-chunks", "2",
+                          "--format", "json", "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text())
 
 
+def _pair(text: str) -> tuple[int, int]:
+    a, b = text.split(" -> ")
+    return int(a), int(b)
+
+
 def test_json_has_one_section_per_pass_with_diff_summary_and_estimates(json_run: dict[str, Any]) -> None:
-    assert json_run["target"] == "moe_stack" and json_run["stage"] == "pre_grad"
+    assert json_run["target"] == "moe_stack" and json_run["stage"] == "pre_grad" and json_run["diff"] == "semantic"
     assert json_run["passes"] == ["domino_ep", "async_offload"] and json_run["num_chunks"] == 2
-    domino, offload = json_run["sections"]
-    assert domino["pass_name"] == "domino_ep" and offload["pass_name"] == "async_offload"
+    # Sections follow the pipeline order the passes declare, whatever order they were listed in.
+    assert [s["pass_name"] for s in json_run["sections"]] == json_run["pipeline"]
+    assert sorted(json_run["pipeline"]) == ["async_offload", "domino_ep"]
+    by_name = {s["pass_name"]: s for s in json_run["sections"]}
+    domino, offload = by_name["domino_ep"], by_name["async_offload"]
+    assert domino["anchor"] == "graph-0-domino_ep"
     for section in (domino, offload):
         assert section["estimate_before"]["peak_live_bytes"] > 0
-        assert section["estimate_after"]["unhinted_sizes"] > 0
-    assert domino["diff"].startswith("--- ") and domino["summary"]["nodes_added"] > 0
+        # Counts come from the graph: they agree with the estimator's own walk of the same graphs.
+        summary = section["summary"]
+        assert _pair(summary["collectives"]) == (section["estimate_before"]["num_collectives"], section["estimate_after"]["num_collectives"])
+        assert _pair(summary["waits"]) == (section["estimate_before"]["num_waits"], section["estimate_after"]["num_waits"])
+    # Domino chunks the layers it matched: more collectives, one chunk list per matched layer.
+    assert domino["summary"]["changed"] is True and domino["diff"].startswith("--- ") and domino["summary"]["nodes_added"] > 0
+    before, after = _pair(domino["summary"]["collectives"])
+    assert before == 6 and after > before
+    assert domino["summary"]["matched"] and all(f"{m}: 2" in domino["summary"]["chunks"] for m in domino["summary"]["matched"])
     # The loss is the only output: nothing to offload, the graph is unchanged, and the reason is given.
     assert offload["diff"] == "" and offload["summary"]["changed"] is False and offload["summary"]["skipped"]
-    # Domino with 2 chunks: every layer's count exchange, dispatch and combine happen per chunk.
-    assert domino["summary"]["collectives"] == "6 -> 12" and domino["summary"]["waits"] == "6 -> 12"
-    assert domino["summary"]["matched"] == ["L['self'].layers.0", "L['self'].layers.1"]
-    assert domino["summary"]["chunks"] == "L['self'].layers.0: 2, L['self'].layers.1: 2"
-    # Same tokens travel, plus one extra count exchange per layer (4 experts x int64).
-    assert domino["estimate_after"]["bytes_communicated"] == domino["estimate_before"]["bytes_communicated"] + 2 * 32
 
 
-def test_text_format_shows_coloured_diff_and_tables() -> None:
-    proc = moe_passes_cli("diff", "moe_stack", "--pass", "layerwise_aux_loss")
+def test_text_format_shows_diff_summary_first_table_and_estimates() -> None:
+    proc = moe_passes_cli("diff", "moe_stack", "--pass", "layerwise_aux_loss", columns=None)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "--- graph 0 / layerwise_aux_loss (before)" in out and "+++ graph 0 / layerwise_aux_loss (after)" in out
     assert re.search(r"^-\s+\w+: ", out, re.MULTILINE) and re.search(r"^\+\s+\w+: ", out, re.MULTILINE)
-    assert "summary" in out and "static estimates" in out and "peak live before" in out
-
-
-def test_html_format_writes_a_page(tmp_path: Path) -> None:
-    out = tmp_path / "diff.html"
-    proc = moe_passes_cli("diff", "moe_stack", "--pass", "layerwise_aux_loss", "--format", "html", "--output", str(out))
-    assert proc.returncode == 0, proc.stderr
-    page = out.read_text()
-    assert page.lstrip().lower().startswith("<!doctype html>") and "layerwise_aux_loss" in page and "summary" in page
+    assert "── summary" in out and "── static estimates" in out and "peak live" in out
+    # Piped without COLUMNS: no colour codes, no wrapping of diff lines.
+    assert "\033[" not in out
+    assert max(len(line) for line in out.splitlines()) > 100  # the graph's long lines stay whole
+    # Semantic diff: no line is shown only because a free moved.
+    assert not re.search(r"^[-+].*=\s*None\s*$", out, re.MULTILINE)
 
 
 def one_layer_target() -> Any:
@@ -94,12 +89,19 @@ def test_backward_stage_compiles_and_shows_the_schedule(tmp_path: Path) -> None:
         "--format", "json", "--output", str(out),
     )
     assert proc.returncode == 0, proc.stderr
+    # Progress names the Inductor phases, for both compiles.
+    for line in ("without passes: compiling (Inductor)", "Inductor lowering the forward graph", "Inductor lowering the backward graph",
+                 "with domino_ep: compiling (Inductor): done in"):
+        assert line in proc.stderr, proc.stderr
     sections = json.loads(out.read_text())["sections"]
     titles = [s["title"] for s in sections]
     assert titles[0] == "graph 0 / backward: no passes vs pre-grad passes"
     assert "graph 0 / backward / schedule_overlap" in titles
-    # Backward: the gradients of dispatch and combine (counts need none), now per chunk.
-    assert sections[0]["summary"]["collectives"] == "2 -> 4"
+    # Node counts come from the post-grad graphs themselves (not "n/a"), and the chunks add collectives.
+    first = sections[0]["summary"]
+    assert first["nodes_added"] is not None and first["nodes_added"] > 0
+    before, after = _pair(first["collectives"])
+    assert before == 2 and after > before
 
 
 @pytest.mark.slow
@@ -110,24 +112,9 @@ def test_output_code_stage(tmp_path: Path) -> None:
     sections = json.loads(out.read_text())["sections"]
     assert [s["title"] for s in sections] == ["graph 0 / forward output code", "graph 0 / backward output code"]
     assert all("torchinductor" not in s["after"] for s in sections)
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["diff", "moe_stack", "--pass", "nope"], "unknown pass(es) ['nope']; known passes:"),
-        (["diff", "no_such_package.models:build"], "cannot import target module 'no_such_package.models'"),
-        (["diff", "moe_passes.targets:no_such_function"], "has no callable 'no_such_function'"),
-        (["diff", "bogus-preset"], "unknown preset 'bogus-preset'"),
-        (["diff", "moe_stack", "--num-chunks", "0"], "--num-chunks must be a positive integer"),
-        (["bench", "--section", "nope"], "unknown bench section"),
-    ],
-)
-def test_clear_errors_exit_non_zero(args: list[str], message: str) -> None:
-    proc = moe_passes_cli(*args)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    forward = sections[0]["summary"]
+    # Real collectives (calls), not the assert_size_stride messages that name them: 3 per MoE layer before Domino.
+    assert _pair(forward["collectives"])[0] == 6 and forward["changed"] is True
 
 
 def run(options: BenchOptions) -> BenchSection:
@@ -141,11 +128,15 @@ def test_bench_renders_sections_and_keeps_going_after_a_broken_one(monkeypatch: 
 
     monkeypatch.setattr(bench, "SECTIONS", {"broken": "tests.no_such_bench_module", "fake": "tests.test_cli"})
     out = tmp_path / "bench.json"
-    status = main(["bench", "--section", "broken", "fake", "--quick", "--json", str(out)])
+    status = main(["bench", "--section", "broken", "fake", "--quick", "--json", str(out), "--device", "cpu"])
     assert status == 1  # a section failed, so the command fails, but only after running the rest
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "broken: unavailable" in printed and "No module named 'tests.no_such_bench_module'" in printed
-    assert "fake speed" in printed and "12.5" in printed and "inductor" in printed
+    # Header names exactly as the section declares them, never cut.
+    assert re.search(r"^config\s+step_ms\s+ratio$", printed, re.MULTILINE)
+    assert re.search(r"^inductor\s+12\.5\s+1$", printed, re.MULTILINE)
+    assert "section 2/2: fake: done in" in captured.err
     data = json.loads(out.read_text())
     assert data["options"]["quick"] is True
     assert data["sections"]["broken"]["error"].startswith("ModuleNotFoundError")

@@ -109,6 +109,12 @@ def _ordered_passes(pass_names: Sequence[str], config: Any) -> list[Any]:
     return list(PassManager([load_pass(name, config) for name in pass_names]).passes)
 
 
+def pipeline_order(pass_names: Sequence[str]) -> list[str]:
+    from moe_passes.config import BackendConfig
+
+    return [p.name for p in _ordered_passes(pass_names, BackendConfig(passes=tuple(pass_names)))]
+
+
 def _to_pass_ir(graph_pass: Any, gm: Any, example_inputs: Sequence[Any], progress: Progress, label: str) -> Any:
     """Re-trace to the canonical ATen IR before the first pass that runs on it, as the pass manager does."""
     if getattr(graph_pass, "ir", "torch") != "aten":

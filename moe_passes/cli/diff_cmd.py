@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moe_passes.cli.diff import check_passes, compiled_sections, pre_grad_sections
+from moe_passes.cli.diff import check_passes, compiled_sections, pipeline_order, pre_grad_sections
 from moe_passes.cli.errors import CLIError, check_writable
 from moe_passes.cli.progress import Progress
 
@@ -51,12 +51,13 @@ def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
         raise CLIError(str(e)) from e
     if target.description:
         progress(target.description)
+    pipeline = pipeline_order(pass_names)
     if args.stage == "pre_grad":
         sections = pre_grad_sections(target, pass_names, num_chunks, progress, args.diff)
     else:
         sections = compiled_sections(target, pass_names, num_chunks, args.stage, progress, args.diff)
     header: dict[str, Any] = {
-        "target": args.target, "stage": args.stage, "passes": list(pass_names), "num_chunks": num_chunks,
+        "target": args.target, "stage": args.stage, "passes": list(pass_names), "pipeline": pipeline, "num_chunks": num_chunks,
         "diff": args.diff, "world_size": world_size, "description": target.description, "meta": target.meta,
         "num_layers": target.num_layers, "total_layers": target.total_layers,
     }

@@ -75,9 +75,10 @@ class Writer:
             return
         marker, body = line[:1], line[1:]
         indent = len(body) - len(body.lstrip())
-        pieces = textwrap.wrap(body.strip(), self.width - 1 - indent, break_long_words=False, break_on_hyphens=False)
-        for k, piece in enumerate(pieces):
-            self.line(marker + " " * (indent + (4 if k else 0)) + piece, style)
+        pieces = textwrap.wrap(body.strip(), self.width - 1, initial_indent=" " * indent, subsequent_indent=" " * (indent + 4),
+                               break_long_words=False, break_on_hyphens=False)
+        for piece in pieces:
+            self.line(marker + piece, style)
 
     def table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         for k, text in enumerate(table_lines(columns, rows, self.width)):
@@ -139,7 +140,7 @@ def real_shape_lines(header: dict[str, Any], sections: Sequence[Section]) -> lis
 
 def render_text(stream: IO[str], sections: Sequence[Section], header: dict[str, Any], width: int | None, colour: bool) -> None:
     w = Writer(stream, width, colour)
-    w.para(f"moe-passes diff {header['target']}: stage {header['stage']}, passes {', '.join(header['passes']) or '-'}, "
+    w.para(f"moe-passes diff {header['target']}: stage {header['stage']}, passes {', '.join(header.get("pipeline") or header["passes"]) or '-'}, "
            f"diff {header['diff']}, world size {header['world_size']}", style="bold")
     if header.get("description"):
         w.para(header["description"])
