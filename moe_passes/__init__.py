@@ -3,6 +3,12 @@
     model = torch.compile(model, backend=domino_backend)
     model = torch.compile(model, backend=make_backend(num_chunks=4))
     model = torch.compile(model, backend="domino")
+
+``backend="domino"`` is the process-wide ``domino_backend`` (default config): its
+``reports`` collect every graph compiled with it in this process until
+``domino_backend.clear_reports()``; ``make_backend(...)`` gives a backend (and
+reports) of your own. Logs: ``logging.getLogger("moe_passes")`` and, per module,
+``moe_passes.fx.pass_manager``, ``moe_passes.inductor.backend``, ...
 """
 
 from __future__ import annotations

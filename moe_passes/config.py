@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moe_passes.fx.registry import PRE_GRAD_PASSES
+from moe_passes.registry import PRE_GRAD_PASSES
 
 DEFAULT_PASSES: tuple[str, ...] = ("layerwise_aux_loss", "domino_ep", "async_offload")
 
@@ -25,7 +25,7 @@ class BackendConfig:
     """Options of ``make_backend``; every field is part of the cache key.
 
     num_chunks: token chunks per MoE region for Domino EP, or "auto".
-    passes: pre-grad passes to run (names from ``moe_passes.fx.registry``); the order they run in is
+    passes: pre-grad passes to run (names from ``moe_passes.registry``); the order they run in is
         declared by the passes themselves (``moe_passes.fx.pipeline``), not the order listed here.
     schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs.
     max_chunks_in_flight: bound on all-to-alls issued but not yet waited (memory bound).

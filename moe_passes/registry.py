@@ -23,7 +23,7 @@ PRE_GRAD_PASSES: dict[str, str] = {
 }
 
 POST_GRAD_PASSES: dict[str, str] = {
-    "schedule_overlap": "moe_passes.fx.schedule:ScheduleOverlapPass",
+    "schedule_overlap": "moe_passes.inductor.schedule:ScheduleOverlapPass",
 }
 
 

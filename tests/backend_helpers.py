@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from moe_passes.fx.pass_base import GraphPass, PassResult
-from moe_passes.fx.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES
+from moe_passes.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES
 
 CALL_LOG: list[str] = []
 
@@ -40,6 +40,29 @@ class _Logged(GraphPass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         CALL_LOG.append(self.name)
         return PassResult(self.name)
+
+
+class InvalidatesRowsPass(_Logged):
+    name: ClassVar[str] = "t_invalidates_rows"
+    invalidates: ClassVar = ("whole_rows",)
+
+
+class NeedsRowsPass(_Logged):
+    name: ClassVar[str] = "t_needs_rows"
+    needs: ClassVar = ("whole_rows",)
+
+
+class AtenLoggedPass(_Logged):
+    name: ClassVar[str] = "t_aten_logged"
+    ir: ClassVar = "aten"
+
+
+class AtenBeforeTorchPass(_Logged):
+    """Contradicts the IR rule: an aten pass cannot run before a torch one."""
+
+    name: ClassVar[str] = "t_aten_first"
+    ir: ClassVar = "aten"
+    runs_before: ClassVar = ("t_first",)
 
 
 class FirstPass(_Logged):

@@ -1,8 +1,9 @@
 """The backend under torch.compile: equivalence with plain Inductor, reports, verify, entry point.
 
 One rank, no process group. The MoE stack is compiled three times per module
-(plain Inductor, backend with no passes, backend with a neutral test pass and
-verify); everything else uses a tiny function that compiles in a second or two.
+(plain Inductor, backend with no passes, backend with two neutral test passes --
+one on Dynamo's torch IR, one on the canonical ATen re-trace -- and verify);
+everything else uses a tiny function that compiles in a second or two.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import moe_passes
 from torch._inductor.utils import fresh_cache
 from moe_passes import BackendConfig, DominoBackend, domino_backend, make_backend
 from moe_passes.fx.pass_manager import StrictModeError
-from moe_passes.fx.registry import PRE_GRAD_PASSES, pass_class
+from moe_passes.fx.pipeline import pipeline_names
+from moe_passes.registry import PRE_GRAD_PASSES, pass_class
 from moe_passes.inductor.backend import PostGradPipeline, VerificationError
 from moe_passes.targets import MoEStack
 from tests import backend_helpers as h
@@ -60,8 +62,8 @@ def moe_results() -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
                 fn = torch.compile(model, backend=make_backend(passes=()))
             else:
                 with pytest.MonkeyPatch.context() as mp:
-                    h.register(mp, h.ScaleByOnePass)
-                    neutral = make_backend(passes=("t_scale_by_one",), verify=True)
+                    h.register(mp, h.ScaleByOnePass, h.AtenScaleByOnePass)
+                    neutral = make_backend(passes=("t_aten_scale_by_one", "t_scale_by_one"), verify=True)
                     neutral.pre_grad_passes()
                 fn = torch.compile(model, backend=neutral)
             loss_and_grads(model, fn, compile_x, compile_t)  # compiles forward and backward
@@ -93,8 +95,28 @@ def test_verify_ran_on_the_moe_graph_and_passed(moe_results: dict) -> None:
     backend: DominoBackend = moe_results["_neutral_backend"]
     (report,) = backend.reports
     assert report["verify"] == "ok"
-    (record,) = report["pre_grad"]
-    assert record["name"] == "t_scale_by_one" and record["changed"] and record["stats"] == {"inserted": 1}
+    torch_record, aten_record = report["pre_grad"]  # declared order: torch IR first, whatever the listed order
+    assert torch_record["name"] == "t_scale_by_one" and torch_record["changed"] and torch_record["stats"] == {"inserted": 1}
+    assert torch_record["ir"] == "torch"
+
+
+def test_aten_pass_ran_on_the_canonical_graph_inside_torch_compile(moe_results: dict) -> None:
+    """Inside the real backend call: the re-trace happened, the aten pass saw only ATen overloads, and
+    Inductor compiled the canonical graph (the loss/gradient tests above compare it with plain Inductor)."""
+    (report,) = moe_results["_neutral_backend"].reports
+    aten_record = report["pre_grad"][1]
+    assert aten_record["name"] == "t_aten_scale_by_one" and aten_record["ir"] == "aten" and aten_record["changed"]
+    assert aten_record["stats"] == {"all_overloads": True, "call_methods": 0}
+    assert report["ir"] == "aten" and report["canonical_error"] is None
+
+
+def test_validation_repropagated_inside_torch_compile(moe_results: dict) -> None:
+    """Fake-tensor re-propagation ran in the graph's own fake mode (not "unavailable") on both IRs."""
+    (report,) = moe_results["_neutral_backend"].reports
+    for record in report["pre_grad"]:
+        notes = record["validation_notes"]
+        assert any(n.startswith("fake-tensor re-propagation ran") for n in notes), (record["name"], notes)
+        assert not any("unavailable" in n for n in notes), notes
 
 
 def backend_error(err: BaseException) -> BaseException:
@@ -118,6 +140,15 @@ def test_verify_catches_a_wrong_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     error = backend_error(err.value)
     assert isinstance(error, VerificationError), error
     assert "output 0" in str(error) and "gradient of input" in str(error)
+
+
+def test_a_raising_pass_fails_closed_through_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    h.register(monkeypatch, h.RaisingPass)
+    backend = make_backend(passes=("t_raising",))
+    x, w = small_inputs()
+    torch.testing.assert_close(torch.compile(small_fn, backend=backend)(x, w), small_fn(x, w))
+    (record,) = backend.reports[0]["pre_grad"]
+    assert not record["changed"] and "Traceback" in record["error"] and "used before it has been defined" in record["error"]
 
 
 def test_strict_mode_raises_through_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,7 +225,7 @@ def test_inductor_patches_carry_the_post_grad_pipeline_and_its_config() -> None:
     patches = make_backend(passes=("domino_ep",)).inductor_patches(report)
     assert isinstance(patches["post_grad_custom_post_pass"], PostGradPipeline)
     assert [p.name for p in patches["post_grad_custom_post_pass"].passes] == ["schedule_overlap"]
-    from moe_passes.fx.schedule import INDUCTOR_CONFIG
+    from moe_passes.inductor.schedule import INDUCTOR_CONFIG
 
     assert INDUCTOR_CONFIG.items() <= patches.items()
 
@@ -207,21 +238,17 @@ def test_entry_point_resolves_to_domino_backend() -> None:
     assert domino_backend.config.passes == ("layerwise_aux_loss", "domino_ep", "async_offload")
 
 
-def test_compile_by_registered_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    h.register(monkeypatch, h.ScaleByOnePass)
-    monkeypatch.setattr(domino_backend, "config", BackendConfig(passes=("t_scale_by_one",)))
-    monkeypatch.setattr(domino_backend, "_pre", None)
-    monkeypatch.setattr(domino_backend, "_post", None)
-    monkeypatch.setattr(domino_backend, "graphs", [])
-    x, w = small_inputs()
-    torch.testing.assert_close(torch.compile(small_fn, backend="domino")(x, w), small_fn(x, w))
-    assert domino_backend.reports[0]["pre_grad"][0]["name"] == "t_scale_by_one"
-
-
-def test_default_passes_load_by_name_and_compile() -> None:
+def test_default_passes_load_and_compile_by_registered_name() -> None:
+    """``backend="domino"`` is the process-wide backend with the default passes; its reports are its own
+    and ``clear_reports()`` starts them afresh."""
     for name in PRE_GRAD_PASSES:
         pass_class(name)  # an unimportable default pass fails here, with its ImportError
-    backend = make_backend()
+    domino_backend.clear_reports()
     x, w = small_inputs()
-    torch.testing.assert_close(torch.compile(small_fn, backend=backend)(x, w), small_fn(x, w))
-    assert [p["name"] for p in backend.reports[0]["pre_grad"]] == list(PRE_GRAD_PASSES)
+    torch.testing.assert_close(torch.compile(small_fn, backend="domino")(x, w), small_fn(x, w))
+    (report,) = domino_backend.reports
+    assert [p["name"] for p in report["pre_grad"]] == pipeline_names(PRE_GRAD_PASSES, domino_backend.config)
+    # nothing in this graph is what the default passes are for: no trigger, so no warnings and no strict error
+    assert [p["trigger"] for p in report["pre_grad"]] == [None, None, None]
+    domino_backend.clear_reports()
+    assert domino_backend.reports == []

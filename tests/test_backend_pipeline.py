@@ -7,12 +7,15 @@ data-dependent offsets), captured once and copied per test.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
 import torch
 
 from moe_passes import BackendConfig, make_backend
+from moe_passes.config import DEFAULT_PASSES
+from moe_passes.fx.pipeline import pipeline_names, post_grad_pass_names
 from moe_passes.fx.capture import CapturedGraph, capture_graphs
 from moe_passes.fx.graph_text import graph_text
 from moe_passes.fx.pass_manager import (
@@ -61,6 +64,42 @@ def test_passes_run_in_declared_order_whatever_the_listed_order(monkeypatch: pyt
         records = PassManager.from_config(BackendConfig(passes=listed)).run(graph.gm, graph.example_inputs)
         assert h.CALL_LOG == ["t_first", "t_second"]
         assert [r.name for r in records] == ["t_first", "t_second"]
+
+
+def test_default_passes_in_every_listed_order_give_the_same_graph(captured: CapturedGraph) -> None:
+    """The declared pipeline: every permutation of the default passes runs them in one order and
+    leaves the identical graph (the aux pass applies on this graph; the others say why not)."""
+    texts, orders = set(), set()
+    for listed in itertools.permutations(DEFAULT_PASSES):
+        gm = copy_graph_module(captured.gm)
+        run_ = PassManager.from_config(BackendConfig(passes=listed), snapshot=False).apply(gm, captured.example_inputs)
+        orders.add(tuple(r.name for r in run_.records))
+        texts.add(graph_text(run_.gm))
+        assert not any(r.result.error for r in run_.records), [r.result.error for r in run_.records]
+    assert orders == {tuple(pipeline_names(DEFAULT_PASSES, BackendConfig()))}
+    assert len(texts) == 1
+    assert graph_text(captured.gm) not in texts  # the pipeline did change the graph
+
+
+def test_needs_and_invalidates_order_the_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    h.register(monkeypatch, h.InvalidatesRowsPass, h.NeedsRowsPass, h.AtenLoggedPass, h.FirstPass)
+    config = BackendConfig(passes=())
+    for listed in itertools.permutations(["t_aten_logged", "t_needs_rows", "t_invalidates_rows", "t_first"]):
+        # registry order alone would put t_invalidates_rows first; its declaration moves it after t_needs_rows,
+        # and the aten pass goes after every torch pass
+        assert pipeline_names(listed, config) == ["t_needs_rows", "t_invalidates_rows", "t_first", "t_aten_logged"]
+
+
+def test_contradictory_declarations_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    h.register(monkeypatch, h.AtenBeforeTorchPass, h.FirstPass)
+    with pytest.raises(ValueError, match="contradictory: .*canonical ATen IR; t_aten_first declares runs_before t_first"):
+        make_backend(passes=("t_first", "t_aten_first")).pre_grad_passes()
+
+
+def test_post_grad_passes_come_from_the_registry_declarations() -> None:
+    assert post_grad_pass_names(BackendConfig(passes=("domino_ep",))) == ["schedule_overlap"]
+    assert post_grad_pass_names(BackendConfig(passes=("domino_ep",), schedule_overlap=False)) == []
+    assert post_grad_pass_names(BackendConfig(passes=("layerwise_aux_loss", "async_offload"))) == []
 
 
 def test_aten_pass_runs_on_the_canonical_graph_after_torch_passes(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:

@@ -22,13 +22,23 @@ import torch.fx as fx
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino_ep import DominoEPPass
 from moe_passes.fx.graph_text import normalize_text
-from moe_passes.fx.schedule import INDUCTOR_CONFIG, ScheduleOverlapPass, as_custom_pass, is_a2a, is_wait, overlap_order, overlap_stats
+from moe_passes.inductor.schedule import (
+    INDUCTOR_CONFIG,
+    ScheduleOverlapPass,
+    as_custom_pass,
+    is_heavy,
+    overlap_order,
+    overlap_stats,
+)
+from moe_passes.ir.canonical import canonicalize
+from moe_passes.ir.facts import is_all_to_all as is_a2a, is_wait
 from tests.golden import check_golden
 from tests.test_domino_model import TinyMoEStack, capture_without_running, init_biased, init_fake_group, make_inputs
 
 _A2A = re.compile(r"(\w+) = torch\.ops\._c10d_functional\.all_to_all_single\.default\((\w+), \[([^\]]*)\], \[([^\]]*)\]")
 _WAIT = re.compile(r"torch\.ops\._c10d_functional\.wait_tensor\.default\((\w+)\)")
-_MM = re.compile(r"extern_kernels\.(mm|addmm|bmm)\(")
+# expert compute: ATen matmuls (extern kernels) and grouped-GEMM expert ops (``bufN = torch.ops.ns.grouped_mm...``)
+_MM = re.compile(r"(extern_kernels\.(mm|addmm|bmm)|\w+ = torch\.ops\.\w+\.\w*grouped_mm\w*\.default)\(")
 
 
 @dataclass
@@ -46,7 +56,7 @@ def _listing(graph: fx.Graph) -> str:
             lines.append(f"all_to_all {n.name}({n.args[0].name})")
         elif is_wait(n):
             lines.append(f"wait {n.args[0].name}")
-        elif n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+        elif is_heavy(n):
             if lines and lines[-1].startswith("matmul x"):
                 lines[-1] = f"matmul x{int(lines[-1][8:]) + 1}"
             else:
@@ -74,6 +84,9 @@ def compiled() -> Iterator[Compiled]:
         def compile_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
             from torch._inductor.compile_fx import compile_fx
 
+            canon = canonicalize(gm, example_inputs)  # as the backend does before an "aten" pass
+            assert canon.canonical, canon.reason
+            gm = canon.gm
             DominoEPPass(config)(gm)
             patch = {"post_grad_custom_post_pass": as_custom_pass(Recording(config)), "fx_graph_cache": False, **INDUCTOR_CONFIG}
             with torch._inductor.config.patch(patch), torch._functorch.config.patch(force_non_lazy_backward_lowering=True):

@@ -88,7 +88,7 @@ def _variant(name: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
     if name == "inductor_overlap_scheduler":
         return inductor, {"aten_distributed_optimizations.enable_overlap_scheduling": True}
     if name.startswith("domino_n"):
-        from moe_passes.fx.schedule import INDUCTOR_CONFIG
+        from moe_passes.inductor.schedule import INDUCTOR_CONFIG
 
         chunks_text, _, suffix = name[len("domino_n") :].partition("_")
         scheduled = suffix != "unscheduled"

@@ -19,6 +19,7 @@ were guessed (``unhinted_sizes``), so nobody mistakes a guess for a fact.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +30,9 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch._inductor.fx_passes.memory_estimator import GraphAliasTracker
 from torch.utils._pytree import tree_leaves
 
-from moe_passes.fx.match import collective_kind, is_all_to_all, is_collective, is_wait
+from moe_passes.ir.facts import all_to_all_split_args, collective_kind, is_collective, is_wait, node_value
+
+log = logging.getLogger(__name__)
 
 UNBACKED_FALLBACK = 8192  # same default as torch._inductor.config.unbacked_symint_fallback
 
@@ -74,14 +77,15 @@ def mirrored_split_sizes(graph: fx.Graph | None) -> list[tuple[sympy.Expr, sympy
     if graph is None:
         return pairs
     for node in graph.nodes:
-        if not is_all_to_all(node) or len(node.args) < 3:
+        splits = all_to_all_split_args(node)
+        if splits is None:
             continue
-        outs, ins = node.args[1], node.args[2]
+        outs, ins = splits
         if not isinstance(outs, (list, tuple)) or not isinstance(ins, (list, tuple)) or len(outs) != len(ins):
             continue
         for o, i in zip(outs, ins):
-            o_expr = _symbol_of(_val(o) if isinstance(o, fx.Node) else o)
-            i_expr = _symbol_of(_val(i) if isinstance(i, fx.Node) else i)
+            o_expr = _symbol_of(node_value(o) if isinstance(o, fx.Node) else o)
+            i_expr = _symbol_of(node_value(i) if isinstance(i, fx.Node) else i)
             if o_expr is not None and i_expr is not None:
                 pairs.append((o_expr, i_expr))
     return pairs
@@ -176,10 +180,6 @@ def _tensors(val: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(val) if isinstance(t, torch.Tensor)]
 
 
-def _val(node: fx.Node) -> Any:
-    return node.meta.get("val", node.meta.get("example_value"))
-
-
 def _tensor_bytes(t: torch.Tensor, size_of: _Sizer) -> int:
     numel = 1
     for s in t.shape:
@@ -226,14 +226,14 @@ def _estimate(graph: fx.Graph, size_of: _Sizer) -> GraphEstimate:
     inputs = {n for n in nodes if n.op in ("placeholder", "get_attr")}
 
     for node in nodes:
-        if node.op not in ("placeholder", "get_attr", "output") and _val(node) is None:
+        if node.op not in ("placeholder", "get_attr", "output") and node_value(node) is None:
             est.nodes_without_val += 1
         if is_wait(node):
             est.num_waits += 1
         if is_collective(node):
             est.num_collectives += 1
             kind = collective_kind(node) or "collective"
-            sent = sum(_tensor_bytes(t, size_of) for a in node.args for t in _tensors(_val(a) if isinstance(a, fx.Node) else a))
+            sent = sum(_tensor_bytes(t, size_of) for a in node.args for t in _tensors(node_value(a) if isinstance(a, fx.Node) else a))
             est.bytes_communicated += sent
             est.bytes_by_collective[kind] = est.bytes_by_collective.get(kind, 0) + sent
         if node.op in ("placeholder", "get_attr", "output"):

@@ -83,9 +83,15 @@ class StrictModeError(RuntimeError):
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule with a copy of ``gm``'s graph, sharing its parameters and submodules."""
-    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    """A GraphModule with a copy of ``gm``'s graph, sharing its parameters and submodules (and keeping
+    the node attributes Dynamo sets outside ``meta``)."""
+    graph = copy.deepcopy(gm.graph)
+    _copy_node_attributes(gm.graph, graph)
+    copied = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     copied.meta = dict(getattr(gm, "meta", {}))
+    for attr in ("_param_name_to_source",):
+        if hasattr(gm, attr):
+            setattr(copied, attr, getattr(gm, attr))
     return copied
 
 
@@ -205,7 +211,20 @@ class GraphState:
 
     def restore(self, gm: fx.GraphModule) -> None:
         """Put the graph back as it was (the pass's changes, including metadata it overwrote, are dropped)."""
-        gm.graph = copy.deepcopy(self.gm.graph)
+        restored = copy.deepcopy(self.gm.graph)
+        _copy_node_attributes(self.gm.graph, restored)
+        gm.graph = restored
+
+
+def _copy_node_attributes(src: fx.Graph, dst: fx.Graph) -> None:
+    """Attributes set on nodes outside ``meta`` (Dynamo's ``_dynamo_source`` on placeholders, which AOT
+    autograd requires) are not copied by ``Graph.__deepcopy__``; carry them over by node name."""
+    by_name = {n.name: n for n in dst.nodes}
+    for n in src.nodes:
+        extra = getattr(n, "__dict__", None)
+        if extra and n.name in by_name:
+            for key, value in extra.items():
+                setattr(by_name[n.name], key, value)
 
 
 #: Note recorded when re-propagation cannot run even on the unmodified graph.
@@ -452,6 +471,7 @@ def run_post_grad(
     leaves an invalid graph is rolled back (``strict=True`` raises). Results go to ``on_result``."""
     for graph_pass in passes:
         saved = copy.deepcopy(gm.graph)
+        _copy_node_attributes(gm.graph, saved)
         try:
             result = graph_pass(gm)
             gm.graph.lint()

@@ -8,7 +8,7 @@ requested passes this module derives one order:
   re-traced to the canonical ATen IR once, and there is no way back);
 * ``A.runs_before`` / ``B.runs_after`` name constraints between requested passes;
 * a pass that *needs* a property runs before any pass that *invalidates* it;
-* ties keep the registry order (``moe_passes.fx.registry``).
+* ties keep the registry order (``moe_passes.registry``).
 
 So any order a user lists gives the same pipeline; contradictory declarations
 give a ``ValueError`` naming the cycle. Post-grad passes are not listed by the
@@ -22,7 +22,7 @@ import heapq
 import logging
 from typing import TYPE_CHECKING, Any, Sequence
 
-from moe_passes.fx.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES, pass_class, rank, registered
+from moe_passes.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES, pass_class, rank, registered
 
 if TYPE_CHECKING:
     from moe_passes.config import BackendConfig

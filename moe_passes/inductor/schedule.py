@@ -1,0 +1,230 @@
+"""Overlap scheduling of all-to-alls in Inductor's post-grad (ATen) forward and backward graphs.
+
+Inductor's default order waits on every all-to-all right after issuing it,
+so nothing overlaps.  This pass re-lists the graph so that each all-to-all
+is issued as soon as its inputs allow and each ``wait_tensor`` sits as late
+as possible (just before the first node that needs its result), with at most
+``config.max_chunks_in_flight`` all-to-alls issued but not yet waited (each
+in-flight all-to-all holds a receive buffer, so this bounds memory).
+
+It is a list scheduler over the data-flow graph: among ready nodes, the one
+with the fewest matmuls between it and a not-yet-issued all-to-all goes
+first (so all-to-alls start early); a wait that feeds split sizes with no
+matmul in between (count exchange -> dispatch) counts as such work, every other wait
+sinks below all ready compute and retires in issue order (FIFO); original
+order breaks ties.
+
+Inductor's scheduler keeps this order in its output code only with
+``reorder_for_peak_memory`` off (measured on torch 2.13: its peak-memory
+reordering moves every wait back next to its all-to-all, and control
+dependencies from ``preserve_node_ordering`` on the waits did not stop it).
+Backends that run this pass compile with ``INDUCTOR_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from moe_passes.fx.pass_base import GraphPass, PassResult
+from moe_passes.ir.facts import all_to_all_split_args, is_all_to_all, is_wait, mutated_args, op_namespace_and_name
+
+log = logging.getLogger(__name__)
+
+INDUCTOR_CONFIG: dict[str, Any] = {"reorder_for_peak_memory": False}
+
+#: Expert / projection compute: what an in-flight all-to-all should overlap with.
+HEAVY_OPS: frozenset[str] = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "matmul", "_grouped_mm"})
+
+
+def is_heavy(n: fx.Node) -> bool:
+    """A matmul-class op: ATen mm/addmm/bmm/baddbmm/convolution/_grouped_mm, or any op named ``*grouped_mm*``
+    (custom grouped-GEMM expert kernels, their weight-gradient ops)."""
+    parsed = op_namespace_and_name(n.target) if n.op == "call_function" else None
+    if parsed is None:
+        return False
+    ns, name = parsed
+    return (ns == "aten" and name in HEAVY_OPS) or "grouped_mm" in name
+
+
+_FAR = 1 << 30
+
+
+def comm_urgency(nodes: list[fx.Node], seeds: set[fx.Node] | None = None) -> dict[fx.Node, int]:
+    """Fewest matmuls between a node and some all-to-all that needs it (``_FAR`` if none does).
+
+    Running the most urgent ready work first starts the next all-to-all
+    soonest: a count-exchange wait (0 matmuls to the dispatch) goes before
+    another chunk's expert matmuls (2 matmuls to the combine).
+    """
+    urgency: dict[fx.Node, int] = {}
+    for n in reversed(nodes):
+        if (n in seeds) if seeds is not None else is_all_to_all(n):
+            urgency[n] = 0
+            continue
+        best = min((urgency[u] for u in n.users if u in urgency), default=_FAR)
+        urgency[n] = best + (1 if is_heavy(n) and best < _FAR else 0)
+    return urgency
+
+
+def _nodes_in(x: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(x, found.append)
+    return found
+
+
+def ordering_edges(nodes: list[fx.Node]) -> dict[fx.Node, set[fx.Node]]:
+    """Extra predecessors that data flow does not show: readers of a value stay on their side of its in-place writes.
+
+    Post-grad graphs are functional except for such writes (input mutations
+    put back at the end); re-listing by data flow alone could move a write
+    above a read of the old value.
+    """
+    index = {n: i for i, n in enumerate(nodes)}
+    extra: dict[fx.Node, set[fx.Node]] = {n: set() for n in nodes}
+    for m in nodes:
+        for target in mutated_args(m):
+            for other in target.users:
+                if other is m or other.op == "output":
+                    continue
+                if index[other] < index[m]:
+                    extra[m].add(other)
+                else:
+                    extra[other].add(m)
+    return extra
+
+
+def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
+    """A topological order that issues all-to-alls early and waits late, bounded by ``max_in_flight``."""
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    urgency = comm_urgency(nodes)
+    split_args = {a for n in nodes if is_all_to_all(n) for a in _nodes_in(all_to_all_split_args(n))}
+    split_urgency = comm_urgency(nodes, split_args)
+    extra = ordering_edges(nodes)
+    successors: dict[fx.Node, list[fx.Node]] = {n: list(n.users) for n in nodes}
+    for n, preds in extra.items():
+        for p in preds - set(n.all_input_nodes):
+            successors[p].append(n)
+    missing = {n: len(set(n.all_input_nodes) | extra[n]) for n in nodes}
+    output = next(n for n in reversed(nodes) if n.op == "output")
+
+    issued: dict[fx.Node, int] = {}
+
+    def key(n: fx.Node) -> tuple[int, int, int]:
+        if n.op == "placeholder":
+            return (-1, 0, index[n])
+        if is_wait(n) and split_urgency[n] > 0:  # sink: after all ready compute, oldest all-to-all first
+            return (_FAR + 1, issued.get(n.args[0], 0), index[n])
+        return (urgency[n], 1 if is_wait(n) else 0, index[n])
+
+    ready: list[tuple[tuple[int, int, int], fx.Node]] = [(key(n), n) for n in nodes if missing[n] == 0 and n is not output]
+    heapq.heapify(ready)
+    blocked: list[fx.Node] = []  # all-to-alls held back by the in-flight bound
+    in_flight: list[fx.Node] = []
+    order: list[fx.Node] = []
+    while ready or blocked:
+        if blocked and len(in_flight) < max_in_flight:
+            for n in blocked:
+                heapq.heappush(ready, (key(n), n))
+            blocked.clear()
+        _, n = heapq.heappop(ready)
+        if is_all_to_all(n) and len(in_flight) >= max_in_flight:
+            blocked.append(n)
+            if not ready:  # only blocked all-to-alls are left: cannot happen while a wait is pending
+                raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
+            continue
+        order.append(n)
+        if is_all_to_all(n):
+            in_flight.append(n)
+            issued[n] = len(issued)
+        elif is_wait(n) and n.args[0] in in_flight:
+            in_flight.remove(n.args[0])
+        for u in successors[n]:
+            missing[u] -= 1
+            if missing[u] == 0 and u is not output:
+                heapq.heappush(ready, (key(u), u))
+    order.append(output)
+    if len(order) != len(nodes):
+        raise RuntimeError(f"schedule_overlap: scheduled {len(order)} of {len(nodes)} nodes (cycle?)")
+    return order
+
+
+def apply_order(graph: fx.Graph, order: list[fx.Node]) -> None:
+    """Re-link the graph's nodes in ``order``."""
+    prev = graph._root
+    for n in order:
+        if prev.next is not n:
+            prev.append(n)
+        prev = n
+
+
+def overlap_stats(graph: fx.Graph) -> dict[str, int]:
+    """How many compute nodes run between each all-to-all and its wait (0 everywhere = no overlap)."""
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    a2as = [n for n in nodes if is_all_to_all(n)]
+    overlapped = 0
+    max_in_flight = 0
+    for a in a2as:
+        waits = [u for u in a.users if is_wait(u)]
+        if waits and any(not is_wait(x) and not is_all_to_all(x) and x.op == "call_function" for x in nodes[pos[a] + 1 : pos[waits[0]]]):
+            overlapped += 1
+    live = 0
+    for n in nodes:
+        if is_all_to_all(n):
+            live += 1
+            max_in_flight = max(max_in_flight, live)
+        elif is_wait(n) and is_all_to_all(n.args[0]):
+            live -= 1
+    return {"all_to_all": len(a2as), "overlapped": overlapped, "max_in_flight": max_in_flight}
+
+
+class ScheduleOverlapPass(GraphPass):
+    """Issue all-to-alls early, sink their waits, bounded in flight; forward and backward graphs."""
+
+    name = "schedule_overlap"
+    stage = "post_grad"
+    ir = "aten"
+    implied_by = ("domino_ep",)
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return bool(config.schedule_overlap)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(self.name)
+        graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
+        before = overlap_stats(graph)
+        if before["all_to_all"] == 0:
+            result.skip("graph", "no all-to-all in this graph")
+            return result
+        original = list(graph.nodes)
+        order = overlap_order(graph, self.config.max_chunks_in_flight)
+        apply_order(graph, order)
+        graph.lint()
+        after = overlap_stats(graph)
+        result.stats = {"before": before, "after": after}
+        result.changed = order != original
+        result.matched.append(f"{after['all_to_all']} all-to-alls")
+        log.info("schedule_overlap: %s -> %s", before, after)
+        return result
+
+
+def as_custom_pass(p: GraphPass) -> Any:
+    """Wrap a post-grad ``GraphPass`` as Inductor's ``CustomGraphPass`` (its uuid keys the FX cache)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _Wrapped(CustomGraphPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            gm = graph.owning_module
+            p(gm if gm is not None else graph)
+
+        def uuid(self) -> Any:
+            return p.uuid()
+
+    return _Wrapped()
