@@ -245,6 +245,18 @@ class RecordingPostGradPass(GraphPass):
         return result
 
 
+class RaisingPostGradPass(GraphPass):
+    """Post-grad pass that breaks the graph half-way and then raises (must be rolled back)."""
+
+    name: ClassVar[str] = "t_post_raising"
+    stage: ClassVar = "post_grad"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        out = gm.graph.output_node()
+        out.args = (tuple(None for _ in out.args[0]),)  # vandalise, then fail
+        raise RuntimeError("post-grad pass bug")
+
+
 class RaisingPass(GraphPass):
     """Breaks while rewriting (a bug inside the pass, not a bad graph)."""
 

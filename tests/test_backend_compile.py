@@ -151,6 +151,19 @@ def test_a_raising_pass_fails_closed_through_torch_compile(monkeypatch: pytest.M
     assert not record["changed"] and "Traceback" in record["error"] and "used before it has been defined" in record["error"]
 
 
+def test_a_raising_post_grad_pass_is_rolled_back_forward_and_backward() -> None:
+    backend = DominoBackend(BackendConfig(passes=()), post_grad=[h.RaisingPostGradPass(BackendConfig(passes=()))])
+    x, w = small_inputs()
+    with fresh_cache():
+        out = torch.compile(small_fn, backend=backend)(x, w)
+        out.backward()
+    torch.testing.assert_close(out, small_fn(x, w))
+    post = backend.reports[0]["post_grad"]
+    for kind in ("forward", "backward"):  # the AOT graph kind comes from Inductor's own call
+        (record,) = post[kind]
+        assert "post-grad pass bug" in record["error"] and "graph restored" in record["skipped"][0]["reason"]
+
+
 def test_strict_mode_raises_through_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     h.register(monkeypatch, h.NothingToDoPass)
     backend = make_backend(passes=("t_nothing",), strict=True)
