@@ -23,7 +23,9 @@ h2 { font-size: 1.1em; margin-top: 2em; border-bottom: 1px solid #d0d7de; paddin
 p.meta { color: #59636e; margin-top: 0; }
 table { border-collapse: collapse; margin: 0.6em 0 1em 0; }
 th, td { border: 1px solid #d0d7de; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f6f8fa; }
+th { background: #f6f8fa; white-space: nowrap; }
+td { white-space: nowrap; }
+td:last-child { white-space: normal; }
 td.details { color: #59636e; font-size: 0.9em; }
 pre.diff { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12.5px;
            white-space: pre; overflow-x: auto; border: 1px solid #d0d7de; border-radius: 6px; padding: 0.5em 0; background: #ffffff; }
