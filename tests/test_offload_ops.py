@@ -190,3 +190,18 @@ def test_cuda_copy_runs_on_the_side_stream_and_overlaps_compute() -> None:
     assert torch.equal(host, torch.arange(1 << 20, dtype=torch.float32))
     torch.cuda.synchronize()
     del scribble
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+def test_cuda_host_copy_gradient_goes_back_to_the_device_like_cpu() -> None:
+    w = torch.randn(5, 3, device="cuda", requires_grad=True)
+    weights = torch.randn(5, 3)
+    host = offload(w * 2)
+    assert host.device.type == "cpu" and host.is_pinned() and host.requires_grad
+    (host * weights).sum().backward()
+    via_offload = w.grad.clone()
+    assert via_offload.device.type == "cuda"
+    w.grad = None
+    ((w * 2).cpu() * weights).sum().backward()
+    assert torch.equal(via_offload, w.grad)
