@@ -41,6 +41,9 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "topk_second_norm_before_dispatch": ("skipped", "reduces over the token dim 0"),
     "topk_second_norm_after_combine": ("rewritten", None),
     "gather_by_fixed_index": ("skipped", "outside (fixed) index"),
+    "layer_norm_router": ("rewritten", None),
+    "roll_tokens": ("skipped", "redistributes Shard(0) token rows"),
+    "roll_experts": ("rewritten", None),
 }
 
 
@@ -74,6 +77,12 @@ class MutantBlock(nn.Module):
             logits = logits.cumsum(0)
         if mut == "mean_tokens":
             logits = logits - logits.mean(0, keepdim=True)
+        if mut == "layer_norm_router":
+            logits = F.layer_norm(logits, (EXPERTS,))
+        if mut == "roll_tokens":  # DTensor's sharding rule decides (no explicit rule for roll)
+            logits = torch.roll(logits, 1, 0)
+        if mut == "roll_experts":
+            logits = torch.roll(logits, 1, 1)
         if mut == "sort_tokens":
             logits = logits.sort(dim=0).values
         dim = {"softmax_dim0": 0, "softmax_dim_neg2": -2}.get(mut, -1)
