@@ -14,7 +14,6 @@ import logging
 import operator
 from typing import Callable
 
-import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
