@@ -2,8 +2,9 @@
 
 * **Router logits**: the tensor a router's top-k selection is computed from --
   ``topk(x)`` or ``topk(softmax(x))``, looking through exact casts and moves
-  (``.float()``, ``.to(device)``, same-dtype copies). The softmax on that chain is
-  the layer's *router softmax*.
+  (``.float()``, ``.to(device)``, same-dtype copies), computed in this graph (a
+  graph input is a router's output from another graph; a top-k of it is a loss's).
+  The softmax on that chain is the layer's *router softmax*.
 * **Stacked loss** (one group per set of layers): ``cat`` on dim 0 or ``stack`` on
   dim 0 of >= 2 floating tensors, each router logits (through exact casts) or a
   graph input (regional compile: every layer's logits arrive as inputs), with a
@@ -65,6 +66,8 @@ def find_routers(graph: fx.Graph) -> Routers:
             x = sem.softmax_key(x)[0]
         if not isinstance(x, fx.Node) or x.target in (aten.cat.default, aten.stack.default) or x in out.topk:
             continue
+        if x.op == "placeholder":
+            continue  # logits computed in another graph: this top-k is a loss's, not a router's
         if soft is not None and normalize_dim(sem.arg(soft, 1, "dim"), sem.ndim(soft) or 0) != (sem.ndim(soft) or 0) - 1:
             pass  # a router softmax over another dim is still the router's: the loss never reuses it (keys differ)
         out.logits.append(x)

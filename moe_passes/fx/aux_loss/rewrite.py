@@ -243,6 +243,8 @@ class Rewriter:
                 continue
             if self.scope is not None and node not in self.scope:
                 continue
+            if self.layers == 1 and node.op != "call_function":
+                continue  # one layer: its values may also leave the graph; the originals stay, unchanged
             abstract = [self.values[i] for i in node.all_input_nodes if i in self.values]
             if not abstract:
                 continue
@@ -257,6 +259,8 @@ class Rewriter:
             if value is not None:
                 self.values[node] = value
             self.region.append(node)
+        if self.layers == 1:
+            return  # one layer's own values: users outside the loss keep reading the original nodes
         handled = set(self.region) | set(self.replace)
         own = {s.node for s in self.sources if s.kind == "layer"}  # one layer's logits: the model uses them too
         for node in self.region:
@@ -503,13 +507,12 @@ class Rewriter:
             return self.unary(node, a0)
         out_dtype = sem.dtype(node)
         out_shape = _shape(node)
-        if dims == (0,) and not keepdim and not is_mean and (a0.onehot is not None or a0.weighted is not None):
+        low = out_dtype in (torch.float16, torch.bfloat16)
+        counts = None
+        if dims == (0,) and not keepdim and (a0.onehot is not None or a0.weighted is not None):
             onehot, weight = (a0.onehot, None) if a0.onehot is not None else (a0.weighted[0].onehot, a0.weighted[1])
             if self.stats is not None and self.stats.counts_apply(onehot, weight, out_shape, out_dtype):
-                total = self.accumulate(node, lambda layer: self.stats.counts(self, onehot, weight, out_shape, out_dtype, layer))
-                self.replace[node] = total
-                return None  # type: ignore[return-value]
-        low = out_dtype in (torch.float16, torch.bfloat16)
+                counts = lambda layer: self.stats.counts(self, onehot, weight, out_shape, out_dtype, layer)
         acc = torch.float32 if low else sem.arg(node, 3 if node.target is aten.sum.dim_IntList or node.target is aten.mean.dim else 1, "dtype")
         kwargs = {"dtype": acc} if acc is not None else {}
         dim_list = list(dims)
@@ -520,7 +523,7 @@ class Rewriter:
                 return self.memo(("nsum_x", node), layer, True, lambda: self.new(aten.expand.default, (n, list(out_shape))))
             return self.memo(("sum", node), layer, a0.invariant, lambda: self.new(aten.sum.dim_IntList, (a0.emit(layer), dim_list, keepdim), kwargs, None if a0.invariant else layer))
 
-        total = self.accumulate(node, partial)
+        total = self.accumulate(node, counts or partial)
         self.cursor = node
         if is_mean:
             other = sem.prod(shape[d] for d in dims[1:]) if len(dims) > 1 else 1
