@@ -81,7 +81,7 @@ def reference_graphs() -> dict[str, fx.GraphModule]:
 
     canonical = canonicalize(graph.gm, graph.example_inputs)
     assert canonical.canonical, canonical.reason
-    return {"torch": graph.gm, "aten": canonical.gm, "layers": config.text.num_hidden_layers}  # type: ignore[dict-item]
+    return {"torch": graph.gm, "aten": canonical.gm, "layers": config.text.num_hidden_layers, "inputs": graph.example_inputs}
 
 
 def run_pass(gm: fx.GraphModule, targets: Any = "auto") -> tuple[fx.GraphModule, Any]:
@@ -251,6 +251,66 @@ def test_reference_model_as_users_run_it_offloads_live_logits_with_their_gradien
     for wait, edge in edges.items():
         if edge is not None:
             assert classify(gm.graph).get(edge) == "router_logits"
+
+
+@pytest.mark.parametrize("ir", ["torch", "aten"])
+def test_rewritten_reference_graph_run_eagerly_keeps_loss_gradients_and_values(reference_graphs: dict[str, Any], ir: str) -> None:
+    """The rewritten graph itself (no Inductor), both IRs: loss, the gradient of every parameter (with a loss
+    term through the returned live logits) and every returned value equal the unmodified graph's."""
+    original = reference_graphs[ir]
+    rewritten, _ = run_pass(original)
+    inputs = reference_graphs["inputs"]
+    params = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    kinds = classify(original.graph)
+    live = [i for i, n in enumerate(output_nodes(original)) if kinds.get(n) == "router_logits"]
+    loss_index = len(output_nodes(original)) - 1  # the model's total loss is its last output
+
+    def run(gm: fx.GraphModule) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        out = tree_leaves(gm(*inputs))
+        loss = out[loss_index] + sum((out[i] * out[i]).mean() for i in live)
+        return out, list(torch.autograd.grad(loss, params, allow_unused=True))
+
+    (ref_out, ref_grads), (out, grads) = run(original), run(rewritten)
+    for i, (got, want) in enumerate(zip(out, ref_out)):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got.detach(), want.detach())
+        assert got.requires_grad == want.requires_grad, f"output {i} changed requires_grad"
+    assert all(out[i].requires_grad for i in live)
+    for got, want in zip(grads, ref_grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
+
+
+def test_default_pipeline_runs_offload_last_on_the_canonical_graph_and_keeps_loss_gradients_values(
+    reference_graphs: dict[str, Any],
+) -> None:
+    """The declared pipeline (aux-loss rewrite, Domino, then offload on the canonical ATen graph), run eagerly."""
+    from moe_passes.fx.pass_manager import PassManager
+
+    original = reference_graphs["torch"]
+    inputs = reference_graphs["inputs"]
+    run = PassManager.from_config(BackendConfig()).apply(copy_graph_module(original), inputs)
+    names = [r.name for r in run.records]
+    assert names[-1] == "async_offload" and names.index("layerwise_aux_loss") < names.index("async_offload")
+    offload = run.records[-1].result
+    assert offload.changed and offload.stats["offloaded"] == 2 * reference_graphs["layers"]
+    params = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    kinds = classify(original.graph)
+    live = [i for i, n in enumerate(output_nodes(original)) if kinds.get(n) == "router_logits"]
+
+    def step(gm: fx.GraphModule) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        out = tree_leaves(gm(*inputs))
+        loss = out[-1] + sum((out[i] * out[i]).mean() for i in live)
+        return out, list(torch.autograd.grad(loss, params, allow_unused=True))
+
+    (ref_out, ref_grads), (out, grads) = step(original), step(run.gm)
+    for got, want in zip(out, ref_out):
+        assert got.dtype == want.dtype and got.requires_grad == want.requires_grad
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_golden_reference_model_trace(reference_graphs: dict[str, Any], update_goldens: bool) -> None:
@@ -556,3 +616,32 @@ def test_default_pipeline_on_the_reference_model_as_users_run_it_keeps_loss_and_
         assert (got is None) == (want is None)
         if got is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_routing_replay_example_logs_expert_load_from_host_copies_and_replays_exactly(tmp_path: Any) -> None:
+    """``examples/routing_replay.py`` on 2 gloo ranks (compiles the tiny model on each rank: slow)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from models.interns1_vl import InternS1VLConfig
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "routing_replay.py"), "--steps", "2", "--record", str(tmp_path / "routing")],
+        cwd=root, capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    config = InternS1VLConfig.tiny()
+    layers, top_k = config.text.num_hidden_layers, config.text.num_experts_per_tok
+    out = proc.stdout
+    assert f"async_offload: {2 * layers} router outputs to the host" in out
+    loads = [eval(m.group(1)) for m in re.finditer(r"expert load (\[[\d, ]+\])", out)]  # noqa: S307 - our own printout
+    assert len(loads) == 2 * layers
+    assert all(len(row) == config.text.num_experts and sum(row) == 2 * 2 * 16 * top_k for row in loads)  # 2 ranks x 32 tokens
+    assert "replay of step 1: " in out and "reproduced exactly" in out
+    for rank in range(2):
+        recorded = torch.load(tmp_path / f"routing.rank{rank}.pt")
+        assert [r["step"] for r in recorded] == [1, 2]
+        assert all(len(r["selected_experts"]) == layers and r["selected_experts"][0].shape == (32, top_k) for r in recorded)

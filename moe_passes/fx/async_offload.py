@@ -303,6 +303,11 @@ class AsyncOffloadPass(GraphPass):
 
     name = "async_offload"
     stage = "pre_grad"
+    #: Router tensors are recognised by meaning in Dynamo's torch IR and in the canonical ATen IR alike.
+    ir = "any"
+    #: An output-boundary rewrite: it reads the final graph's outputs, and its waits must follow all work,
+    #: so it runs after the passes that restructure the forward (they see no offload ops in their regions).
+    runs_after = ("layerwise_aux_loss", "domino_ep")
 
     def targets(self) -> tuple[str, ...] | None:
         """The explicit kinds to offload, or None for "auto"."""
