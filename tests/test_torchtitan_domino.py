@@ -192,3 +192,37 @@ def test_torchtitan_domino_rewrites_and_equals_inductor(world_size: int) -> None
                               f"(changed={[p['changed'] for p in pre]}); reasons: {why}")
             errors += _compare(label, got, result[f"inductor/{mode}"], bf16_params=True)
     assert not errors, "\n".join(errors)
+
+
+def test_torchtitan_block_captures_as_documented() -> None:
+    """Fast guard (fake process group, no Inductor): one torchtitan MoE block traces to one canonical ATen
+    graph with the pieces the Domino proof is about (the findings for the pass are written against it)."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from moe_passes.fx.capture import capture_graphs
+    from moe_passes.ir.facts import collective_nodes
+    from tests import titan_fixtures as tf
+
+    assert not dist.is_initialized(), "another test left a process group initialised"
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+            model = tf.build_titan_model(0, 2)
+            x, _ = tf.titan_inputs(0)
+            graphs = capture_graphs(model.blocks[0], x, canonical=True)
+    finally:
+        dist.destroy_process_group()
+    assert len(graphs) == 1, "graph break in torchtitan's MoE block"
+    nodes = [n for n in graphs[0].gm.graph.nodes if n.op == "call_function"]
+    targets = [str(n.target) for n in nodes]
+    # count exchange, token dispatch, token combine
+    assert len(collective_nodes(graphs[0].gm.graph)) == 3
+    grouped = [n for n in nodes if str(n.target) == "aten._grouped_mm.default"]
+    assert len(grouped) == 3 and all(n.meta["val"].dtype == torch.bfloat16 for n in grouped)
+    for expected in ("torchtitan.deterministic_scatter_add.default", "aten.add_.Tensor", "aten.scatter_.value",
+                     "aten.index_put_.default", "aten.repeat_interleave.self_Tensor", "aten.argsort.stable"):
+        assert expected in targets, expected
