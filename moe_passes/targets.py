@@ -5,7 +5,11 @@ A target is either a preset name or ``package.module:function`` returning
 ``SparseMoeBlock``s + the stacked balancing and z-losses) is the smallest
 real input; other preset names go to the reference model,
 ``models.interns1_vl.preset(name)`` (``tiny``, ``tiny-vl``, ...), trained on
-random token ids with labels.
+random token ids with labels (and one image, except ``tiny``). Real-shape
+presets (``META_PRESETS``: ``interns1-pro``) are built and traced on the meta
+device, so nothing is allocated; ``meta=True`` does that for any target.
+A factory breaking the ``(model, example_inputs)`` contract raises
+``TargetError`` naming the contract.
 
 The diff CLI runs on one process with the *fake* process group, whose
 all-to-all hallucinates data (every rank "receives" what rank 0 would): the
@@ -252,5 +256,6 @@ def resolve_target(spec: str, layers: int | None = None, meta: bool | None = Non
         target.meta = bool(meta)
         if meta:
             target.example_inputs = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in target.example_inputs]
+            target.description += ", on the meta device (nothing allocated)"
         return target
     return _reference_model_preset(spec, layers, meta)

@@ -151,11 +151,31 @@ def _words(text: str) -> set[str]:
     return {w for w in text.split() if not set(w) <= {"-", "+", "─"}}
 
 
-def test_text_at_80_columns_breaks_no_word() -> None:
-    args = ("diff", "moe_stack", "--pass", "layerwise_aux_loss", "--diff", "full", "-q")
-    narrow = moe_passes_cli(*args, columns=80)
-    unwrapped = moe_passes_cli(*args, columns=None)
-    assert narrow.returncode == 0 and unwrapped.returncode == 0, narrow.stderr + unwrapped.stderr
+@pytest.fixture(scope="module")
+def text_runs() -> tuple[Any, Any]:
+    """The same diff piped without a width (plain, unwrapped) and with COLUMNS=80."""
+    args = ("diff", "moe_stack", "--pass", "layerwise_aux_loss", "-q")
+    return moe_passes_cli(*args, columns=None), moe_passes_cli(*args, columns=80)
+
+
+def test_text_format_shows_diff_then_summary_and_estimates(text_runs: tuple[Any, Any]) -> None:
+    proc, _ = text_runs
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "--- graph 0 / layerwise_aux_loss (before)" in out and "+++ graph 0 / layerwise_aux_loss (after)" in out
+    assert re.search(r"^\+\s+\w+: ", out, re.MULTILINE)
+    assert "── summary" in out and "── static estimates" in out and "peak live" in out
+    assert re.search(r"^graph 0 / layerwise_aux_loss\s+yes\s+\+\d+ -\d+\s+6 -> 6\s+6 -> 6$", out, re.MULTILINE)
+    # Piped without COLUMNS: no colour codes, no wrapping (the graph's long lines stay whole).
+    assert "\033[" not in out and max(len(line) for line in out.splitlines()) > 100
+    # Semantic diff: no line is shown only because a free moved, and no free tail is shown.
+    assert not re.search(r"^[-+].*=\s*None\s*$", out, re.MULTILINE)
+    assert proc.stderr == ""  # -q: no progress lines
+
+
+def test_text_at_80_columns_breaks_no_word(text_runs: tuple[Any, Any]) -> None:
+    unwrapped, narrow = text_runs
+    assert narrow.returncode == 0, narrow.stderr
     lines = narrow.stdout.splitlines()
     # Every line fits, unless it holds a word too long to fit after its indent (never split).
     too_long = [line for line in lines if len(line) > 80 and not any(len(w) > 40 for w in line.split())]
