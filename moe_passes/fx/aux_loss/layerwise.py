@@ -190,8 +190,11 @@ class LayerwiseAuxLossPass(GraphPass):
         for x, entry in recognise.find_loop_entries(graph, routers, tagged):
             if entry._erased:
                 continue
-            scope = set(recognise.cast_chain(x, entry)) | {entry} | recognise.forward_closure([entry])
-            rw = Rewriter(graph, [Source(x, "layer", (x,))], 1, scope=scope, stats=statistics)
+            src = entry.args[0]  # the logits as the loss reads them: after exact casts, after any in-place write
+            while isinstance(src, fx.Node) and sem.exact_cast(src):
+                src = src.args[0]
+            scope = set(recognise.cast_chain(src, entry)) | {entry} | recognise.forward_closure([entry])
+            rw = Rewriter(graph, [Source(src, "layer", (src,))], 1, scope=scope, stats=statistics)
             region = f"per-layer loss {entry.name} ({entry.target}) over router logits {x.name}"
             if not self._apply(gm, rw, result, region, "left this layer's loss unchanged"):
                 continue

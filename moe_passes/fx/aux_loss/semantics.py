@@ -111,9 +111,18 @@ def exact_cast(node: fx.Node) -> bool:
     return src in FLOAT_RANK and out in FLOAT_RANK and FLOAT_RANK[out] > FLOAT_RANK[src]
 
 
+def returns_written_self(node: fx.Node) -> bool:
+    """An in-place op whose result *is* its first argument (``aten.clamp_``: returns ``Tensor(a!)``)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return (schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
+            and schema.returns[0].alias_info.is_write and bool(node.args) and isinstance(node.args[0], fx.Node))
+
+
 def through_exact_casts(node: Any) -> Any:
-    """The node an exact-cast chain starts from (``x.to(dev).float()`` -> ``x``)."""
-    while isinstance(node, fx.Node) and exact_cast(node):
+    """The tensor a chain of exact casts and in-place writes starts from (``x.to(dev).float()`` -> ``x``;
+    ``x.clamp_(..)`` -> ``x``). This names *which* tensor, not its values at that point: whoever reuses
+    a computation on it must check ``ir.facts.writes_between`` (``stats`` does)."""
+    while isinstance(node, fx.Node) and (exact_cast(node) or returns_written_self(node)):
         node = node.args[0]
     return node
 
