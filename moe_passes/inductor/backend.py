@@ -226,12 +226,24 @@ class DominoBackend:
         return patches
 
 
-def _verify_skip_reason(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:
+def _concrete_inputs(example_inputs: Sequence[Any]) -> tuple[list[Any], str | None]:
+    """Example inputs with symbolic scalars replaced by their hints (dynamic shapes hand the backend
+    ``SymInt`` sizes); the reason verification cannot run, if one is fake or has no hint."""
+    out: list[Any] = []
     for i, x in enumerate(example_inputs):
-        if isinstance(x, FakeTensor) or isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            return f"example input {i} is fake/symbolic ({type(x).__name__}); verification needs real values"
-        if isinstance(x, torch.Tensor) and x.is_meta:
-            return f"example input {i} is on the meta device"
+        if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            if not x.node.has_hint():
+                return [], f"example input {i} is a symbolic {type(x).__name__} without a hint"
+            x = x.node.hint
+        elif isinstance(x, FakeTensor):
+            return [], f"example input {i} is fake ({type(x).__name__}); verification needs real values"
+        elif isinstance(x, torch.Tensor) and x.is_meta:
+            return [], f"example input {i} is on the meta device"
+        out.append(x)
+    return out, None
+
+
+def _verify_skip_reason(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:
     if collective_nodes(gm.graph):
         if not dist.is_initialized():
             return "graph has collectives but no process group is initialised"
@@ -270,7 +282,8 @@ def verify_graphs(
     are issued in the same order on all ranks. Returns "ok" or the skip reason;
     raises ``VerificationError`` on a mismatch.
     """
-    reason = _verify_skip_reason(original, example_inputs)
+    example_inputs, reason = _concrete_inputs(example_inputs)
+    reason = reason or _verify_skip_reason(original, example_inputs)
     if reason is not None:
         log.info("verify skipped: %s", reason)
         return f"skipped: {reason}"
