@@ -164,6 +164,23 @@ def test_a_raising_post_grad_pass_is_rolled_back_forward_and_backward() -> None:
         assert "post-grad pass bug" in record["error"] and "graph restored" in record["skipped"][0]["reason"]
 
 
+def test_strict_passes_a_graph_break_graph_without_their_triggers() -> None:
+    """strict=True with the real passes: the graph before a graph break holds no all-to-all, router or loss,
+    so nothing raises there (it used to), and the report says no trigger was seen."""
+
+    def broken(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x @ w)
+        torch._dynamo.graph_break()
+        return (y * 3).sum()
+
+    backend = make_backend(strict=True)
+    x, w = small_inputs()
+    torch.testing.assert_close(torch.compile(broken, backend=backend)(x, w), broken(x, w))
+    assert len(backend.reports) == 2
+    for report in backend.reports:
+        assert all(p["trigger"] is None and not p["changed"] for p in report["pre_grad"]), report["pre_grad"]
+
+
 def test_strict_mode_raises_through_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     h.register(monkeypatch, h.NothingToDoPass)
     backend = make_backend(passes=("t_nothing",), strict=True)
