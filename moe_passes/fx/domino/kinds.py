@@ -237,11 +237,6 @@ class RowAnalysis:
                 out.append((a, k))
         return out
 
-    def _row_multiple(self, size: Any) -> int | None:
-        if isinstance(size, int) and self.T > 0 and size % self.T == 0 and size > 0:
-            return size // self.T
-        return None
-
     # ------------------------------------------------------------------ analysis
     def run(self, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
         for n in nodes:
@@ -269,7 +264,6 @@ class RowAnalysis:
             return NONE
         if n.target in _SYM_FUNCTIONS or name in ("aten.sym_size", "aten.sym_numel", "aten.sym_stride"):
             if name == "aten.sym_size" and tags & set(DATA_TAGS):
-                d = normalize_dim(n.args[1], _rank(n.args[0]) or 0)
                 return META  # a size (row counts of the chunk): metadata only
             if tags <= {"meta", "add"}:
                 return META
@@ -411,8 +405,6 @@ class RowAnalysis:
         (a, k) = args[0]
         if name in ("aten.new_zeros", "aten.new_empty", "aten.new_ones", "aten.new_full", "aten.new_empty_strided"):
             # the size comes from the arguments: a fresh buffer of any layout (its rows must be written by a rule)
-            if len(args) > 1 or any(isinstance(x, fx.Node) and x in self.region for x in [n.args[0]] if False):
-                pass
             return Kind("fresh", fresh=True)
         if k.tag in DATA_TAGS:
             return Kind(k.tag, k.m, k.key, k.p, fresh=name in ("aten.zeros_like", "aten.empty_like"), lead=k.lead)
@@ -615,7 +607,7 @@ class RowAnalysis:
         if name == "aten.index_copy":
             dim, idx, src = n.args[1], n.args[2], n.args[3]
             if normalize_dim(dim, _rank(dst) or 0) != 0:
-                return self._pointwise_scatter(n)
+                raise Unproven(f"{n.name}: index_copy along a non-token dim")
         else:
             indices, src = n.args[1], n.args[2]
             accumulate = _arg(n, 3, "accumulate", False)
@@ -632,9 +624,6 @@ class RowAnalysis:
         if ki is not None and ks is not None and ki.tag == "meta" and ks.tag == "recv" and ks.p is idx:
             return Kind("recv", key=ks.key, p=None)
         raise Unproven(f"{n.name}: {name} of a {ks} value at a {ki} index is not the inverse of the gather")
-
-    def _pointwise_scatter(self, n: fx.Node) -> Kind:
-        raise Unproven(f"{n.name}: index_copy along a non-token dim")
 
     def _scatter(self, n: fx.Node, name: str, dim0: bool = False) -> Kind:
         if dim0:

@@ -329,8 +329,6 @@ def check_outputs(region: MoERegion) -> None:
             raise RegionError(f"{out.name} ({what}) leaves the region (read by {[u.name for u in readers]}); only token rows and counts can be reassembled from chunks")
         if tensor_value(out) is None:
             raise RegionError(f"{out.name} leaves the region but is not a tensor")
-        if k.tag == "row" and k.fresh and out in region.kinds and False:
-            pass
         for u in readers:
             written = mutated_args(u)
             if out in written:
