@@ -89,9 +89,9 @@ def _check(reports: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # five fresh compiles of forward and backward
+@pytest.mark.timeout(1800)  # five fresh compiles of forward and backward (measured 1238 s with 6 jobs sharing 2 cores)
 def test_two_ranks_match_unmodified_model() -> None:
-    _check(run_distributed(equivalence_worker, 2, CASES, timeout_s=900))
+    _check(run_distributed(equivalence_worker, 2, CASES, timeout_s=1500))
 
 
 @pytest.mark.slow
