@@ -200,7 +200,7 @@ class Rewriter:
             self.cursor = node
             emit = lambda layer, n=node: self.memo(("expand", n), layer, True, lambda: self.new(aten.expand.default, (base, one)))
             narrow, nshape = None, ()
-            if all(sem.is_static(b) for b in bshape) and any(b == 1 and not sem.known_equal(s, 1) for b, s in zip(bshape[1:], sizes[1:])):
+            if any(sem.known_equal(b, 1) and not sem.known_equal(s, 1) for b, s in zip(bshape[1:], sizes[1:])):
                 narrow, nshape = (lambda layer, b=base: b), tuple(bshape[1:])
             return Rows(rows=(1,) * self.layers, emit=emit, invariant=True, narrow=narrow, narrow_shape=nshape)
         if (node.target in sem.RESHAPES or node.target in sem.CASTS) and isinstance(node.args[0], fx.Node):
@@ -394,12 +394,20 @@ class Rewriter:
         if not oshape:
             raise Unsupported(f"{_name(node)}: reshape of rows to a scalar")
         ia, ob = ishape[1:], oshape[1:]
-        if not all(sem.is_static(s) for s in (*ia, *ob)):
+        lead = len(ia) - len(ob)
+        if lead >= 0 and all(sem.known_equal(a, b) for a, b in zip(ia[lead:], ob)):
+            # leading non-row dims fold into the rows (symbolic sizes too): no divisibility question
+            rows = tuple(r * sem.prod(ia[:lead]) for r in a0.rows)
+            pa = pb = None
+        elif not all(sem.is_static(s) for s in (*ia, *ob)):
             raise Unsupported(f"{_name(node)}: reshape {ishape}->{oshape} with symbolic non-row dims")
-        pa, pb = sem.prod(ia), sem.prod(ob)
-        if pb == 0 or pa == 0:
-            raise Unsupported(f"{_name(node)}: empty rows")
-        if pa % pb == 0:
+        else:
+            pa, pb = sem.prod(ia), sem.prod(ob)
+            if pb == 0 or pa == 0:
+                raise Unsupported(f"{_name(node)}: empty rows")
+        if pa is None:
+            pass
+        elif pa % pb == 0:
             rows = tuple(r * (pa // pb) for r in a0.rows)
         elif pb % pa == 0 and all(sem.is_static(r) and r % (pb // pa) == 0 for r in a0.rows):
             rows = tuple(r // (pb // pa) for r in a0.rows)
@@ -414,11 +422,13 @@ class Rewriter:
         narrow, nshape = None, ()
         if a0.narrow is not None and len(a0.narrow_shape) == len(ia):
             na = a0.narrow_shape
+            one = lambda v: sem.known_equal(v, 1)
             j = 0
-            while j < len(na) and na[len(na) - 1 - j] == 1 and ia[len(ia) - 1 - j] != 1:
+            while j < len(na) and one(na[len(na) - 1 - j]) and not one(ia[len(ia) - 1 - j]):
                 j += 1
             lead = len(ia) - j
-            if j and len(ob) >= j and tuple(ob[len(ob) - j:]) == tuple(ia[lead:]) and tuple(na[:lead]) == tuple(ia[:lead]):
+            same = lambda xs, ys: len(xs) == len(ys) and all(sem.known_equal(x, y) for x, y in zip(xs, ys))
+            if j and len(ob) >= j and same(ob[len(ob) - j:], ia[lead:]) and same(na[:lead], ia[:lead]):
                 nshape = (*ob[:len(ob) - j], *([1] * j))
                 nnew = [-1, *nshape]
                 narrow = lambda layer: self.memo(("reshape_n", node), layer, True, lambda: self.new(aten.reshape.default, (a0.narrow(layer), nnew)))
@@ -527,9 +537,17 @@ class Rewriter:
         self.cursor = node
         if is_mean:
             other = sem.prod(shape[d] for d in dims[1:]) if len(dims) > 1 else 1
-            count = sum(a0.rows) * other
+            count: Any = sum(a0.rows) * other
             if not sem.is_static(count):
-                raise Unsupported(f"{_name(node)}: mean over a symbolic number of rows ({count})")
+                if not sem.is_static(other):
+                    raise Unsupported(f"{_name(node)}: mean over symbolic non-row dims")
+                # symbolic token count: the sum of each layer block's dim-0 size, read from the blocks
+                count = None
+                for layer in range(self.layers):
+                    size = self.new(aten.sym_size.int, (a0.emit(layer), 0))
+                    count = size if count is None else self.new(operator.add, (count, size))
+                if other != 1:
+                    count = self.new(operator.mul, (count, other))
             total = self.new(aten.div.Tensor, (total, count))
         if low:
             total = self.new(aten.to.dtype, (total, out_dtype))
