@@ -44,6 +44,7 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "layer_norm_router": ("rewritten", None),
     "roll_tokens": ("skipped", "redistributes Shard(0) token rows"),
     "roll_experts": ("rewritten", None),
+    "split_sizes_kept_on_self": ("skipped", "leaves the region"),
 }
 
 
@@ -117,6 +118,8 @@ class MutantBlock(nn.Module):
         for s in input_splits + output_splits:
             torch._check(s >= 0)
         torch._check(sum(input_splits) == permuted.shape[0])
+        if mut == "split_sizes_kept_on_self":  # an older torchtitan layout: split sizes become graph outputs
+            self.input_splits = input_splits
         received = all_to_all_single_autograd(permuted, output_splits, input_splits, self.group)
         offsets = recv.sum(dim=0).cumsum(0)
         block_ends = recv_counts.reshape(-1).cumsum(0)
