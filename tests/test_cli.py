@@ -139,7 +139,7 @@ def test_meta_device_trace_gives_the_same_estimates_without_allocating(json_run:
     meta = json.loads(out.read_text())
     assert meta["meta"] is True and "meta device" in meta["description"]
     (meta_section,) = meta["sections"]
-    real_section = {s["pass_name"]: s for s in json_run["sections"]}["async_offload"]  # first in the pipeline: the original graph
-    for key in ("peak_live_bytes", "bytes_communicated", "num_collectives", "num_nodes"):
+    real_section = json_run["sections"][0]  # the first pass in the pipeline received the original graph
+    for key in ("peak_live_bytes", "bytes_communicated", "num_collectives"):  # node counts depend on the IR the pass declares
         assert meta_section["estimate_before"][key] == real_section["estimate_before"][key], key
     assert meta["real_shape"][0].startswith("bytes communicated per layer: ")
