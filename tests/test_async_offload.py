@@ -366,8 +366,10 @@ def test_second_output_on_an_offloaded_buffer_stays_on_the_device_with_the_reaso
     assert [n.target is OFFLOAD_WAIT for n in output_nodes(gm)] == [False, True, False]
 
 
-def test_graph_without_router_outputs_is_left_alone_with_a_reason(x: torch.Tensor) -> None:
+def test_graph_without_router_outputs_is_left_alone_with_a_reason(x: torch.Tensor, captured: fx.GraphModule) -> None:
     gm = capture_graphs(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), x)[0].gm
+    offload = AsyncOffloadPass(BackendConfig())
+    assert offload.trigger(gm) is None and offload.trigger(captured) == "4 router tensor(s) among the graph outputs"
     text = graph_text(gm)
     gm, result = run_pass(gm)
     assert not result.changed and graph_text(gm) == text

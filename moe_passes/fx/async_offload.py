@@ -309,6 +309,12 @@ class AsyncOffloadPass(GraphPass):
     #: so it runs after the passes that restructure the forward (they see no offload ops in their regions).
     runs_after = ("layerwise_aux_loss", "domino_ep")
 
+    def trigger(self, gm: fx.GraphModule) -> str | None:
+        """Router logits / selected experts among the graph outputs, recognised as the pass itself does."""
+        kinds = classify(gm.graph)
+        outs = {a for a in tree_leaves(gm.graph.output_node().args) if isinstance(a, fx.Node) and kinds.get(a) in TARGET_KINDS}
+        return f"{len(outs)} router tensor(s) among the graph outputs" if outs else None
+
     def targets(self) -> tuple[str, ...] | None:
         """The explicit kinds to offload, or None for "auto"."""
         targets = self.config.offload_targets
