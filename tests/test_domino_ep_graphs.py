@@ -185,3 +185,25 @@ def test_autograd_all_to_all_spelling_is_recognised(ep_group: dist.ProcessGroup)
     result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
     assert result.changed and list(result.stats["chunks"].values()) == [[2, 2]], result.as_dict()
     assert sum(n.target is autograd_a2a for n in gm.graph.nodes) == 4
+
+
+def test_dynamic_token_count_is_skipped_with_reason(ep_group: dist.ProcessGroup) -> None:
+    """``dynamic=True``: the token count is a symbol; the region is refused with a reason, nothing crashes."""
+    block = SparseMoeBlock(HIDDEN, INTER, 4, 2, ep_group=ep_group)
+    results = []
+
+    class _Stop(Exception):
+        pass
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> None:
+        assert ensure_canonical(gm) is None
+        results.append(DominoEPPass(BackendConfig(num_chunks=2))(gm))
+        raise _Stop
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), pytest.raises(Exception, match="_Stop"):
+        torch.compile(lambda x: block(x).hidden_states.sum(), backend=backend, fullgraph=True, dynamic=True)(torch.randn(1, 6, HIDDEN))
+    torch._dynamo.reset()
+    (result,) = results
+    assert not result.changed
+    assert [s.reason for s in result.skipped] == ["token count of reshape / top-k 2 is symbolic; only static token counts are chunked"]
