@@ -79,6 +79,10 @@ def test_two_ranks_domino_through_the_backend_equals_plain_inductor(per_rank: li
         (report,) = result["domino_reports"]
         (pre,) = report["pre_grad"]
         assert pre["name"] == "domino_ep" and pre["changed"] and pre["stats"]["regions"] == 1
+        # on the canonical ATen IR, and validated inside the real backend call in Dynamo's fake mode
+        # (the EP graph carries unbacked split sizes): re-propagation ran, it was not "unavailable"
+        assert pre["ir"] == "aten" and report["ir"] == "aten"
+        assert any(n.startswith("fake-tensor re-propagation ran") for n in pre["validation_notes"]), pre["validation_notes"]
         for kind in ("forward", "backward"):
             assert [r["name"] for r in report["post_grad"][kind]] == ["schedule_overlap"], kind
 
