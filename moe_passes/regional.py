@@ -25,7 +25,7 @@ each block graph and their result is reused by every layer.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -100,6 +100,3 @@ def compiled_graph_count() -> int:
     """Unique graphs Dynamo compiled in this process so far (flat in layers under regional compile)."""
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
-
-def _names(regions: Iterable[tuple[str, nn.Module]]) -> list[str]:
-    return [name for name, _ in regions]
