@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_passes.fx.domino_ep import chunk_sizes
+from moe_passes.fx.domino import chunk_sizes
 from tests.distributed import run_distributed
 from tests.test_domino_model import EXPERTS, TinyMoEStack, domino_backend, init_biased, make_inputs
 

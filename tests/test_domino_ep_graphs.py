@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 from models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.config import BackendConfig
-from moe_passes.fx.domino import DominoEPPass, chunk_sizes, ensure_canonical
+from moe_passes.fx.domino import DominoEPPass, chunk_sizes
+from moe_passes.ir.canonical import canonicalize_in_place
 from moe_passes.fx.graph_text import graph_text
 from moe_passes.ir.facts import is_collective, is_wait, op_namespace_and_name
 from tests.golden import check_golden
@@ -44,7 +45,7 @@ def _block_graph(group: dist.ProcessGroup | None, tokens: int = 5, root: bool = 
             return out.hidden_states.sum(), out.router_logits, out.selected_experts
 
         (gm,) = capture_without_running(fn, x)
-    assert ensure_canonical(gm) is None
+    assert canonicalize_in_place(gm) is None
     return gm
 
 
@@ -196,7 +197,7 @@ def test_dynamic_token_count_is_skipped_with_reason(ep_group: dist.ProcessGroup)
         pass
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> None:
-        assert ensure_canonical(gm) is None
+        assert canonicalize_in_place(gm) is None
         results.append(DominoEPPass(BackendConfig(num_chunks=2))(gm))
         raise _Stop
 

@@ -73,7 +73,7 @@ def local_backend(config: BackendConfig, results: list[Any] | None = None) -> Ca
     """Domino pre-grad pass, then Inductor with the schedule pass as post-grad custom pass."""
     from torch._inductor.compile_fx import compile_fx
 
-    from moe_passes.fx.domino_ep import DominoEPPass
+    from moe_passes.fx.domino import DominoEPPass
     from moe_passes.inductor.schedule import INDUCTOR_CONFIG, ScheduleOverlapPass, as_custom_pass
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:

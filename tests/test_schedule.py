@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from moe_passes.config import BackendConfig
-from moe_passes.fx.domino_ep import DominoEPPass
+from moe_passes.fx.domino import DominoEPPass
 from moe_passes.fx.graph_text import normalize_text
 from moe_passes.inductor.schedule import (
     INDUCTOR_CONFIG,

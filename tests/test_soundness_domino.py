@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from moe_passes.config import BackendConfig
-from moe_passes.fx.domino import DominoEPPass, ensure_canonical
+from moe_passes.fx.domino import DominoEPPass
+from moe_passes.ir.canonical import canonicalize_in_place
 from tests.distributed import run_distributed
 from tests.mutants_domino import EXPECTED, MutantBlock, make_input
 from tests.test_domino_model import capture_without_running, init_fake_group
@@ -36,7 +37,7 @@ def fake_group() -> Iterator[dist.ProcessGroup]:
 def decide(mutation: str, group: dist.ProcessGroup) -> Any:
     block = MutantBlock(mutation, group)
     (gm,) = capture_without_running(lambda h: block(h), make_input(0, 0, TOKENS).requires_grad_())
-    assert ensure_canonical(gm) is None
+    assert canonicalize_in_place(gm) is None
     before = gm.code
     result = DominoEPPass(BackendConfig(num_chunks=CHUNKS))(gm)
     return result, before, gm

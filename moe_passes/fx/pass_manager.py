@@ -46,12 +46,12 @@ from moe_passes.fx.pipeline import PassUnavailableError, build_pipeline, load_pa
 from moe_passes.fx.validation import (
     REPROPAGATION_UNAVAILABLE,
     GraphState,
-    copy_graph_attributes,
     copy_graph_module,
     repropagate,
     validate,
 )
 from moe_passes.ir.canonical import canonicalize, is_canonical
+from moe_passes.ir.facts import copy_node_attributes
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def run_post_grad(
     leaves an invalid graph is rolled back (``strict=True`` raises). Results go to ``on_result``."""
     for graph_pass in passes:
         saved = copy.deepcopy(gm.graph)
-        copy_graph_attributes(gm.graph, saved)
+        copy_node_attributes(gm.graph, saved)
         try:
             result = graph_pass(gm)
             gm.graph.lint()

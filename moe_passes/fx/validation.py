@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv, rebind_unbacked
 from torch.utils._pytree import tree_leaves
 
 from moe_passes.ir.canonical import graph_fake_mode
-from moe_passes.ir.facts import node_value
+from moe_passes.ir.facts import copy_node_attributes, node_value
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with a copy of ``gm``'s graph, sharing its parameters and submodules (and keeping
     the node attributes Dynamo sets outside ``meta``)."""
     graph = copy.deepcopy(gm.graph)
-    copy_graph_attributes(gm.graph, graph)
+    copy_node_attributes(gm.graph, graph)
     copied = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     copied.meta = dict(getattr(gm, "meta", {}))
     for attr in ("_param_name_to_source",):
@@ -159,19 +159,8 @@ class GraphState:
     def restore(self, gm: fx.GraphModule) -> None:
         """Put the graph back as it was (the pass's changes, including metadata it overwrote, are dropped)."""
         restored = copy.deepcopy(self.gm.graph)
-        copy_graph_attributes(self.gm.graph, restored)
+        copy_node_attributes(self.gm.graph, restored)
         gm.graph = restored
-
-
-def copy_graph_attributes(src: fx.Graph, dst: fx.Graph) -> None:
-    """Attributes set on nodes outside ``meta`` (Dynamo's ``_dynamo_source`` on placeholders, which AOT
-    autograd requires) are not copied by ``Graph.__deepcopy__``; carry them over by node name."""
-    by_name = {n.name: n for n in dst.nodes}
-    for n in src.nodes:
-        extra = getattr(n, "__dict__", None)
-        if extra and n.name in by_name:
-            for key, value in extra.items():
-                setattr(by_name[n.name], key, value)
 
 
 #: Note recorded when re-propagation cannot run even on the unmodified graph.

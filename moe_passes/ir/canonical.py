@@ -108,15 +108,55 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
         reason = f"pre-dispatch re-trace failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         log.warning("canonical IR unavailable: %s", reason)
         return Canonicalized(gm, False, reason, mode)
-    _copy_placeholder_meta(gm, traced)
+    carry_dynamo_attributes(gm, traced)
     traced.meta = dict(getattr(gm, "meta", {}))
     traced.meta[CANONICAL_META_KEY] = True
     log.debug("canonical IR: %d Dynamo nodes -> %d ATen nodes", len(gm.graph.nodes), len(traced.graph.nodes))
     return Canonicalized(traced, True, fake_mode=mode)
 
 
-def _copy_placeholder_meta(src: fx.GraphModule, dst: fx.GraphModule) -> None:
-    """Give the re-traced placeholders Dynamo's names' metadata (grapharg, tensor_dict, ...)."""
-    for a, b in zip(src.graph.find_nodes(op="placeholder"), dst.graph.find_nodes(op="placeholder")):
-        for key, value in a.meta.items():
-            b.meta.setdefault(key, value)
+#: GraphModule attributes Dynamo sets that AOT autograd reads (parameter sources: static inputs).
+_MODULE_ATTRS = ("_param_name_to_source",)
+
+
+def carry_dynamo_attributes(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    """Give a re-traced graph Dynamo's placeholder identity, by position: names, metadata and the node
+    attributes Dynamo sets outside ``meta`` (``_dynamo_source``, which AOT autograd requires and uses
+    to mark parameters as static inputs), plus the module-level parameter-source map."""
+    old_ph = list(src.graph.find_nodes(op="placeholder"))
+    new_ph = list(dst.graph.find_nodes(op="placeholder"))
+    if len(old_ph) != len(new_ph):
+        raise RuntimeError(f"re-trace changed the number of graph inputs ({len(old_ph)} -> {len(new_ph)})")
+    for new in new_ph:
+        new._rename("moe_passes_tmp_" + new.name)
+    for old, new in zip(old_ph, new_ph):
+        new._rename(old.name)
+        new.target = old.target
+        for key, value in old.meta.items():
+            new.meta.setdefault(key, value)
+        for attr, value in vars(old).items():
+            if attr.startswith("_dynamo"):
+                setattr(new, attr, value)
+    for attr in _MODULE_ATTRS:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+    dst.recompile()
+
+
+def canonicalize_in_place(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> str | None:
+    """Re-trace ``gm`` to the canonical IR and swap the result into ``gm`` itself (same inputs, names,
+    Dynamo attributes), for callers that hold on to the module. None on success, else the reason."""
+    if is_canonical(gm):
+        return None
+    inputs = list(example_inputs) or [node_value(p) for p in gm.graph.find_nodes(op="placeholder")]
+    res = canonicalize(gm, inputs)
+    if not res.canonical:
+        return res.reason
+    traced = res.gm
+    for n in traced.graph.nodes:
+        if n.op == "get_attr" and not hasattr(gm, n.target):
+            setattr(gm, n.target, getattr(traced, n.target))
+    gm.graph = traced.graph  # its placeholders already carry Dynamo's attributes (see canonicalize)
+    gm.meta[CANONICAL_META_KEY] = True
+    gm.recompile()
+    return None

@@ -335,7 +335,7 @@ class ModuleRegion:
     """The nodes of one module that holds all-to-all collectives (for reports, estimates, the CLI).
 
     This is a grouping by ``nn_module_stack`` only; a pass that rewrites a region proves its own
-    region by data flow (e.g. ``moe_passes.fx.domino_ep``) and must not rely on this grouping.
+    region by data flow (e.g. ``moe_passes.fx.domino``) and must not rely on this grouping.
     """
 
     path: str
@@ -382,3 +382,16 @@ def nodes_in_order(nodes: Iterable[fx.Node]) -> list[fx.Node]:
         return []
     order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
     return sorted(nodes, key=order.__getitem__)
+
+
+def copy_node_attributes(src: fx.Graph, dst: fx.Graph) -> None:
+    """Carry the attributes set on nodes outside ``meta`` (Dynamo's ``_dynamo_source`` on placeholders,
+    which AOT autograd requires) from ``src`` to the same-named nodes of ``dst``; ``Graph.__deepcopy__``
+    and ``graph_copy`` do not copy them."""
+    by_name = {n.name: n for n in dst.nodes}
+    for n in src.nodes:
+        extra = getattr(n, "__dict__", None)
+        if extra and n.name in by_name:
+            for key, value in extra.items():
+                if key.startswith("_dynamo"):
+                    setattr(by_name[n.name], key, value)

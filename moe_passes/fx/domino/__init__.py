@@ -1,9 +1,9 @@
 """Domino EP on the canonical ATen IR: region discovery (``regions``), row-locality (``kinds``), rewrite (``rewrite``)."""
 
-from moe_passes.fx.domino.domino_pass import DominoEPPass, ensure_canonical, find_regions
+from moe_passes.fx.domino.domino_pass import DominoEPPass, find_regions
 from moe_passes.fx.domino.kinds import Kind, RowAnalysis, Unproven
 from moe_passes.fx.domino.regions import MoERegion, RegionError, describe_trigger
 from moe_passes.fx.domino.rewrite import chunk_sizes, repropagate
 
 __all__ = ["DominoEPPass", "Kind", "MoERegion", "RegionError", "RowAnalysis", "Unproven", "chunk_sizes",
-           "describe_trigger", "ensure_canonical", "find_regions", "repropagate"]
+           "describe_trigger", "find_regions", "repropagate"]

@@ -25,8 +25,8 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
 from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, repropagate, rewrite_region
 from moe_passes.fx.pass_base import GraphPass, PassResult
-from moe_passes.ir.canonical import CANONICAL_META_KEY, canonicalize, is_canonical
-from moe_passes.ir.facts import node_value, tensor_value
+from moe_passes.ir.canonical import canonicalize_in_place
+from moe_passes.ir.facts import copy_node_attributes, tensor_value
 
 log = logging.getLogger(__name__)
 
@@ -62,36 +62,6 @@ def _auto_chunks(region: MoERegion) -> tuple[int, str]:
     return n, f"{elems} local expert weight elements -> {n} chunks"
 
 
-def carry_placeholder_attrs(old: fx.Graph, new: fx.Graph) -> None:
-    """Dynamo's per-placeholder node attributes (``_dynamo_source``: AOT autograd reads it) onto a new graph."""
-    for a, b in zip(old.find_nodes(op="placeholder"), new.find_nodes(op="placeholder")):
-        if hasattr(a, "_dynamo_source") and not hasattr(b, "_dynamo_source"):
-            b._dynamo_source = a._dynamo_source
-        for key, value in a.meta.items():
-            b.meta.setdefault(key, value)
-
-
-def ensure_canonical(gm: fx.GraphModule) -> str | None:
-    """Re-trace a Dynamo graph to the canonical IR in place (for callers that run the pass directly).
-
-    Returns None on success, else the reason it is impossible.
-    """
-    if is_canonical(gm):
-        return None
-    res = canonicalize(gm, [node_value(p) for p in gm.graph.find_nodes(op="placeholder")])
-    if not res.canonical:
-        return res.reason
-    traced = res.gm
-    for n in traced.graph.nodes:
-        if n.op == "get_attr":
-            setattr(gm, n.target, getattr(traced, n.target))
-    carry_placeholder_attrs(gm.graph, traced.graph)
-    gm.graph = traced.graph
-    gm.meta[CANONICAL_META_KEY] = True
-    gm.recompile()
-    return None
-
-
 class DominoEPPass(GraphPass):
     """Chunk every proven expert-parallel MoE region into ``config.num_chunks`` token chunks."""
 
@@ -113,7 +83,7 @@ class DominoEPPass(GraphPass):
         result.stats["chunks"] = {}
         if describe_trigger(gm.graph) is None:
             return result
-        why = ensure_canonical(gm)
+        why = canonicalize_in_place(gm)
         if why is not None:
             result.skip("graph", f"canonical ATen IR unavailable: {why}")
             return result
@@ -127,7 +97,7 @@ class DominoEPPass(GraphPass):
         out = new_graph.graph_copy(gm.graph, val_map)
         new_graph.output(out)
         new_graph._codegen = gm.graph._codegen
-        carry_placeholder_attrs(gm.graph, new_graph)
+        copy_node_attributes(gm.graph, new_graph)
         planned: list[tuple[MoERegion, int, str]] = []
         for region in regions:
             if self.config.num_chunks == "auto":

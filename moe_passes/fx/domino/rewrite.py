@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 
 from moe_passes.fx.domino.kinds import Kind, _overload
 from moe_passes.fx.domino.regions import MoERegion
-from moe_passes.ir.facts import node_value, tensor_value
+from moe_passes.ir.facts import is_mutation, node_value, tensor_value
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,13 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
                 u.replace_input_with(out, new)
     for n in reversed(region.nodes):
         graph.erase_node(n)
+    # A copy nobody reads (e.g. the top-k values when only the indices are used, torchtitan's router)
+    # would be a new dead node per chunk: drop the pure ones.
+    for env in copies:
+        for n in reversed(region.nodes):
+            new = env[n]
+            if not new.users and not new.is_impure() and not is_mutation(new):
+                graph.erase_node(new)
     return sizes, reassembled
 
 
