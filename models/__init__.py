@@ -1,1 +1,0 @@
-"""Reference models the passes are proven on."""
