@@ -4,7 +4,7 @@ A target is either a preset name or ``package.module:function`` returning
 ``(model_or_fn, example_inputs)``. The built-in ``moe_stack`` preset (stacked
 ``SparseMoeBlock``s + the stacked balancing and z-losses) is the smallest
 real input; other preset names go to the reference model,
-``models.interns1_vl.preset(name)`` (``tiny``, ``tiny-vl``, ...), trained on
+``moe_passes.models.interns1_vl.preset(name)`` (``tiny``, ``tiny-vl``, ...), trained on
 random token ids with labels (and one image, except ``tiny``). Real-shape
 presets (``META_PRESETS``: ``interns1-pro``) are built and traced on the meta
 device, so nothing is allocated; ``meta=True`` does that for any target.
@@ -64,7 +64,7 @@ class MoEStack(nn.Module):
         z_coef: float = 0.001,
     ) -> None:
         super().__init__()
-        from models.interns1_vl.moe import SparseMoeBlock
+        from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 
         self.layers = nn.ModuleList(
             SparseMoeBlock(hidden_size, intermediate_size, num_experts, top_k, group_routing=group_routing, ep_group=ep_group)
@@ -76,7 +76,7 @@ class MoEStack(nn.Module):
             nn.init.normal_(p, std=0.2)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from models.interns1_vl.losses import load_balancing_loss, router_z_loss
+        from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
 
         logits = []
         for layer in self.layers:
@@ -133,7 +133,7 @@ def _image_batch(config: Any, batch: int, seq: int, generator: torch.Generator) 
 
 
 def _reference_model_preset(name: str, layers: int | None = None, meta: bool | None = None) -> Target:
-    """``models.interns1_vl.preset(name)``: the reference model, loss on random tokens and one image.
+    """``moe_passes.models.interns1_vl.preset(name)``: the reference model, loss on random tokens and one image.
 
     ``tiny`` is fed text only (the smallest graph); the other presets get one
     image too, so the vision tower's graph is part of what the passes see.
@@ -141,7 +141,7 @@ def _reference_model_preset(name: str, layers: int | None = None, meta: bool | N
     only, so a real-shape preset (``interns1-pro``) traces without allocating.
     """
     try:
-        ref = importlib.import_module("models.interns1_vl")
+        ref = importlib.import_module("moe_passes.models.interns1_vl")
         preset = getattr(ref, "preset")
         presets = sorted(getattr(ref, "PRESETS"))
     except (ImportError, AttributeError) as e:

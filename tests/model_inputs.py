@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.interns1_vl import InternS1VLConfig
+from moe_passes.models.interns1_vl import InternS1VLConfig
 
 
 def make_batch(

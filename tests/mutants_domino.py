@@ -1,7 +1,7 @@
 """MoE-block mutants for the Domino soundness corpus.
 
 ``MutantBlock`` is a small dropless EP block with the structure of
-``models.interns1_vl.moe.SparseMoeBlock`` (router -> softmax -> top-k ->
+``moe_passes.models.interns1_vl.moe.SparseMoeBlock`` (router -> softmax -> top-k ->
 renormalise -> argsort by expert -> gather -> counts -> count exchange ->
 dispatch all-to-all -> grouped experts -> combine all-to-all -> un-permute ->
 weighted sum over the K copies), with one named mutation that makes some step
@@ -65,7 +65,7 @@ class MutantBlock(nn.Module):
         self.w2 = nn.Parameter(w2[rank * self.local:(rank + 1) * self.local].clone())
 
     def _experts(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        from models.interns1_vl.grouped_mm import grouped_mm
+        from moe_passes.models.interns1_vl.grouped_mm import grouped_mm
 
         return grouped_mm(F.silu(grouped_mm(x, self.w1, offsets)), self.w2, offsets)
 

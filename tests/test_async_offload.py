@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import moe_passes
-from models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.bench.offload import RouterStack, device_liveness
 from moe_passes.config import BackendConfig
 from moe_passes.fx.async_offload import (
@@ -70,7 +70,7 @@ def captured_aten(model: RouterStack, x: torch.Tensor) -> fx.GraphModule:
 @pytest.fixture(scope="module")
 def reference_graphs() -> dict[str, fx.GraphModule]:
     """The reference model as users run it, ``output_router_logits=True``, in both IRs (one capture each)."""
-    from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+    from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
 
     torch.manual_seed(0)
     config = InternS1VLConfig.tiny()
@@ -591,7 +591,7 @@ def test_default_pipeline_on_the_reference_model_as_users_run_it_keeps_loss_and_
     """``model(ids, labels=ids, output_router_logits=True)`` under the default backend: router logits and
     selected experts come back as host copies with eager's values; loss and every gradient, including one
     through the returned logits, equal eager's."""
-    from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+    from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
 
     torch.manual_seed(0)
     config = InternS1VLConfig.tiny()
@@ -627,7 +627,7 @@ def test_routing_replay_example_logs_expert_load_from_host_copies_and_replays_ex
     import sys
     from pathlib import Path
 
-    from models.interns1_vl import InternS1VLConfig
+    from moe_passes.models.interns1_vl import InternS1VLConfig
 
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass, chunk_sizes
 from moe_passes.ir.canonical import canonicalize_in_place

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.interns1_vl.losses import load_balancing_loss
-from models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.losses import load_balancing_loss
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.config import BackendConfig
 
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 8, 8, 2

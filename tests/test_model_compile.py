@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict
+from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict
 from tests.distributed import run_distributed
 from tests.model_inputs import make_batch
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict
-from models.interns1_vl.hf_loading import is_expert_key
+from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict
+from moe_passes.models.interns1_vl.hf_loading import is_expert_key
 from tests.distributed import run_distributed
 from tests.model_inputs import make_batch
 
@@ -52,7 +52,7 @@ def reference_loss(model: InternS1VLForConditionalGeneration, batches: list[dict
     """Sum over ranks' batches; with global statistics the balancing loss sees every rank's tokens."""
     if not global_aux:
         return sum(model(**b).loss for b in batches)
-    from models.interns1_vl import load_balancing_loss
+    from moe_passes.models.interns1_vl import load_balancing_loss
 
     config = model.config
     outs = [model(**b, output_router_logits=True) for b in batches]

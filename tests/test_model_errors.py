@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.interns1_vl import (
+from moe_passes.models.interns1_vl import (
     InternS1VLConfig,
     InternS1VLForConditionalGeneration,
     SparseMoeBlock,

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.interns1_vl.grouped_mm import grouped_mm, grouped_mm_op, grouped_mm_weight_grad
-from models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.grouped_mm import grouped_mm, grouped_mm_op, grouped_mm_weight_grad
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 
 
 def loop_reference(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity reference (pip install -e '.[test]')")
 
-from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict  # noqa: E402
+from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict  # noqa: E402
 
 ATOL = 2e-5
 RTOL = 1e-4
@@ -119,7 +119,7 @@ def test_image_and_text_logits_and_loss_match_transformers(models) -> None:
 
 def test_image_positions_follow_transformers_rope_index(models) -> None:
     hf, ours = models
-    from models.interns1_vl import mrope_position_ids
+    from moe_passes.models.interns1_vl import mrope_position_ids
 
     batch = image_batch()
     mask = torch.ones_like(batch["input_ids"])

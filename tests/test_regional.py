@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
-from models.interns1_vl.losses import load_balancing_loss
-from models.interns1_vl.moe import SparseMoeBlock
-from models.interns1_vl.text import DecoderLayer, RMSNorm
+from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+from moe_passes.models.interns1_vl.losses import load_balancing_loss
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.text import DecoderLayer, RMSNorm
 from moe_passes.regional import compile_regions, find_regions
 
 HIDDEN, EXPERTS, TOP_K = 16, 8, 2

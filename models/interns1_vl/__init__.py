@@ -1,10 +1,10 @@
 """InternS1-VL / Qwen3-VL-MoE reference model, written plainly (no hooks for the compiler passes)."""
 
-from models.interns1_vl.config import PRESETS, InternS1VLConfig, TextConfig, VisionConfig, preset
-from models.interns1_vl.hf_loading import load_hf_state_dict, shard_state_dict_for_ep
-from models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from models.interns1_vl.model import InternS1VLForConditionalGeneration, InternS1VLOutput, mrope_position_ids
-from models.interns1_vl.moe import MoEOutput, SparseMoeBlock
+from .config import PRESETS, InternS1VLConfig, TextConfig, VisionConfig, preset
+from .hf_loading import load_hf_state_dict, shard_state_dict_for_ep
+from .losses import load_balancing_loss, router_z_loss
+from .model import InternS1VLForConditionalGeneration, InternS1VLOutput, mrope_position_ids
+from .moe import MoEOutput, SparseMoeBlock
 
 __all__ = [
     "PRESETS",

@@ -15,10 +15,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.interns1_vl.config import InternS1VLConfig
-from models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from models.interns1_vl.text import TextModel, gather_by_mask_rank
-from models.interns1_vl.vision import VisionModel
+from .config import InternS1VLConfig
+from .losses import load_balancing_loss, router_z_loss
+from .text import TextModel, gather_by_mask_rank
+from .vision import VisionModel
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch.distributed._functional_collectives import (
     all_to_all_single_autograd,
 )
 
-from models.interns1_vl.grouped_mm import grouped_mm
+from .grouped_mm import grouped_mm
 
 log = logging.getLogger(__name__)
 

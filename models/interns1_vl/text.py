@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.interns1_vl.config import InternS1VLConfig, TextConfig
-from models.interns1_vl.moe import SparseMoeBlock
+from .config import InternS1VLConfig, TextConfig
+from .moe import SparseMoeBlock
 
 
 class RMSNorm(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.interns1_vl.config import VisionConfig
+from .config import VisionConfig
 
 
 class PatchLayout(NamedTuple):

@@ -45,9 +45,9 @@ def build_stack(layers: int, experts: int, device: str) -> Any:
     import torch
     from torch import nn
 
-    from models.interns1_vl.losses import load_balancing_loss
-    from models.interns1_vl.moe import SparseMoeBlock
-    from models.interns1_vl.text import RMSNorm
+    from moe_passes.models.interns1_vl.losses import load_balancing_loss
+    from moe_passes.models.interns1_vl.moe import SparseMoeBlock
+    from moe_passes.models.interns1_vl.text import RMSNorm
 
     class BenchDecoderLayer(nn.Module):
         def __init__(self) -> None:

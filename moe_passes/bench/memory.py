@@ -50,8 +50,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.fx.capture import capture_graphs
 from moe_passes.fx.layerwise_aux_loss import LayerwiseAuxLossPass

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_leaves
 
 import logging
 
-from models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.ir.facts import node_value
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
@@ -145,7 +145,7 @@ def device_liveness(gm: fx.GraphModule) -> Liveness:
 
 def reference_workload(quick: bool, device: torch.device) -> tuple[Any, tuple[torch.Tensor, ...]]:
     """The tiny InternS1-VL reference model as users run it: ``model(ids, labels=ids, output_router_logits=True)``."""
-    from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+    from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
 
     config = InternS1VLConfig.tiny()
     vlm = InternS1VLForConditionalGeneration(config).to(device)

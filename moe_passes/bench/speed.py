@@ -47,7 +47,7 @@ def _build_model(dims: dict[str, int], group: Any, device: str) -> Any:
     import torch
     from torch import nn
 
-    from models.interns1_vl.moe import SparseMoeBlock
+    from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 
     class MoEStack(nn.Module):
         def __init__(self) -> None:

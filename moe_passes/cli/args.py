@@ -81,7 +81,7 @@ def _pass_list() -> str:
 
 def _presets() -> str:
     try:
-        from models.interns1_vl.config import PRESETS
+        from moe_passes.models.interns1_vl.config import PRESETS
 
         return "moe_stack, " + ", ".join(PRESETS)
     except Exception:  # the reference model is optional for the CLI
