@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
-from models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.fx.capture import capture_graphs
 from moe_passes.fx.graph_text import graph_text
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
@@ -457,7 +457,7 @@ def test_transformers_qwen3_vl_moe_graphs(padded: bool) -> None:
 
 def test_reference_model_graph_is_rewritten_with_equal_loss_and_grads() -> None:
     """Engineer A's InternS1-VL tiny model (stacked loss + z-loss, padding): rewritten, values unchanged."""
-    from models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+    from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
 
     torch.manual_seed(0)
     model = InternS1VLForConditionalGeneration(InternS1VLConfig.tiny())
