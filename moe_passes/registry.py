@@ -17,7 +17,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 PRE_GRAD_PASSES: dict[str, str] = {
-    "layerwise_aux_loss": "moe_passes.fx.layerwise_aux_loss:LayerwiseAuxLossPass",
+    "layerwise_aux_loss": "moe_passes.fx.aux_loss:LayerwiseAuxLossPass",
     "domino_ep": "moe_passes.fx.domino:DominoEPPass",
     "async_offload": "moe_passes.fx.async_offload:AsyncOffloadPass",
 }

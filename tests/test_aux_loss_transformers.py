@@ -318,11 +318,7 @@ def _inductor_pair(make: Callable[[], nn.Module], run: Callable[[Any], torch.Ten
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", [
-    pytest.param("qwen3_moe", marks=pytest.mark.xfail(
-        raises=torch._dynamo.exc.BackendCompilerFailed, strict=False,
-        reason="the backend's canonical re-trace of this transformers graph leaves a get_attr tensor constant "
-               "(_tensor_constant0) that AOT autograd finds in no param_name_to_source (moe_passes.ir.canonical, "
-               "reported to the coordinator); the pass itself is checked on this model eagerly above")),
+    "qwen3_moe",
     "4.x verbatim, padded",
 ])
 def test_inductor_with_the_pass_equals_plain_inductor(case: str, dtype: torch.dtype) -> None:

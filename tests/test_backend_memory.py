@@ -1,4 +1,4 @@
-"""Static estimates (fx/memory.py) and shared matchers (fx/match.py), checked by hand-computed numbers."""
+"""Static estimates (fx/memory.py) and the shared vocabulary (ir/facts.py), checked by hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from moe_passes.fx.capture import CapturedGraph, capture_graphs
-from moe_passes.fx.match import (
+from moe_passes.ir.facts import (
     collective_kind,
     collective_nodes,
-    find_moe_regions,
+    find_module_regions,
     group_by_module,
     is_all_to_all,
     is_collective,
@@ -71,7 +71,7 @@ def test_estimate_leaves_node_meta_untouched(ep_graph: CapturedGraph) -> None:
 
 
 def test_moe_regions_are_found_per_layer(ep_graph: CapturedGraph) -> None:
-    regions = find_moe_regions(ep_graph.gm.graph)
+    regions = find_module_regions(ep_graph.gm.graph)
     assert [r.path for r in regions] == ["L['self'].layers.0", "L['self'].layers.1"]
     for region in regions:
         assert region.module_type == "SparseMoeBlock"

@@ -127,7 +127,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "`" not in text  # no RST markup
     from moe_passes.config import DEFAULT_PASSES
-    from moe_passes.fx.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES
+    from moe_passes.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES
 
     assert all(name in text for name in [*PRE_GRAD_PASSES, *POST_GRAD_PASSES])
     assert "default: " + ", ".join(DEFAULT_PASSES) in text

@@ -70,7 +70,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 def _pass_list() -> str:
     from moe_passes.config import DEFAULT_PASSES
-    from moe_passes.fx.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES
+    from moe_passes.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES
 
     return (
         f"pre-grad passes: {', '.join(PRE_GRAD_PASSES)}\n"

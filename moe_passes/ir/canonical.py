@@ -115,14 +115,11 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
     return Canonicalized(traced, True, fake_mode=mode)
 
 
-#: GraphModule attributes Dynamo sets that AOT autograd reads (parameter sources: static inputs).
-_MODULE_ATTRS = ("_param_name_to_source",)
-
-
 def carry_dynamo_attributes(src: fx.GraphModule, dst: fx.GraphModule) -> None:
     """Give a re-traced graph Dynamo's placeholder identity, by position: names, metadata and the node
     attributes Dynamo sets outside ``meta`` (``_dynamo_source``, which AOT autograd requires and uses
-    to mark parameters as static inputs), plus the module-level parameter-source map."""
+    to mark parameters as static inputs), plus the module-level parameter-source map where it still
+    covers every parameter and buffer."""
     old_ph = list(src.graph.find_nodes(op="placeholder"))
     new_ph = list(dst.graph.find_nodes(op="placeholder"))
     if len(old_ph) != len(new_ph):
@@ -137,9 +134,14 @@ def carry_dynamo_attributes(src: fx.GraphModule, dst: fx.GraphModule) -> None:
         for attr, value in vars(old).items():
             if attr.startswith("_dynamo"):
                 setattr(new, attr, value)
-    for attr in _MODULE_ATTRS:
-        if hasattr(src, attr):
-            setattr(dst, attr, getattr(src, attr))
+    sources = getattr(src, "_param_name_to_source", None)
+    if sources is not None:
+        # AOT autograd requires a source for every parameter and buffer once the map exists; the
+        # re-trace may lift tensor constants into buffers Dynamo never saw. Then leave the map out:
+        # AOT takes its export path, which still marks parameters and buffers as static inputs.
+        names = [n for n, _ in dst.named_parameters()] + [n for n, _ in dst.named_buffers()]
+        if all(n in sources for n in names):
+            dst._param_name_to_source = sources
     dst.recompile()
 
 

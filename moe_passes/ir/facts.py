@@ -246,7 +246,12 @@ def _is_view(node: fx.Node) -> bool:
         return node.target in {"view", "reshape", "view_as", "expand", "expand_as", "transpose", "permute", "t",
                                "squeeze", "unsqueeze", "flatten", "unflatten", "narrow", "select", "__getitem__",
                                "split", "chunk", "unbind", "detach", "as_strided", "diagonal", "contiguous", "T"}
-    return node.op == "call_function" and node.target in (operator.getitem, torch.reshape, torch.flatten,
+    if node.op == "call_function" and node.target is operator.getitem:
+        # Indexing a tensor may view it; picking one output of a multi-output op (top-k's values vs
+        # indices) does not alias the siblings.
+        base = node.args[0] if node.args else None
+        return isinstance(node_value(base), torch.Tensor)
+    return node.op == "call_function" and node.target in (torch.reshape, torch.flatten,
                                                            torch.transpose, torch.squeeze, torch.unsqueeze,
                                                            torch.narrow, torch.select, torch.split, torch.chunk,
                                                            torch.unbind, torch.detach)

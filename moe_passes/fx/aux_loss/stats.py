@@ -148,46 +148,10 @@ def reuse_router_ops(graph: fx.Graph, candidates: list[fx.Node], notes: list[str
                 continue
             used = {u.args[1] for u in node.users if u.target is operator.getitem}
             outs = [u for u in other.users if u.target is operator.getitem and u.args[1] in used]
-            if writes_between(tkey[0], other, node) or any(_element_writes(o, other, node) for o in outs):
+            if writes_between(tkey[0], other, node) or any(writes_between(o, other, node) for o in outs):
                 notes.append(f"router top-k {other.name} not reused: an in-place write to the outputs the loss reads, in between")
                 break
             node.replace_all_uses_with(other)
             reused["topk"] += 1
             break
     return reused
-
-
-def _element_writes(element: fx.Node, start: fx.Node, end: fx.Node) -> list[fx.Node]:
-    """Writes to one output of a multi-output ATen op (``getitem(topk, 1)``) between ``start`` and ``end``.
-
-    ``ir.facts.writes_between`` treats ``operator.getitem`` as a view and so reaches the sibling
-    outputs through the tuple (right for torch-IR tensor indexing, too wide in ATen IR, where
-    ``getitem`` only picks a distinct tensor out of a tuple); here the element's aliases are
-    followed through real views only."""
-    from moe_passes.ir.facts import mutated_args, schema_of
-
-    def is_view(n: fx.Node) -> bool:
-        schema = schema_of(n)
-        return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None \
-            and not schema.returns[0].alias_info.is_write
-
-    aliases, stack = {element}, [element]
-    while stack:
-        n = stack.pop()
-        linked = [u for u in n.users if is_view(u) and u.args and u.args[0] is n]
-        if is_view(n) and isinstance(n.args[0], fx.Node):
-            linked.append(n.args[0])
-        for m in linked:
-            if m not in aliases:
-                aliases.add(m)
-                stack.append(m)
-    hits, inside = [], False
-    for n in element.graph.nodes:
-        if n is start:
-            inside = True
-            continue
-        if n is end:
-            break
-        if inside and any(a in aliases for a in mutated_args(n)):
-            hits.append(n)
-    return hits
