@@ -37,7 +37,7 @@ BUILTIN_PRESETS = ("moe_stack",)
 
 @dataclass
 class Target:
-    """What the CLI compiles: ``fn(*example_inputs)`` returns a scalar loss."""
+    """What the CLI compiles: ``fn(*example_inputs)`` returns the loss (the reference presets also return their router tensors)."""
 
     name: str
     fn: Callable[..., Any]
@@ -176,8 +176,10 @@ def _reference_model_preset(name: str, layers: int | None = None, meta: bool | N
     if meta:
         inputs = {k: v.to("meta") for k, v in inputs.items()}
 
-    def loss_fn(*args: torch.Tensor) -> torch.Tensor:
-        return model(**dict(zip(keys, args))).loss
+    def loss_fn(*args: torch.Tensor) -> tuple[Any, ...]:
+        # As users run it for expert-load logging / routing replay: the router tensors are returned too.
+        out = model(**dict(zip(keys, args)), output_router_logits=True)
+        return out.loss, out.router_logits, out.selected_experts
 
     shown = config.text.num_hidden_layers
     what = f"{shown} of {total_layers} decoder layers" if shown != total_layers else f"{shown} decoder layers"
