@@ -68,6 +68,9 @@ class DominoEPPass(GraphPass):
     name = "domino_ep"
     stage = "pre_grad"
     ir = "aten"
+    # The aux-loss pass recognises each layer's router logits as one row-local tensor; after
+    # chunking they are a concatenation of chunks, so it runs first.
+    runs_after = ("layerwise_aux_loss",)
 
     def trigger(self, gm: fx.GraphModule) -> str | None:
         """The all-to-alls the graph holds (any spelling), or None."""
