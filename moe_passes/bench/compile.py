@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("moe_passes.progress")  # printed as progress lines by the CLI
 
 HIDDEN, FFN, TOP_K, TOKENS = 32, 32, 2, 64
 CASE_TIMEOUT_S = 240.0  # per case, whole process (import + compile + 3 steps); override: MOE_PASSES_COMPILE_CASE_TIMEOUT_S
@@ -222,7 +223,11 @@ def run(options: Any) -> Any:
         with ThreadPoolExecutor(jobs) as pool:
             rows = list(pool.map(lambda case: run_in_subprocess(case, timeout_s), todo))
     else:
-        rows = [run_in_subprocess(case, timeout_s) for case in todo]
+        rows = []
+        for i, case in enumerate(todo):
+            progress.info("compile: case %d/%d: %d layers, %d experts, %s, passes %s", i + 1, len(todo),
+                          case["layers"], case["experts"], case["mode"], case["passes"])
+            rows.append(run_in_subprocess(case, timeout_s))
     notes = [
         f"cold cache: one process and a fresh TORCHINDUCTOR_CACHE_DIR per case, {timeout_s:.0f} s limit per case "
         "(a case over the limit keeps its row as 'timeout')",

@@ -18,6 +18,7 @@ of the step: wide hidden size, many tokens, narrow experts.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
+
+progress = logging.getLogger("moe_passes.progress")  # printed as progress lines by the CLI
 
 COLUMNS = ["variant", "step_ms", "exposed_comm_ms", "compile_s", "step_vs_inductor", "exposed_vs_inductor", "note"]
 VARIANTS = ["eager", "inductor", "inductor_reorder_comm", "inductor_overlap_scheduler", "domino_n2", "domino_n4",
@@ -213,7 +216,9 @@ def _rank_main(rank: int, world_size: int, port: int, options: BenchOptions, out
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=600))
         dims = shape(options)
-        for name in VARIANTS:
+        for i, name in enumerate(VARIANTS):
+            with open(Path(outdir) / f"rank{rank}.progress", "a") as f:  # the parent relays these lines
+                f.write(f"rank {rank + 1}/{world_size}: variant {i + 1}/{len(VARIANTS)} {name}\n")
             try:
                 rows.append(_measure(rank, options, name, dims, dist.group.WORLD))
             except Exception as e:  # a variant that cannot run on this machine says so in its row
@@ -233,6 +238,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _join_relaying_progress(procs: list[Any], outdir: Path, timeout_s: float) -> None:
+    """Join the rank processes, relaying each rank's progress lines to the progress logger meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    seen: dict[Path, int] = {}
+    while True:
+        for path in sorted(outdir.glob("rank*.progress")):
+            lines = path.read_text().splitlines()
+            for line in lines[seen.get(path, 0):]:
+                progress.info("speed: %s", line)
+            seen[path] = len(lines)
+        alive = [p for p in procs if p.is_alive()]
+        if not alive or time.monotonic() > deadline:
+            return
+        alive[0].join(2.0)
+
+
 def _spawn(options: BenchOptions) -> list[list[dict[str, Any]]]:
     import torch.multiprocessing as mp
 
@@ -242,8 +263,7 @@ def _spawn(options: BenchOptions) -> list[list[dict[str, Any]]]:
         procs = [ctx.Process(target=_rank_main, args=(r, options.world_size, port, options, outdir)) for r in range(options.world_size)]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(3600)
+        _join_relaying_progress(procs, Path(outdir), 3600.0)
         for p in procs:
             if p.is_alive():
                 p.kill()
