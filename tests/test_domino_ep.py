@@ -95,6 +95,6 @@ def test_two_ranks_match_unmodified_model() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # 4 ranks on 2 cores: five fresh compiles of forward and backward
+@pytest.mark.timeout(1500)  # 4 ranks on 2 cores: five fresh compiles of forward and backward (608 s measured, cold-ish)
 def test_four_ranks_match_unmodified_model() -> None:
-    _check(run_distributed(equivalence_worker, 4, CASES, timeout_s=900))
+    _check(run_distributed(equivalence_worker, 4, CASES, timeout_s=1300))
