@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv, rebind_unbacked
 from torch.utils._pytree import tree_leaves
 
-from moe_passes.ir.canonical import graph_fake_mode
+from moe_passes.ir.canonical import graph_fake_mode, placeholder_fakes
 from moe_passes.ir.facts import copy_node_attributes, node_value
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,6 @@ class _Repropagate(fx.Interpreter):
         return value
 
 
-def _fake_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: FakeTensorMode) -> list[Any]:
-    inputs = []
-    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
-        val = node_value(node)
-        if val is None and i < len(example_inputs):
-            val = example_inputs[i]
-        if isinstance(val, FakeTensor) and val.fake_mode is not mode:
-            val = mode.from_tensor(val, static_shapes=True)
-        elif isinstance(val, torch.Tensor) and not isinstance(val, FakeTensor):
-            val = mode.from_tensor(val, static_shapes=True)
-        inputs.append(val)
-    return inputs
-
-
 def repropagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, Any]:
     """Fake-tensor propagation of the whole graph; returns node -> fake value.
 
@@ -103,7 +89,7 @@ def repropagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.No
         stack.enter_context(mode)
         if mode.shape_env is not None:
             stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
-        interp.run(*_fake_inputs(gm, example_inputs, mode), enable_io_processing=False)
+        interp.run(*placeholder_fakes(gm, example_inputs, mode, static_shapes=True), enable_io_processing=False)
     return interp.vals
 
 

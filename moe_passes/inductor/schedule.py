@@ -27,7 +27,6 @@ import heapq
 import logging
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from moe_passes.fx.pass_base import GraphPass, PassResult

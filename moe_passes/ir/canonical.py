@@ -66,20 +66,19 @@ def graph_fake_mode(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> FakeTe
     return detect_fake_mode(vals) or detect_fake_mode(list(example_inputs))
 
 
-def _fake_args(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: FakeTensorMode) -> list[Any]:
-    """Placeholder values in ``mode``: Dynamo's own fakes where it recorded them (symbols kept)."""
+def placeholder_fakes(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], mode: FakeTensorMode, static_shapes: bool = False
+) -> list[Any]:
+    """The graph's input values as fakes of ``mode``: Dynamo's own fakes where it recorded them in
+    ``mode`` (symbols kept), else the example input, converted (``static_shapes`` as given)."""
     out: list[Any] = []
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    for i, ph in enumerate(placeholders):
+    for i, ph in enumerate(gm.graph.find_nodes(op="placeholder")):
         val = node_value(ph)
         if val is None and i < len(example_inputs):
             val = example_inputs[i]
-        if isinstance(val, FakeTensor) and val.fake_mode is mode:
-            out.append(val)
-        elif isinstance(val, torch.Tensor):
-            out.append(mode.from_tensor(val))
-        else:
-            out.append(val)
+        if isinstance(val, torch.Tensor) and not (isinstance(val, FakeTensor) and val.fake_mode is mode):
+            val = mode.from_tensor(val, static_shapes=static_shapes)
+        out.append(val)
     return out
 
 
@@ -95,11 +94,10 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
         return Canonicalized(gm, False, "no fake mode on the graph or its example inputs (hand-built graph)")
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    args = _fake_args(gm, example_inputs, mode)
-    interp_gm = gm
+    args = placeholder_fakes(gm, example_inputs, mode)
 
     def run(*a: Any) -> Any:
-        return fx.Interpreter(interp_gm).run(*a)
+        return fx.Interpreter(gm).run(*a)
 
     try:
         with mode, torch.fx.traceback.preserve_node_meta():
@@ -108,7 +106,11 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
         reason = f"pre-dispatch re-trace failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         log.warning("canonical IR unavailable: %s", reason)
         return Canonicalized(gm, False, reason, mode)
-    carry_dynamo_attributes(gm, traced)
+    try:
+        carry_dynamo_attributes(gm, traced)
+    except RuntimeError as e:
+        log.warning("canonical IR unavailable: %s", e)
+        return Canonicalized(gm, False, str(e), mode)
     traced.meta = dict(getattr(gm, "meta", {}))
     traced.meta[CANONICAL_META_KEY] = True
     log.debug("canonical IR: %d Dynamo nodes -> %d ATen nodes", len(gm.graph.nodes), len(traced.graph.nodes))

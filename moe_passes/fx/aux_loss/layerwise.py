@@ -27,41 +27,11 @@ from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.fx.aux_loss.rewrite import TAG, Rewriter, Source, Unsupported
 from moe_passes.fx.aux_loss.stats import Statistics, reuse_router_ops
 from moe_passes.fx.pass_base import GraphPass, PassResult
-from moe_passes.ir.canonical import CANONICAL_META_KEY, canonicalize, is_canonical
+from moe_passes.ir.canonical import canonicalize_in_place, is_canonical
 from moe_passes.ir.facts import is_softmax, node_value
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-
-def ensure_canonical(gm: fx.GraphModule) -> str | None:
-    """Re-trace a torch-IR graph to canonical ATen *in place* (same placeholders and names).
-    Returns None on success, else why it is not possible."""
-    if is_canonical(gm) or _looks_aten(gm):
-        return None
-    result = canonicalize(gm, [])
-    if not result.canonical:
-        return result.reason
-    traced = result.gm
-    old_ph = list(gm.graph.find_nodes(op="placeholder"))
-    new_ph = list(traced.graph.find_nodes(op="placeholder"))
-    if len(old_ph) != len(new_ph):
-        return "re-trace changed the number of graph inputs"
-    for n in traced.graph.nodes:
-        if n.op == "get_attr" and not hasattr(gm, n.target):
-            setattr(gm, n.target, getattr(traced, n.target))
-    for old, new in zip(old_ph, new_ph):
-        new.name = "__tmp_" + old.name
-    for old, new in zip(old_ph, new_ph):
-        new.name = old.name
-        new.target = old.target
-        for attr, value in vars(old).items():  # Dynamo's own node attributes (``_dynamo_source``) for AOT autograd
-            if attr.startswith("_dynamo"):
-                setattr(new, attr, value)
-    gm.graph = traced.graph
-    gm.meta[CANONICAL_META_KEY] = True
-    gm.recompile()
-    return None
 
 
 def _looks_aten(gm: fx.GraphModule) -> bool:
@@ -137,7 +107,7 @@ class LayerwiseAuxLossPass(GraphPass):
         result.stats = stats
         if not (is_canonical(gm) or _looks_aten(gm)):
             trig = self.trigger(gm)
-            why = ensure_canonical(gm)
+            why = canonicalize_in_place(gm)
             if why is not None:
                 if trig is not None:
                     result.skip(trig, f"the canonical ATen IR is unavailable for this graph ({why}); the pass reads only that IR")
@@ -262,14 +232,7 @@ def _merge_all_reduces(graph: fx.Graph, totals: list[fx.Node]) -> int:
     of the flattened statistics: sums are linear, so reducing the layer-summed stats is exact."""
     from moe_passes.ir.facts import collective_kind, is_wait
 
-    below: set[fx.Node] = set()
-    stack = list(totals)
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in below:
-                below.add(u)
-                stack.append(u)
+    below = recognise.forward_closure(totals)
     buckets: dict[tuple[Any, ...], list[fx.Node]] = {}
     for n in graph.nodes:
         if n in below and collective_kind(n) == "all_reduce" and len(n.users) == 1 and is_wait(next(iter(n.users))):

@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
 
-import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import stable_topological_sort
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -558,7 +558,7 @@ class RowAnalysis:
         return k
 
     def _gather(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
-        src, dim, idx = n.args[0], n.args[1], n.args[2]
+        src, dim = n.args[0], n.args[1]
         k = self._data_kind(n, args)
         d = normalize_dim(dim, _rank(src) or 0)
         if d is None or d < lead_of(k):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.domino.kinds import ADD, Kind, RowAnalysis, Unproven, _overload
+from moe_passes.fx.domino.kinds import Kind, RowAnalysis, Unproven, _overload
 from moe_passes.ir.facts import (
     all_to_all_split_args,
     has_node,
