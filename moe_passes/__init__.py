@@ -8,7 +8,7 @@
 ``reports`` collect every graph compiled with it in this process until
 ``domino_backend.clear_reports()``; ``make_backend(...)`` gives a backend (and
 reports) of your own. Logs: ``logging.getLogger("moe_passes")`` and, per module,
-``moe_passes.fx.pass_manager``, ``moe_passes.inductor.backend``, ...
+``moe_passes.pipeline.manager``, ``moe_passes.inductor.backend``, ...
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ class BackendConfig:
 
     num_chunks: token chunks per MoE region for Domino EP, or "auto".
     passes: pre-grad passes to run (names from ``moe_passes.registry``); the order they run in is
-        declared by the passes themselves (``moe_passes.fx.pipeline``), not the order listed here.
+        declared by the passes themselves (``moe_passes.pipeline.order``), not the order listed here.
     schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs.
     max_chunks_in_flight: bound on all-to-alls issued but not yet waited (memory bound).
     offload_targets: "auto" (router tensors that are graph outputs) or explicit kinds.

@@ -2,7 +2,7 @@
 
 This module is plain data and imports nothing of the project (the config
 validates pass names against it without a circle). The position of a pass in
-its table is its default place in the pipeline: ``moe_passes.fx.pipeline``
+its table is its default place in the pipeline: ``moe_passes.pipeline.order``
 orders the requested passes by their declared constraints (IR, ``runs_after``,
 ``runs_before``, ``needs``/``invalidates``) and breaks ties by this order, so any
 order a user lists gives the same pipeline.

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.pass_base import GraphPass, PassResult
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES
 
 CALL_LOG: list[str] = []

@@ -32,9 +32,9 @@ from moe_passes.fx.async_offload import (
     AsyncOffloadPass,
     classify,
 )
-from moe_passes.fx.capture import capture_graphs
-from moe_passes.fx.graph_text import graph_text
-from moe_passes.fx.pass_manager import copy_graph_module
+from moe_passes.ir.capture import capture_graphs
+from moe_passes.ir.graph_text import graph_text
+from moe_passes.pipeline.manager import copy_graph_module
 from moe_passes.ir.facts import module_path
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
 from tests.golden import check_golden
@@ -285,7 +285,7 @@ def test_default_pipeline_runs_offload_last_on_the_canonical_graph_and_keeps_los
     reference_graphs: dict[str, Any],
 ) -> None:
     """The declared pipeline (aux-loss rewrite, Domino, then offload on the canonical ATen graph), run eagerly."""
-    from moe_passes.fx.pass_manager import PassManager
+    from moe_passes.pipeline.manager import PassManager
 
     original = reference_graphs["torch"]
     inputs = reference_graphs["inputs"]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
-from moe_passes.fx.pass_base import PassResult
+from moe_passes.pipeline.pass_base import PassResult
 
 log = logging.getLogger(__name__)
 transformers = pytest.importorskip("transformers")

@@ -16,8 +16,8 @@ import torch
 import moe_passes
 from torch._inductor.utils import fresh_cache
 from moe_passes import BackendConfig, DominoBackend, domino_backend, make_backend
-from moe_passes.fx.pass_manager import StrictModeError
-from moe_passes.fx.pipeline import pipeline_names
+from moe_passes.pipeline.manager import StrictModeError
+from moe_passes.pipeline.order import pipeline_names
 from moe_passes.registry import PRE_GRAD_PASSES, pass_class
 from moe_passes.inductor.backend import PostGradPipeline, VerificationError
 from moe_passes.targets import MoEStack

@@ -1,4 +1,4 @@
-"""Static estimates (fx/memory.py) and the shared vocabulary (ir/facts.py), checked by hand-computed numbers."""
+"""Static estimates (cost/memory.py) and the shared vocabulary (ir/facts.py), checked by hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from moe_passes.fx.capture import CapturedGraph, capture_graphs
+from moe_passes.ir.capture import CapturedGraph, capture_graphs
 from moe_passes.ir.facts import (
     collective_kind,
     collective_nodes,
@@ -21,7 +21,7 @@ from moe_passes.ir.facts import (
     wait_nodes,
     waits_of,
 )
-from moe_passes.fx.memory import estimate_graph
+from moe_passes.cost.memory import estimate_graph
 from moe_passes.targets import moe_stack
 
 

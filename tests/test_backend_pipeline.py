@@ -15,10 +15,10 @@ import torch
 
 from moe_passes import BackendConfig, make_backend
 from moe_passes.config import DEFAULT_PASSES
-from moe_passes.fx.pipeline import pipeline_names, post_grad_pass_names
-from moe_passes.fx.capture import CapturedGraph, capture_graphs
-from moe_passes.fx.graph_text import graph_text
-from moe_passes.fx.pass_manager import (
+from moe_passes.pipeline.order import pipeline_names, post_grad_pass_names
+from moe_passes.ir.capture import CapturedGraph, capture_graphs
+from moe_passes.ir.graph_text import graph_text
+from moe_passes.pipeline.manager import (
     PassFailedError,
     PassManager,
     PassUnavailableError,
@@ -158,7 +158,7 @@ def test_validation_catches_a_broken_pass_and_fails_closed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     before = graph_text(graph.gm)
-    with caplog.at_level(logging.WARNING, logger="moe_passes.fx.pass_manager"):
+    with caplog.at_level(logging.WARNING, logger="moe_passes.pipeline.manager"):
         (record,) = run(monkeypatch, graph, bad_pass)
     assert "PassValidationError" in record.result.error and message in record.result.error
     assert graph_text(graph.gm) == before  # rolled back: the graph compiles without the pass

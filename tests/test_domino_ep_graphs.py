@@ -12,7 +12,7 @@ from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass, chunk_sizes
 from moe_passes.ir.canonical import canonicalize_in_place
-from moe_passes.fx.graph_text import graph_text
+from moe_passes.ir.graph_text import graph_text
 from moe_passes.ir.facts import is_collective, is_wait, op_namespace_and_name
 from tests.golden import check_golden
 from tests.test_domino_model import HIDDEN, INTER, capture_without_running, init_fake_group

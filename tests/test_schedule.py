@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass
-from moe_passes.fx.graph_text import normalize_text
+from moe_passes.ir.graph_text import normalize_text
 from moe_passes.inductor.schedule import (
     INDUCTOR_CONFIG,
     ScheduleOverlapPass,

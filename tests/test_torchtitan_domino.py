@@ -202,7 +202,7 @@ def test_torchtitan_block_captures_as_documented() -> None:
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from moe_passes.fx.capture import capture_graphs
+    from moe_passes.ir.capture import capture_graphs
     from moe_passes.ir.facts import collective_nodes
     from tests import titan_fixtures as tf
 

@@ -53,7 +53,7 @@ from torch import nn
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
 from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
-from moe_passes.fx.capture import capture_graphs
+from moe_passes.ir.capture import capture_graphs
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
 
 log = logging.getLogger(__name__)

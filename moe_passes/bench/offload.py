@@ -165,7 +165,7 @@ def reference_workload(quick: bool, device: torch.device) -> tuple[Any, tuple[to
 
 def _capture(fn: Any, args: tuple[torch.Tensor, ...], passes: tuple[str, ...], targets: Any) -> tuple[fx.GraphModule, dict[str, Any]]:
     from moe_passes.config import BackendConfig
-    from moe_passes.fx.capture import capture_graphs
+    from moe_passes.ir.capture import capture_graphs
     from moe_passes.registry import pass_class
 
     gm = capture_graphs(fn, *args)[0].gm

@@ -92,7 +92,7 @@ def summarize(section: Section, before: Counts | None, after: Counts | None) -> 
 def check_passes(names: Sequence[str]) -> None:
     """Unknown or unimportable passes fail before any compile, naming the pass."""
     from moe_passes.config import BackendConfig
-    from moe_passes.fx.pass_manager import load_pass
+    from moe_passes.pipeline.manager import load_pass
 
     try:
         config = BackendConfig(passes=tuple(names))
@@ -104,7 +104,7 @@ def check_passes(names: Sequence[str]) -> None:
 
 def _ordered_passes(pass_names: Sequence[str], config: Any) -> list[Any]:
     """The passes in the order the backend runs them (the declared pipeline), not the order listed."""
-    from moe_passes.fx.pass_manager import PassManager, load_pass
+    from moe_passes.pipeline.manager import PassManager, load_pass
 
     return list(PassManager([load_pass(name, config) for name in pass_names]).passes)
 
@@ -136,9 +136,9 @@ def pre_grad_sections(target: Any, pass_names: Sequence[str], num_chunks: Any, p
     canonical re-trace; the re-trace itself is not shown as the pass's change).
     """
     from moe_passes.config import BackendConfig
-    from moe_passes.fx.graph_text import graph_text
-    from moe_passes.fx.memory import estimate_graph
-    from moe_passes.fx.pass_manager import PassManager
+    from moe_passes.ir.graph_text import graph_text
+    from moe_passes.cost.memory import estimate_graph
+    from moe_passes.pipeline.manager import PassManager
 
     config = BackendConfig(passes=tuple(pass_names), num_chunks=num_chunks)
     ordered = _ordered_passes(pass_names, config)
@@ -150,7 +150,7 @@ def pre_grad_sections(target: Any, pass_names: Sequence[str], num_chunks: Any, p
 
             graphs = capture_graphs_meta(target.fn, *target.example_inputs)
         else:
-            from moe_passes.fx.capture import capture_graphs
+            from moe_passes.ir.capture import capture_graphs
 
             graphs = capture_graphs(target.fn, *target.example_inputs)
     progress(f"captured {len(graphs)} graph(s): {', '.join(str(len(g.gm.graph.nodes)) + ' nodes' for g in graphs)}")
@@ -246,7 +246,7 @@ def compile_target(target: Any, backend: Any, progress: Progress, label: str) ->
 
 def output_code_sections(base_codes: list[tuple[str, str]], new_codes: list[tuple[str, str]], diff_mode: str) -> list[Section]:
     """Pair the i-th forward (backward) code of one compile with the i-th of the other."""
-    from moe_passes.fx.graph_text import normalize_output_code
+    from moe_passes.ir.graph_text import normalize_output_code
 
     sections: list[Section] = []
     for kind in ("forward", "backward"):

@@ -72,7 +72,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
-from moe_passes.fx.pass_base import GraphPass, PassResult
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ir.facts import aten_name, is_softmax, is_topk, module_types, node_value, type_name, writes_between
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
 

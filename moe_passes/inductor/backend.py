@@ -2,7 +2,7 @@
 
 Dynamo calls the backend once per captured graph (every graph break, every
 recompile). For each graph the backend runs the requested pre-grad passes in
-their declared order (``moe_passes.fx.pipeline``) through the validating,
+their declared order (``moe_passes.pipeline.order``) through the validating,
 fail-closed ``PassManager``: ``"torch"``-IR passes on Dynamo's graph, then,
 before the first ``"aten"`` pass, the graph re-traced once to the canonical
 pre-dispatch ATen IR (``moe_passes.ir.canonical``), which is also what Inductor
@@ -35,11 +35,11 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves
 
 from moe_passes.config import DEFAULT_PASSES, BackendConfig, NumChunks
-from moe_passes.fx.graph_text import graph_text
-from moe_passes.fx.memory import estimate_graph
-from moe_passes.fx.pass_base import GraphPass, PassResult
-from moe_passes.fx.pass_manager import PassManager, PassRecord, copy_graph_module, run_post_grad
-from moe_passes.fx.pipeline import load_pass, post_grad_pass_names
+from moe_passes.ir.graph_text import graph_text
+from moe_passes.cost.memory import estimate_graph
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
+from moe_passes.pipeline.manager import PassManager, PassRecord, copy_graph_module, run_post_grad
+from moe_passes.pipeline.order import load_pass, post_grad_pass_names
 from moe_passes.ir.facts import collective_nodes
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class DominoBackend:
     def pre_grad_passes(self) -> list[GraphPass]:
         """The requested pre-grad passes, in their declared pipeline order."""
         if self._pre is None:
-            from moe_passes.fx.pipeline import build_pipeline
+            from moe_passes.pipeline.order import build_pipeline
 
             self._pre = build_pipeline([load_pass(name, self.config) for name in self.config.passes])
         return self._pre

@@ -2,5 +2,7 @@
 
 ``facts``: what a node is and does (values, collectives, waits, mutation, dims, modules), in
 torch IR and ATen IR alike. ``canonical``: Dynamo's graph re-traced to pre-dispatch ATen in
-its own fake mode, where the analyses run.  Nothing here imports Inductor or any pass.
+its own fake mode, where the analyses run. ``capture``: the graphs Dynamo would hand a
+backend, without compiling. ``graph_text``: normalised, run-stable graph text.
+Nothing here imports Inductor or any pass.
 """

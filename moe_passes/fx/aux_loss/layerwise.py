@@ -26,7 +26,7 @@ from moe_passes.fx.aux_loss import placement, recognise
 from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.fx.aux_loss.rewrite import TAG, Rewriter, Source, Unsupported
 from moe_passes.fx.aux_loss.stats import Statistics, reuse_router_ops
-from moe_passes.fx.pass_base import GraphPass, PassResult
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ir.canonical import canonicalize_in_place, is_canonical
 from moe_passes.ir.facts import is_softmax, node_value
 

@@ -22,7 +22,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
 from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, repropagate, rewrite_region
-from moe_passes.fx.pass_base import GraphPass, PassResult
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ir.canonical import canonicalize_in_place
 from moe_passes.ir.facts import copy_node_attributes, tensor_value
 

@@ -6,7 +6,7 @@ left alone, why. Reports are how users (and ``strict=True``) learn that a pass
 found nothing safe to do, instead of silently getting the slow path.
 
 Every pass class also *declares* where it belongs; the pipeline
-(``moe_passes.fx.pipeline``) is built from these declarations, never from the
+(``moe_passes.pipeline.order``) is built from these declarations, never from the
 order a user happens to list the passes in:
 
 ``stage``
@@ -128,10 +128,10 @@ class GraphPass(ABC):
 
         A pass that returns a description and then changes nothing must say why (its skips are
         logged at WARNING); ``strict=True`` raises only then. The default looks the pass up in
-        ``moe_passes.fx.triggers`` (built-in passes) and otherwise treats every graph as a
+        ``moe_passes.pipeline.triggers`` (built-in passes) and otherwise treats every graph as a
         trigger, so a pass without a declaration keeps the plain "strict: must change the graph".
         """
-        from moe_passes.fx.triggers import default_trigger
+        from moe_passes.pipeline.triggers import default_trigger
 
         return default_trigger(self.name, gm)
 

@@ -1,7 +1,7 @@
 """The declared pipeline: which passes run, in which order, built from what each pass declares.
 
 Each pass class declares its ``stage``, its ``ir``, ``runs_after``/``runs_before``
-and ``needs``/``invalidates`` (see ``moe_passes.fx.pass_base``). From the
+and ``needs``/``invalidates`` (see ``moe_passes.pipeline.pass_base``). From the
 requested passes this module derives one order:
 
 * every ``ir = "torch"`` pass before every ``ir = "aten"`` pass (the graph is
@@ -26,7 +26,7 @@ from moe_passes.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES, pass_class, r
 
 if TYPE_CHECKING:
     from moe_passes.config import BackendConfig
-    from moe_passes.fx.pass_base import GraphPass
+    from moe_passes.pipeline.pass_base import GraphPass
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Runs the pre-grad pipeline on one Dynamo graph: canonical IR, validation, fail-closed.
 
-The passes run in the order ``moe_passes.fx.pipeline`` derives from their
+The passes run in the order ``moe_passes.pipeline.order`` derives from their
 declarations. Before the first pass that declares ``ir = "aten"`` the graph is
 re-traced once to the canonical pre-dispatch ATen IR
 (``moe_passes.ir.canonical.canonicalize``); that pass and every later one run on
@@ -9,7 +9,7 @@ re-trace is impossible the ``"aten"`` passes are skipped with its reason.
 
 A pass that leaves a malformed graph must fail *here*, naming the pass, not
 three layers down inside AOT autograd or Inductor: after each pass the manager
-runs ``moe_passes.fx.validation.validate`` (lint, calling convention, dead nodes,
+runs ``moe_passes.pipeline.validation.validate`` (lint, calling convention, dead nodes,
 fake-tensor re-propagation in the graph's own fake mode, output signature).
 
 **Fail closed.** A pass that raises, returns something that is not a
@@ -40,10 +40,10 @@ import torch
 import torch.fx as fx
 
 from moe_passes.config import BackendConfig
-from moe_passes.fx.graph_text import graph_text
-from moe_passes.fx.pass_base import GraphPass, PassResult
-from moe_passes.fx.pipeline import PassUnavailableError, build_pipeline, load_pass
-from moe_passes.fx.validation import (
+from moe_passes.ir.graph_text import graph_text
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
+from moe_passes.pipeline.order import PassUnavailableError, build_pipeline, load_pass
+from moe_passes.pipeline.validation import (
     REPROPAGATION_UNAVAILABLE,
     GraphState,
     copy_graph_module,

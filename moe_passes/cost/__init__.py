@@ -1,0 +1,1 @@
+"""Cost models, apart from the passes: static memory and communication estimates of a graph."""
