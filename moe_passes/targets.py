@@ -48,47 +48,6 @@ class Target:
     total_layers: int | None = None
 
 
-class MoEStack(nn.Module):
-    """A small stack of residual MoE blocks with the stacked router losses: the passes' smallest real input."""
-
-    def __init__(
-        self,
-        num_layers: int = 2,
-        hidden_size: int = 16,
-        intermediate_size: int = 32,
-        num_experts: int = 4,
-        top_k: int = 2,
-        group_routing: bool = False,
-        ep_group: dist.ProcessGroup | None = None,
-        aux_coef: float = 0.01,
-        z_coef: float = 0.001,
-    ) -> None:
-        super().__init__()
-        from moe_passes.models.interns1_vl.moe import SparseMoeBlock
-
-        self.layers = nn.ModuleList(
-            SparseMoeBlock(hidden_size, intermediate_size, num_experts, top_k, group_routing=group_routing, ep_group=ep_group)
-            for _ in range(num_layers)
-        )
-        self.num_experts, self.top_k = num_experts, top_k
-        self.aux_coef, self.z_coef = aux_coef, z_coef
-        for p in self.parameters():
-            nn.init.normal_(p, std=0.2)
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
-
-        logits = []
-        for layer in self.layers:
-            out = layer(x)
-            x = x + out.hidden_states
-            logits.append(out.router_logits)
-        main = torch.nn.functional.mse_loss(x, target)
-        aux = load_balancing_loss(tuple(logits), self.num_experts, self.top_k)
-        z = router_z_loss(tuple(logits))
-        return main + self.aux_coef * aux + self.z_coef * z
-
-
 def ep_group_or_none() -> dist.ProcessGroup | None:
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
@@ -97,7 +56,9 @@ def moe_stack(seed: int = 0, batch: int = 2, seq: int = 4, **kwargs: Any) -> Tar
     """Built-in preset: 2 MoE layers, 4 experts, top-2, EP over the default group when there is one."""
     torch.manual_seed(seed)
     group = ep_group_or_none()
-    model = MoEStack(ep_group=group, **kwargs)
+    from moe_passes.stacks import preset_stack  # imports the reference model: only when the preset is built
+
+    model = preset_stack(ep_group=group, **kwargs)
     hidden = model.layers[0].hidden_size
     x = torch.randn(batch, seq, hidden, requires_grad=True)
     target = torch.randn(batch, seq, hidden)

@@ -20,7 +20,7 @@ from moe_passes.pipeline.manager import StrictModeError
 from moe_passes.pipeline.order import pipeline_names
 from moe_passes.registry import PRE_GRAD_PASSES, pass_class
 from moe_passes.inductor.backend import PostGradPipeline, VerificationError
-from moe_passes.targets import MoEStack
+from moe_passes.stacks import MoEStack, preset_stack
 from tests import backend_helpers as h
 
 
@@ -46,7 +46,7 @@ def loss_and_grads(model: MoEStack, fn, x: torch.Tensor, target: torch.Tensor) -
 def moe_results() -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Loss and every gradient on fresh inputs (not the ones compiled with), per way of running."""
     torch.manual_seed(0)
-    model = MoEStack(num_layers=2, hidden_size=16, intermediate_size=32, num_experts=4, top_k=2)
+    model = preset_stack(num_layers=2, hidden_size=16, intermediate_size=32, num_experts=4, top_k=2)
     compile_x, compile_t = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
     fresh_x, fresh_t = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
     neutral = None

@@ -24,11 +24,11 @@ def _rank_fn(rank: int, world_size: int) -> dict[str, Any]:
     from torch._inductor.utils import fresh_cache
 
     from moe_passes import make_backend
-    from moe_passes.targets import MoEStack
+    from moe_passes.stacks import preset_stack
 
     torch._dynamo.config.capture_scalar_outputs = True
     torch.manual_seed(0)  # same weights on every rank before slicing experts
-    model = MoEStack(num_layers=1, hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, ep_group=dist.group.WORLD)
+    model = preset_stack(num_layers=1, hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, ep_group=dist.group.WORLD)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own tokens
     compile_x, compile_t = torch.randn(2, 4, 16, generator=gen), torch.randn(2, 4, 16, generator=gen)
     fresh_x, fresh_t = torch.randn(2, 4, 16, generator=gen), torch.randn(2, 4, 16, generator=gen)
