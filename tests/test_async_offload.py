@@ -12,6 +12,7 @@ Specification:
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 import moe_passes
 from moe_passes.models.interns1_vl.moe import SparseMoeBlock
-from moe_passes.bench.offload import RouterStack, device_liveness
+from moe_passes.bench.offload import device_liveness
 from moe_passes.config import BackendConfig
 from moe_passes.fx.async_offload import (
     KEPT_FOR_BACKWARD,
@@ -35,17 +36,20 @@ from moe_passes.fx.async_offload import (
 from moe_passes.ir.capture import capture_graphs
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.pipeline.manager import copy_graph_module
+from moe_passes.stacks import MoEStack, router_stack
 from moe_passes.ir.facts import module_path
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
 from tests.golden import check_golden
+
+log = logging.getLogger(__name__)
 
 BOTH = ("router_logits", "selected_experts")
 
 
 @pytest.fixture(scope="module")
-def model() -> RouterStack:
+def model() -> MoEStack:
     torch.manual_seed(0)
-    return RouterStack(layers=2, hidden=8, experts=4, top_k=2)
+    return router_stack(layers=2, hidden=8, experts=4, top_k=2)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +58,14 @@ def x() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def captured(model: RouterStack, x: torch.Tensor) -> fx.GraphModule:
+def captured(model: MoEStack, x: torch.Tensor) -> fx.GraphModule:
     graphs = capture_graphs(model, x)
     assert len(graphs) == 1
     return graphs[0].gm
 
 
 @pytest.fixture(scope="module")
-def captured_aten(model: RouterStack, x: torch.Tensor) -> fx.GraphModule:
+def captured_aten(model: MoEStack, x: torch.Tensor) -> fx.GraphModule:
     """The same forward in the canonical pre-dispatch ATen IR (``aten.linear``/``aten.topk``/``aten.detach``)."""
     (graph,) = capture_graphs(model, x, canonical=True)
     return graph.gm
@@ -222,7 +226,7 @@ def test_device_bytes_of_offloaded_tensors_are_released_at_their_last_device_use
         assert nodes.index(start) <= nodes.index(released) < layer_end
 
 
-def test_inference_graph_releases_every_device_buffer(model: RouterStack, x: torch.Tensor) -> None:
+def test_inference_graph_releases_every_device_buffer(model: MoEStack, x: torch.Tensor) -> None:
     with torch.no_grad():
         gm = capture_graphs(model, x)[0].gm
     _, result = run_pass(gm)
@@ -381,7 +385,7 @@ def test_unknown_target_kind_is_a_value_error(captured: fx.GraphModule) -> None:
         run_pass(captured, ("router_probs",))
 
 
-def _logging_step(model: RouterStack) -> Any:
+def _logging_step(model: MoEStack) -> Any:
     """A training step's forward that returns layer 0's router logits live (the caller backpropagates
     through them), layer 1's detached (for logging), and every layer's selected experts.
 
@@ -402,7 +406,7 @@ def compiled_runs(x: torch.Tensor) -> dict[str, Any]:
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
-    model = RouterStack(layers=2, hidden=8, experts=4, top_k=2, detach_logits=False)
+    model = router_stack(layers=2, hidden=8, experts=4, top_k=2, detach_logits=False)
     step = _logging_step(model)
 
     def run(fn: Any) -> tuple[Any, list[torch.Tensor]]:
@@ -506,9 +510,9 @@ def test_golden_inductor_call_order(compiled_runs: dict[str, Any], update_golden
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: device memory and pinned host copies")
-def test_cuda_offloaded_outputs_are_pinned_host_copies_and_free_device_memory(model: RouterStack, x: torch.Tensor) -> None:
+def test_cuda_offloaded_outputs_are_pinned_host_copies_and_free_device_memory(model: MoEStack, x: torch.Tensor) -> None:
     dev = torch.device("cuda")
-    cuda_model = RouterStack(layers=2, hidden=8, experts=4, top_k=2).to(dev)
+    cuda_model = router_stack(layers=2, hidden=8, experts=4, top_k=2).to(dev)
     cuda_model.load_state_dict(model.state_dict())
     xc = x.to(dev)
     ref = cuda_model(xc)
@@ -556,7 +560,7 @@ def _ep_rank(rank: int, world_size: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     torch.manual_seed(0)
-    ep_model = RouterStack(layers=2, hidden=8, experts=4, top_k=2, ep_group=dist.group.WORLD)
+    ep_model = router_stack(layers=2, hidden=8, experts=4, top_k=2, ep_group=dist.group.WORLD)
     x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(100 + rank))
 
     def step(fn: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -50,11 +50,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from moe_passes.models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.moe import MoEOutput, SparseMoeBlock
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.ir.capture import capture_graphs
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
+from moe_passes.stacks import MoEStack
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ MiB = 1024 * 1024
 
 
 class BenchMoELayer(nn.Module):
-    """Reference router (``SparseMoeBlock.route``) + a static-shape expert stand-in."""
+    """Reference router (``SparseMoeBlock.route``) + a static-shape expert stand-in; input ``[tokens, hidden]``."""
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int) -> None:
         super().__init__()
@@ -72,36 +72,20 @@ class BenchMoELayer(nn.Module):
         self.down = nn.Linear(ffn, hidden, bias=False)
         self.expert_scale = nn.Parameter(torch.zeros(num_experts, hidden))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> MoEOutput:
         logits = self.router.gate(x)
         weights, selected = self.router.route(logits)
         gate, up = self.up(x).chunk(2, dim=-1)
         shared = self.down(nn.functional.silu(gate) * up)
         per_expert = shared.unsqueeze(1) * (1 + self.expert_scale[selected])  # [T, K, H]
-        return (per_expert * weights.unsqueeze(-1)).sum(dim=1), logits
+        return MoEOutput((per_expert * weights.unsqueeze(-1)).sum(dim=1), logits, selected)
 
 
-class BenchStack(nn.Module):
-    def __init__(self, layers: int, hidden: int, ffn: int, num_experts: int, top_k: int, aux: bool) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(BenchMoELayer(hidden, ffn, num_experts, top_k) for _ in range(layers))
-        self.num_experts, self.top_k, self.aux = num_experts, top_k, aux
-        with torch.no_grad():
-            for p in self.parameters():
-                p.normal_(0.0, 0.05)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = []
-        x = x.reshape(-1, x.shape[-1])  # [tokens, hidden], as the MoE block sees it
-        for layer in self.layers:
-            out, layer_logits = layer(x)
-            x = x + out
-            logits.append(layer_logits)
-        loss = x.pow(2).mean()
-        if self.aux:
-            lb = load_balancing_loss(tuple(logits), self.num_experts, self.top_k, mask)
-            loss = loss + 0.01 * lb + 0.001 * router_z_loss(tuple(logits), mask)
-        return loss
+def bench_stack(layers: int, hidden: int, ffn: int, num_experts: int, top_k: int, aux: bool) -> MoEStack:
+    """``BenchMoELayer``s on the flattened tokens; loss mean(h^2) [+ 0.01 * balancing + 0.001 * z-loss, masked]."""
+    return MoEStack(layers, hidden, ffn, num_experts, top_k, block=lambda: BenchMoELayer(hidden, ffn, num_experts, top_k),
+                    flatten_tokens=True, main_loss="pow2_mean", aux_coef=0.01 if aux else 0.0, z_coef=0.001 if aux else 0.0,
+                    init_std=0.05)
 
 
 def step_peak_bytes(gm: fx.GraphModule, inputs: list[Any], device: torch.device) -> int:
@@ -202,7 +186,7 @@ def measure(layers: int, hidden: int, ffn: int, num_experts: int, top_k: int, to
     stats: dict[str, Any] = {}
     for aux in (False, True):
         torch.manual_seed(0)
-        model = BenchStack(layers, hidden, ffn, num_experts, top_k, aux).to(device)
+        model = bench_stack(layers, hidden, ffn, num_experts, top_k, aux).to(device)
         graphs = capture_graphs(model, x, mask)
         if len(graphs) != 1:
             raise RuntimeError(f"expected one graph, Dynamo produced {len(graphs)}")
@@ -246,7 +230,7 @@ def measure_compiled(layers: int, hidden: int, ffn: int, num_experts: int, top_k
     losses: dict[str, float] = {}
     for variant, aux, passes in (("off", False, ()), ("stacked", True, ()), ("layerwise", True, ("layerwise_aux_loss",))):
         torch.manual_seed(0)
-        model = BenchStack(layers, hidden, ffn, num_experts, top_k, aux).to(device)
+        model = bench_stack(layers, hidden, ffn, num_experts, top_k, aux).to(device)
         backend = DominoBackend(BackendConfig(passes=passes))
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend, fullgraph=True)

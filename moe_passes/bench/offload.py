@@ -43,48 +43,17 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 import logging
 
-from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.ir.facts import node_value
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
+from moe_passes.stacks import router_stack
 
 log = logging.getLogger(__name__)
-
-
-class RouterStack(nn.Module):
-    """Stacked MoE blocks; returns (loss, router logits per layer, selected experts per layer).
-
-    The logits are returned detached (for logging) unless ``detach_logits=False``.
-    """
-
-    def __init__(
-        self, layers: int = 2, hidden: int = 16, experts: int = 4, top_k: int = 2, ep_group: Any = None,
-        detach_logits: bool = True,
-    ) -> None:
-        super().__init__()
-        self.detach_logits = detach_logits
-        self.blocks = nn.ModuleList(
-            SparseMoeBlock(hidden, 2 * hidden, experts, top_k, ep_group=ep_group) for _ in range(layers)
-        )
-        for block in self.blocks:
-            nn.init.normal_(block.gate.weight, std=0.5)
-            nn.init.normal_(block.experts.gate_up_proj, std=0.2)
-            nn.init.normal_(block.experts.down_proj, std=0.2)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        logits, selected = [], []
-        for block in self.blocks:
-            out = block(x)
-            x = x + out.hidden_states
-            logits.append(out.router_logits.detach() if self.detach_logits else out.router_logits)
-            selected.append(out.selected_experts)
-        return x.pow(2).mean(), tuple(logits), tuple(selected)
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -240,7 +209,7 @@ def run(options: BenchOptions) -> BenchSection:
     device = torch.device(options.device)
     torch.manual_seed(0)
     layers, tokens = (2, 32) if options.quick else (4, 256)
-    model = RouterStack(layers=layers).to(device)
+    model = router_stack(layers=layers).to(device)
     x = torch.randn(2, tokens // 2, 16, device=device)
     rows = _rows("router_stack", model, (x,), "auto", device)
     torch.manual_seed(0)

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 
+log = logging.getLogger(__name__)
 progress = logging.getLogger("moe_passes.progress")  # printed as progress lines by the CLI
 
 COLUMNS = ["variant", "step_ms", "exposed_comm_ms", "compile_s", "step_vs_inductor", "exposed_vs_inductor", "note"]
@@ -48,31 +49,11 @@ def shape(options: BenchOptions) -> dict[str, int]:
 
 def _build_model(dims: dict[str, int], group: Any, device: str) -> Any:
     import torch
-    from torch import nn
 
-    from moe_passes.models.interns1_vl.moe import SparseMoeBlock
-
-    class MoEStack(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norms = nn.ModuleList(nn.LayerNorm(dims["hidden"]) for _ in range(dims["layers"]))
-            self.blocks = nn.ModuleList(
-                SparseMoeBlock(dims["hidden"], dims["intermediate"], dims["experts"], dims["top_k"], ep_group=group)
-                for _ in range(dims["layers"])
-            )
-
-        def forward(self, h: torch.Tensor) -> torch.Tensor:
-            for norm, block in zip(self.norms, self.blocks):
-                h = h + block(norm(h)).hidden_states
-            return h.square().mean()
+    from moe_passes.stacks import speed_stack
 
     torch.manual_seed(0)
-    model = MoEStack()
-    for block in model.blocks:
-        nn.init.normal_(block.gate.weight, std=0.02)
-        nn.init.normal_(block.experts.gate_up_proj, std=0.02)
-        nn.init.normal_(block.experts.down_proj, std=0.02)
-    return model.to(device)
+    return speed_stack(dims["layers"], dims["hidden"], dims["intermediate"], dims["experts"], dims["top_k"], group).to(device)
 
 
 def _variant(name: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
