@@ -9,6 +9,7 @@ everything else uses a tiny function that compiles in a second or two.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from moe_passes.registry import PRE_GRAD_PASSES, pass_class
 from moe_passes.inductor.backend import PostGradPipeline, VerificationError
 from moe_passes.stacks import MoEStack, preset_stack
 from tests import backend_helpers as h
+
+log = logging.getLogger(__name__)
 
 
 @pytest.fixture(autouse=True)

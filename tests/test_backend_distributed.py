@@ -9,12 +9,15 @@ chunked all-to-alls on both ranks in lockstep).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 import torch
 
 from tests.distributed import run_distributed
+
+log = logging.getLogger(__name__)
 
 
 def _rank_fn(rank: int, world_size: int) -> dict[str, Any]:

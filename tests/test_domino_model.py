@@ -7,40 +7,32 @@ regions, per-token router outputs leaving the regions, and a backward.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_passes.models.interns1_vl.losses import load_balancing_loss
-from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.config import BackendConfig
+from moe_passes.stacks import MoEStack
+
+log = logging.getLogger(__name__)
 
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 8, 8, 2
 
 
-class TinyMoEStack(nn.Module):
-    def __init__(self, ep_group: dist.ProcessGroup | None, layers: int = 2, experts: int = EXPERTS) -> None:
-        super().__init__()
-        self.experts = experts
-        self.norms = nn.ModuleList(nn.LayerNorm(HIDDEN) for _ in range(layers))
-        self.blocks = nn.ModuleList(SparseMoeBlock(HIDDEN, INTER, experts, TOP_K, ep_group=ep_group) for _ in range(layers))
+def TinyMoEStack(ep_group: dist.ProcessGroup | None, layers: int = 2, experts: int = EXPERTS) -> MoEStack:  # noqa: N802 (was a class)
+    """LayerNorm -> block -> residual per layer; returns (mean(h^2) + 0.1 * balancing, stacked selected experts).
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = []
-        selected = []
-        for norm, block in zip(self.norms, self.blocks):
-            out = block(norm(h))
-            h = h + out.hidden_states
-            logits.append(out.router_logits)
-            selected.append(out.selected_experts)
-        aux = load_balancing_loss(tuple(logits), self.experts, TOP_K)
-        loss = h.square().mean() + 0.1 * aux
-        return loss, torch.stack(selected)
+    The balancing loss is computed before the main loss (the node order the Domino goldens were recorded with).
+    The experts' weights start as ``torch.empty``: ``init_biased`` sets them.
+    """
+    return MoEStack(layers, HIDDEN, INTER, experts, TOP_K, ep_group=ep_group, norm=nn.LayerNorm, blocks_name="blocks",
+                    aux_coef=0.1, loss_order="router_then_main", returns="selected")
 
 
-def init_biased(model: TinyMoEStack, seed: int, world_size: int) -> None:
+def init_biased(model: MoEStack, seed: int, world_size: int) -> None:
     """Deterministic weights on every rank; the router never picks the last experts (uneven, some ranks idle)."""
     g = torch.Generator().manual_seed(seed)
     for block in model.blocks:

@@ -10,6 +10,7 @@ on fresh random inputs: the loss and every parameter gradient must match.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import pytest
@@ -19,49 +20,40 @@ import torch.fx as fx
 from torch import nn
 
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.ir.capture import capture_graphs
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
 from moe_passes.fx.aux_loss.recognise import find_routers
 from moe_passes.fx.aux_loss.trace import emitted_trace
 from moe_passes.pipeline.pass_base import PassResult
+from moe_passes.stacks import MoEStack
 from tests.distributed import run_distributed
 from tests.golden import check_golden
+
+log = logging.getLogger(__name__)
 
 HIDDEN, FFN, EXPERTS, TOP_K, LAYERS = 8, 8, 4, 2, 2
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_RTOL = 1e-4  # elementwise, plus an absolute floor of GRAD_RTOL * max|ref| (Inductor reorders fp32 sums)
 
 
-class AuxStack(nn.Module):
-    """``LAYERS`` MoE blocks; loss = mean(h^2) + 0.1 * balancing + 0.01 * z-loss (stacked form)."""
+def aux_stack(ep_group: dist.ProcessGroup | None = None, global_stats: bool = False, layers: int = LAYERS,
+              z_loss: Callable[..., torch.Tensor] | None = router_z_loss, return_stacked: bool = False) -> MoEStack:
+    """``layers`` MoE blocks; loss = mean(h^2) + 0.1 * balancing + 0.01 * z-loss (stacked form); ``forward(x, mask)``.
 
-    def __init__(self, ep_group: dist.ProcessGroup | None = None, global_stats: bool = False, layers: int = LAYERS,
-                 z_loss: Callable[..., torch.Tensor] | None = router_z_loss, return_stacked: bool = False) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(SparseMoeBlock(HIDDEN, FFN, EXPERTS, TOP_K, ep_group=ep_group) for _ in range(layers))
-        self.global_group = (ep_group or dist.group.WORLD) if global_stats else None
-        self.z_loss = z_loss
-        self.return_stacked = return_stacked
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Any:
-        logits = []
-        for layer in self.layers:
-            out = layer(x)
-            x = x + out.hidden_states
-            logits.append(out.router_logits)
-        loss = x.pow(2).mean() + 0.1 * load_balancing_loss(tuple(logits), EXPERTS, TOP_K, mask, self.global_group)
-        if self.z_loss is not None:
-            loss = loss + 0.01 * self.z_loss(tuple(logits), mask)
-        if self.return_stacked:
-            return loss, torch.cat(logits, dim=0)
-        return loss
+    ``global_stats``: the balancing loss's statistics are summed over ``ep_group`` (default: the world);
+    ``return_stacked``: also return every layer's logits concatenated.
+    """
+    return MoEStack(layers, HIDDEN, FFN, EXPERTS, TOP_K, ep_group=ep_group, main_loss="pow2_mean", aux_coef=0.1,
+                    z_coef=0.0 if z_loss is None else 0.01, z_loss=z_loss or router_z_loss,
+                    global_group=(ep_group or dist.group.WORLD) if global_stats else None,
+                    returns="logits_cat" if return_stacked else "loss")
 
 
-def make_model(seed: int, **kwargs: Any) -> AuxStack:
+def make_model(seed: int, **kwargs: Any) -> MoEStack:
+    """``aux_stack(**kwargs)`` with every parameter drawn from N(0, 0.4) after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
-    model = AuxStack(**kwargs)
+    model = aux_stack(**kwargs)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.4)
@@ -348,25 +340,14 @@ def hf_balancing_loss() -> Callable[..., torch.Tensor]:
     return transformers_moe.load_balancing_loss_func
 
 
-class LoopFormStack(AuxStack):
-    """Same MoE stack, balancing loss computed by transformers' per-layer loop (histc / scatter_add_)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.balancing = hf_balancing_loss()
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Any:
-        logits = []
-        for layer in self.layers:
-            out = layer(x)
-            x = x + out.hidden_states
-            logits.append(out.router_logits)
-        return x.pow(2).mean() + 0.1 * self.balancing(tuple(logits), EXPERTS, TOP_K, mask)
+def LoopFormStack() -> MoEStack:  # noqa: N802 (was a class)
+    """Same MoE stack, balancing loss computed by transformers' per-layer loop (histc / scatter_add_); no z-loss."""
+    return MoEStack(LAYERS, HIDDEN, FFN, EXPERTS, TOP_K, main_loss="pow2_mean", aux_coef=0.1, balancing=hf_balancing_loss())
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["histc", "scatter_add_mask"])
 def test_loop_form_reuses_router_softmax_and_keeps_values(padded: bool) -> None:
-    def build() -> LoopFormStack:
+    def build() -> MoEStack:
         torch.manual_seed(5)
         model = LoopFormStack()
         with torch.no_grad():
