@@ -45,6 +45,10 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "roll_tokens": ("skipped", "redistributes Shard(0) token rows"),
     "roll_experts": ("rewritten", None),
     "split_sizes_kept_on_self": ("skipped", "leaves the region"),
+    # ``dim`` is not the second argument of every reduction: linalg_vector_norm(self, ord, dim, ...).
+    "norm_tokens": ("skipped", "reduces over the token dim 0"),
+    "norm_experts": ("rewritten", None),
+    "var_tokens_correction": ("skipped", "reduces over the token dim 0"),
 }
 
 
@@ -84,6 +88,12 @@ class MutantBlock(nn.Module):
             logits = torch.roll(logits, 1, 0)
         if mut == "roll_experts":
             logits = torch.roll(logits, 1, 1)
+        if mut == "norm_tokens":  # aten.linalg_vector_norm(logits, 2, [0], True): dim is argument 2
+            logits = logits / logits.norm(dim=0, keepdim=True)
+        if mut == "norm_experts":
+            logits = logits / logits.norm(dim=-1, keepdim=True)
+        if mut == "var_tokens_correction":  # aten.var.correction(logits, [0], correction=0, keepdim=True)
+            logits = logits - torch.var(logits, dim=0, correction=0, keepdim=True)
         if mut == "sort_tokens":
             logits = logits.sort(dim=0).values
         dim = {"softmax_dim0": 0, "softmax_dim_neg2": -2}.get(mut, -1)

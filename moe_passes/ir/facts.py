@@ -90,6 +90,90 @@ def schema_of(node: fx.Node) -> torch.FunctionSchema | None:
     return None
 
 
+def op_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call: keyword, else positional, else its schema default, else ``default``.
+
+    One reading for every analysis: ``softmax(x, dim=1)``, ``softmax(x, 1)`` and an omitted
+    argument with a schema default all give the same answer. With a schema the position is the
+    schema's (``dim`` is argument 2 of ``linalg_vector_norm(self, ord, dim, ...)``, argument 1 of
+    ``sum.dim_IntList``), never assumed; ``index`` is used only for targets without one."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema = schema_of(node)
+    if schema is None:
+        return node.args[index] if len(node.args) > index else default
+    for position, a in enumerate(schema.arguments):
+        if a.name != name:
+            continue
+        if not a.kwarg_only and len(node.args) > position:
+            return node.args[position]
+        return a.default_value if a.has_default_value() else default
+    return default
+
+
+def tensor_ndim(node: Any) -> int | None:
+    v = tensor_value(node)
+    return v.dim() if v is not None else None
+
+
+def tensor_dtype(node: Any) -> torch.dtype | None:
+    v = tensor_value(node)
+    return v.dtype if v is not None else None
+
+
+def normalize_dims(dims: Any, rank: int) -> tuple[int, ...] | None:
+    """A dim list (None / [] = all dims, as ATen reductions read it) as a sorted tuple of non-negative
+    ints; None if an entry is not an int."""
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return tuple(range(rank))
+    if isinstance(dims, int):
+        dims = [dims]
+    out = []
+    for d in dims:
+        n = normalize_dim(d, rank)
+        if n is None:
+            return None
+        out.append(n)
+    return tuple(sorted(set(out)))
+
+
+def is_static_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def known_equal(a: Any, b: Any) -> bool:
+    """``a == b`` for ints or SymInts, only when provable without adding a guard; False for None."""
+    if a is None or b is None:
+        return False
+    if is_static_int(a) and is_static_int(b):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 - unknown means not equal
+        return False
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    """An ATen op tagged ``torch.Tag.pointwise`` that writes none of its inputs."""
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and torch.Tag.pointwise in node.target.tags and not mutated_args(node))
+
+
+def is_pure(node: fx.Node) -> bool:
+    """A call that writes nothing and has no side effect (by schema; ``getitem`` of a result is pure)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if mutated_args(node) or node.target._schema.is_mutable:
+        return False
+    return not node.is_impure()
+
+
 def aten_name(node: fx.Node) -> str | None:
     """``"softmax"`` for ``aten.softmax.int`` / ``aten.softmax`` packets; None for other namespaces."""
     if node.op != "call_function":

@@ -28,7 +28,7 @@ from moe_passes.fx.aux_loss.rewrite import TAG, Rewriter, Source, Unsupported
 from moe_passes.fx.aux_loss.stats import Statistics, reuse_router_ops
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ir.canonical import canonicalize_in_place, is_canonical
-from moe_passes.ir.facts import is_softmax, node_value
+from moe_passes.ir.facts import is_softmax, is_static_int, node_value
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -241,7 +241,7 @@ def _merge_all_reduces(graph: fx.Graph, totals: list[fx.Node]) -> int:
     for (target, op, group), reduces in buckets.items():
         vals = [node_value(r) for r in reduces]
         if len(reduces) < 2 or any(not isinstance(v, torch.Tensor) for v in vals) or len({v.dtype for v in vals}) != 1 \
-                or not all(sem.is_static(s) for v in vals for s in v.shape):
+                or not all(is_static_int(s) for v in vals for s in v.shape):
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
         waits = [next(iter(r.users)) for r in reduces]

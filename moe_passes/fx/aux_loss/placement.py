@@ -20,14 +20,13 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.aux_loss import semantics as sem
-from moe_passes.ir.facts import writes_between
+from moe_passes.ir.facts import is_pure, writes_between
 
 log = logging.getLogger(__name__)
 
 
 def _movable(node: fx.Node) -> bool:
-    if not sem.is_pure(node):
+    if not is_pure(node):
         return False
     t = node.target
     return not (isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags)

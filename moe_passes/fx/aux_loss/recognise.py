@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.fx.aux_loss.rewrite import Source
-from moe_passes.ir.facts import normalize_dim, tensor_value
+from moe_passes.ir.facts import normalize_dim, op_arg, tensor_ndim, tensor_value
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -68,7 +68,7 @@ def find_routers(graph: fx.Graph) -> Routers:
             continue
         if x.op == "placeholder":
             continue  # logits computed in another graph: this top-k is a loss's, not a router's
-        if soft is not None and normalize_dim(sem.arg(soft, 1, "dim"), sem.ndim(soft) or 0) != (sem.ndim(soft) or 0) - 1:
+        if soft is not None and normalize_dim(op_arg(soft, 1, "dim"), tensor_ndim(soft) or 0) != (tensor_ndim(soft) or 0) - 1:
             pass  # a router softmax over another dim is still the router's: the loss never reuses it (keys differ)
         out.logits.append(x)
         out.topk[x] = node
@@ -102,7 +102,7 @@ def find_stacked(graph: fx.Graph, routers: Routers) -> list[StackedGroup]:
         if any(v is None or not v.is_floating_point() or v.dim() < 2 for v in vals):
             continue
         rank = vals[0].dim() + (1 if node.target is aten.stack.default else 0)
-        if normalize_dim(sem.arg(node, 1, "dim", 0), rank) != 0:
+        if normalize_dim(op_arg(node, 1, "dim", 0), rank) != 0:
             continue
         logits = tuple(sem.through_exact_casts(t) for t in tensors)
         from_inputs = all(x.op == "placeholder" for x in logits)

@@ -35,7 +35,10 @@ import torch
 import torch.fx as fx
 
 from moe_passes.fx.aux_loss import semantics as sem
-from moe_passes.ir.facts import mutated_args, node_value, normalize_dim, tensor_value
+from moe_passes.ir.facts import (
+    is_pointwise, is_pure, is_static_int, known_equal, mutated_args, node_value, normalize_dim, normalize_dims, op_arg,
+    tensor_dtype, tensor_value,
+)
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -173,7 +176,7 @@ class Rewriter:
         return arg
 
     def same_rows(self, a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-        return len(a) == len(b) and all(sem.known_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(known_equal(x, y) for x, y in zip(a, b))
 
     def invariant_of(self, node: fx.Node) -> Rows | None:
         """A plain (non-rows) tensor seen as layer rows: a broadcast over the layer axis (``expand`` of a
@@ -188,19 +191,19 @@ class Rewriter:
         return v
 
     def _invariant(self, node: fx.Node, depth: int) -> Rows | None:
-        if depth > 12 or node.op != "call_function" or not sem.is_pure(node):
+        if depth > 12 or node.op != "call_function" or not is_pure(node):
             return None
         if node.target is aten.expand.default and self.layers > 1:
             base, sizes = node.args[0], list(node.args[1])
             bshape = _shape(base)
-            if len(bshape) != len(sizes) or not sizes or not sem.known_equal(sizes[0], self.layers) \
-                    or not sem.known_equal(bshape[0], 1) or isinstance(base, fx.Node) and base in self.values:
+            if len(bshape) != len(sizes) or not sizes or not known_equal(sizes[0], self.layers) \
+                    or not known_equal(bshape[0], 1) or isinstance(base, fx.Node) and base in self.values:
                 return None
             one = [1, *sizes[1:]]
             self.cursor = node
             emit = lambda layer, n=node: self.memo(("expand", n), layer, True, lambda: self.new(aten.expand.default, (base, one)))
             narrow, nshape = None, ()
-            if any(sem.known_equal(b, 1) and not sem.known_equal(s, 1) for b, s in zip(bshape[1:], sizes[1:])):
+            if any(known_equal(b, 1) and not known_equal(s, 1) for b, s in zip(bshape[1:], sizes[1:])):
                 narrow, nshape = (lambda layer, b=base: b), tuple(bshape[1:])
             return Rows(rows=(1,) * self.layers, emit=emit, invariant=True, narrow=narrow, narrow_shape=nshape)
         if (node.target in sem.RESHAPES or node.target in sem.CASTS) and isinstance(node.args[0], fx.Node):
@@ -222,12 +225,12 @@ class Rewriter:
         """A non-rows tensor operand of a pointwise op: a broadcast that is constant along the rows (None),
         a layer-invariant broadcast (Rows), or with one layer a tensor aligned with the rows (Rows)."""
         shape = _shape(operand)
-        if len(shape) < out_rank or sem.known_equal(shape[0], 1):
+        if len(shape) < out_rank or known_equal(shape[0], 1):
             return None
         inv = self.invariant_of(operand)
         if inv is not None and self.same_rows(inv.rows, out_rows):
             return inv
-        if self.layers == 1 and len(shape) == out_rank and sem.known_equal(shape[0], out_rows[0]):
+        if self.layers == 1 and len(shape) == out_rank and known_equal(shape[0], out_rows[0]):
             return Rows(rows=out_rows, emit=lambda layer: operand, invariant=True)
         raise Unsupported(f"{_name(node)}: operand {operand.name} varies along the stacked row dim")
 
@@ -319,7 +322,7 @@ class Rewriter:
             return self.dim_op(node, a0)
         if t in (aten.transpose.int, aten.permute.default):
             return self.transpose(node, a0)
-        if sem.is_pointwise(node):
+        if is_pointwise(node):
             return self.pointwise(node)
         if t in sem.WHOLE_REDUCTIONS:
             raise Unsupported(f"{_name(node)} over every element: a reduction over the token rows that is not a sum")
@@ -345,7 +348,7 @@ class Rewriter:
         narrow = None
         if a0.narrow is not None:
             narrow = lambda layer: self.memo(("cast_n", node), layer, True, lambda: self.new(node.target, (a0.narrow(layer), *rest), dict(node.kwargs)))
-        same = sem.dtype(node) == sem.dtype(node.args[0])
+        same = tensor_dtype(node) == tensor_dtype(node.args[0])
         return self.unary(node, a0, narrow=narrow, narrow_shape=a0.narrow_shape, onehot=a0.onehot,
                           logits=a0.logits and same)
 
@@ -353,7 +356,7 @@ class Rewriter:
         a0 = self.need_rows(node, a0)
         index, default = sem.DIM_OPS[node.target]
         rank = len(_shape(node.args[0])) + (1 if node.target is aten.unsqueeze.default else 0)
-        dim = sem.arg(node, index, "dim", default)
+        dim = op_arg(node, index, "dim", default)
         if dim is None:
             raise Unsupported(f"{_name(node)} over every dim mixes the rows of all layers")
         if normalize_dim(dim, rank) == 0:
@@ -366,12 +369,12 @@ class Rewriter:
     def dimlist(self, node: fx.Node, a0: Any) -> Any:
         a0 = self.need_rows(node, a0)
         rank = len(_shape(node.args[0]))
-        dims = sem.norm_dims(sem.arg(node, 1, "dim"), rank)
+        dims = normalize_dims(op_arg(node, 1, "dim"), rank)
         if dims is None:
             raise Unsupported(f"{_name(node)}: dims not understood")
         if 0 not in dims:
             if node.target is aten.logsumexp.default and self.stats is not None and a0.logits and rank == 2 \
-                    and dims == (1,) and not sem.arg(node, 2, "keepdim", False):
+                    and dims == (1,) and not op_arg(node, 2, "keepdim", False):
                 return Rows(rows=a0.rows, emit=lambda layer: self.memo(("lse", node), layer, False, lambda: self.stats.logsumexp(self, node, a0.emit(layer), layer)))
             return self.unary(node, a0)
         raise Unsupported(f"{_name(node)} over dims {dims}: a reduction over the token rows that is not a sum")
@@ -395,11 +398,11 @@ class Rewriter:
             raise Unsupported(f"{_name(node)}: reshape of rows to a scalar")
         ia, ob = ishape[1:], oshape[1:]
         lead = len(ia) - len(ob)
-        if lead >= 0 and all(sem.known_equal(a, b) for a, b in zip(ia[lead:], ob)):
+        if lead >= 0 and all(known_equal(a, b) for a, b in zip(ia[lead:], ob)):
             # leading non-row dims fold into the rows (symbolic sizes too): no divisibility question
             rows = tuple(r * sem.prod(ia[:lead]) for r in a0.rows)
             pa = pb = None
-        elif not all(sem.is_static(s) for s in (*ia, *ob)):
+        elif not all(is_static_int(s) for s in (*ia, *ob)):
             raise Unsupported(f"{_name(node)}: reshape {ishape}->{oshape} with symbolic non-row dims")
         else:
             pa, pb = sem.prod(ia), sem.prod(ob)
@@ -409,12 +412,12 @@ class Rewriter:
             pass
         elif pa % pb == 0:
             rows = tuple(r * (pa // pb) for r in a0.rows)
-        elif pb % pa == 0 and all(sem.is_static(r) and r % (pb // pa) == 0 for r in a0.rows):
+        elif pb % pa == 0 and all(is_static_int(r) and r % (pb // pa) == 0 for r in a0.rows):
             rows = tuple(r // (pb // pa) for r in a0.rows)
         else:
             raise Unsupported(f"{_name(node)}: reshape {ishape}->{oshape} moves data across layer boundaries")
         new_shape = [-1, *ob]
-        if a0.layer_src is not None and all(tuple(_shape(x)[1:]) == tuple(ob) and sem.known_equal(_shape(x)[0], r)
+        if a0.layer_src is not None and all(tuple(_shape(x)[1:]) == tuple(ob) and known_equal(_shape(x)[0], r)
                                             for x, r in zip(a0.layer_src, rows)):
             src = a0.layer_src  # the stacking undone: each block is the layer's own tensor
             return Rows(rows=rows, emit=lambda layer: src[layer], logits=True)
@@ -422,12 +425,12 @@ class Rewriter:
         narrow, nshape = None, ()
         if a0.narrow is not None and len(a0.narrow_shape) == len(ia):
             na = a0.narrow_shape
-            one = lambda v: sem.known_equal(v, 1)
+            one = lambda v: known_equal(v, 1)
             j = 0
             while j < len(na) and one(na[len(na) - 1 - j]) and not one(ia[len(ia) - 1 - j]):
                 j += 1
             lead = len(ia) - j
-            same = lambda xs, ys: len(xs) == len(ys) and all(sem.known_equal(x, y) for x, y in zip(xs, ys))
+            same = lambda xs, ys: len(xs) == len(ys) and all(known_equal(x, y) for x, y in zip(xs, ys))
             if j and len(ob) >= j and same(ob[len(ob) - j:], ia[lead:]) and same(na[:lead], ia[:lead]):
                 nshape = (*ob[:len(ob) - j], *([1] * j))
                 nnew = [-1, *nshape]
@@ -439,15 +442,15 @@ class Rewriter:
         a0 = self.need_rows(node, a0)
         sizes = list(node.args[1])
         ishape = _shape(node.args[0])
-        if len(sizes) != len(ishape) or not (sizes[0] == -1 or sem.known_equal(sizes[0], ishape[0])):
+        if len(sizes) != len(ishape) or not (sizes[0] == -1 or known_equal(sizes[0], ishape[0])):
             raise Unsupported(f"{_name(node)}: expand over the stacked row dim")
         new = [-1, *sizes[1:]]
         return Rows(rows=a0.rows, invariant=a0.invariant, emit=lambda layer: self.redo(node, layer, a0.invariant, (a0.emit(layer), new)))
 
     def one_hot(self, node: fx.Node, a0: Any) -> Rows:
         a0 = self.need_rows(node, a0)
-        n = sem.arg(node, 1, "num_classes", -1)
-        if not sem.is_static(n) or n <= 0:
+        n = op_arg(node, 1, "num_classes", -1)
+        if not is_static_int(n) or n <= 0:
             raise Unsupported(f"{_name(node)}: one_hot without an explicit class count (it would depend on every layer)")
         out = self.unary(node, a0)
         out.onehot = (a0, n, node)
@@ -509,13 +512,13 @@ class Rewriter:
         if node.target in (aten.sum.default, aten.mean.default):
             dims, keepdim = tuple(range(rank)), False
         else:
-            dims = sem.norm_dims(sem.arg(node, 1, "dim"), rank)
-            keepdim = bool(sem.arg(node, 2, "keepdim", False))
+            dims = normalize_dims(op_arg(node, 1, "dim"), rank)
+            keepdim = bool(op_arg(node, 2, "keepdim", False))
         if dims is None:
             raise Unsupported(f"{_name(node)}: dims not understood")
         if 0 not in dims:
             return self.unary(node, a0)
-        out_dtype = sem.dtype(node)
+        out_dtype = tensor_dtype(node)
         out_shape = _shape(node)
         low = out_dtype in (torch.float16, torch.bfloat16)
         counts = None
@@ -523,7 +526,7 @@ class Rewriter:
             onehot, weight = (a0.onehot, None) if a0.onehot is not None else (a0.weighted[0].onehot, a0.weighted[1])
             if self.stats is not None and self.stats.counts_apply(onehot, weight, out_shape, out_dtype):
                 counts = lambda layer: self.stats.counts(self, onehot, weight, out_shape, out_dtype, layer)
-        acc = torch.float32 if low else sem.arg(node, 3 if node.target is aten.sum.dim_IntList or node.target is aten.mean.dim else 1, "dtype")
+        acc = torch.float32 if low else op_arg(node, 3 if node.target is aten.sum.dim_IntList or node.target is aten.mean.dim else 1, "dtype")
         kwargs = {"dtype": acc} if acc is not None else {}
         dim_list = list(dims)
 
@@ -538,8 +541,8 @@ class Rewriter:
         if is_mean:
             other = sem.prod(shape[d] for d in dims[1:]) if len(dims) > 1 else 1
             count: Any = sum(a0.rows) * other
-            if not sem.is_static(count):
-                if not sem.is_static(other):
+            if not is_static_int(count):
+                if not is_static_int(other):
                     raise Unsupported(f"{_name(node)}: mean over symbolic non-row dims")
                 # symbolic token count: the sum of each layer block's dim-0 size, read from the blocks
                 count = None
@@ -556,7 +559,7 @@ class Rewriter:
 
     def histc(self, node: fx.Node) -> None:
         a0 = self.need_rows(node, self.value(node.args[0]))
-        lo, hi = sem.arg(node, 2, "min", 0), sem.arg(node, 3, "max", 0)
+        lo, hi = op_arg(node, 2, "min", 0), op_arg(node, 3, "max", 0)
         if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo < hi):
             raise Unsupported(f"{_name(node)}: histc with a data-dependent range (min >= max) is not a sum of per-layer histograms")
         rest = node.args[1:]

@@ -11,13 +11,12 @@ never treated as pure.
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from moe_passes.ir.facts import mutated_args, normalize_dim, tensor_value
+from moe_passes.ir.facts import normalize_dim, op_arg, tensor_dtype, tensor_ndim
 
 log = logging.getLogger(__name__)
 
@@ -52,48 +51,6 @@ TUPLE_OPS = frozenset({aten.topk.default, aten.sort.default, aten.max.dim, aten.
 FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
-def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """Argument ``name`` (positional ``index``) with the schema default if absent."""
-    if len(node.args) > index:
-        return node.args[index]
-    if name in node.kwargs:
-        return node.kwargs[name]
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        for a in schema.arguments:
-            if a.name == name and a.has_default_value():
-                return a.default_value
-    return default
-
-
-def ndim(node: Any) -> int | None:
-    v = tensor_value(node)
-    return v.dim() if v is not None else None
-
-
-def dtype(node: Any) -> torch.dtype | None:
-    v = tensor_value(node)
-    return v.dtype if v is not None else None
-
-
-def is_pure(node: fx.Node) -> bool:
-    """A call that writes nothing and has no side effect (by schema)."""
-    if node.op != "call_function":
-        return False
-    if node.target is operator.getitem:
-        return True
-    if not isinstance(node.target, torch._ops.OpOverload):
-        return False
-    if mutated_args(node) or node.target._schema.is_mutable:
-        return False
-    return not node.is_impure()
-
-
-def is_pointwise(node: fx.Node) -> bool:
-    return (isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags
-            and not mutated_args(node))
-
-
 def is_cast(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in CASTS
 
@@ -103,7 +60,7 @@ def exact_cast(node: fx.Node) -> bool:
     upcast (bf16 -> fp32 ...); never a downcast or a float -> int conversion."""
     if not is_cast(node) or not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    src, out = dtype(node.args[0]), dtype(node)
+    src, out = tensor_dtype(node.args[0]), tensor_dtype(node)
     if src is None or out is None:
         return False
     if src == out:
@@ -127,21 +84,6 @@ def through_exact_casts(node: Any) -> Any:
     return node
 
 
-def norm_dims(dims: Any, rank: int) -> tuple[int, ...] | None:
-    """A dim list (None / [] = all dims) as a sorted tuple of non-negative ints; None if not ints."""
-    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
-        return tuple(range(rank))
-    if isinstance(dims, int):
-        dims = [dims]
-    out = []
-    for d in dims:
-        n = normalize_dim(d, rank)
-        if n is None:
-            return None
-        out.append(n)
-    return tuple(sorted(set(out)))
-
-
 def softmax_key(node: fx.Node) -> tuple[Any, ...] | None:
     """What a softmax computes: (source before exact casts, normalised dim, compute dtype).
 
@@ -151,14 +93,14 @@ def softmax_key(node: fx.Node) -> tuple[Any, ...] | None:
     if node.op != "call_function" or node.target not in SOFTMAXES:
         return None
     x = node.args[0]
-    rank = ndim(x)
+    rank = tensor_ndim(x)
     if rank is None:
         return None
-    dim = normalize_dim(arg(node, 1, "dim"), rank)
+    dim = normalize_dim(op_arg(node, 1, "dim"), rank)
     if node.target is aten.softmax.int:
-        compute = arg(node, 2, "dtype") or dtype(x)
+        compute = op_arg(node, 2, "dtype") or tensor_dtype(x)
     else:
-        compute = torch.float32 if arg(node, 2, "half_to_float", False) else dtype(x)
+        compute = torch.float32 if op_arg(node, 2, "half_to_float", False) else tensor_dtype(x)
     return (through_exact_casts(x), dim, compute)
 
 
@@ -166,27 +108,11 @@ def topk_key(node: fx.Node) -> tuple[Any, ...] | None:
     if node.op != "call_function" or node.target is not aten.topk.default:
         return None
     x = node.args[0]
-    rank = ndim(x)
+    rank = tensor_ndim(x)
     if rank is None:
         return None
-    return (x, arg(node, 1, "k"), normalize_dim(arg(node, 2, "dim", -1), rank), bool(arg(node, 3, "largest", True)),
-            bool(arg(node, 4, "sorted", True)))
-
-
-def is_static(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def known_equal(a: Any, b: Any) -> bool:
-    """``a == b`` for ints or SymInts, only when provable (never guards)."""
-    if is_static(a) and is_static(b):
-        return a == b
-    try:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        return bool(statically_known_true(a == b))
-    except Exception:  # noqa: BLE001 - unknown means not equal
-        return False
+    return (x, op_arg(node, 1, "k"), normalize_dim(op_arg(node, 2, "dim", -1), rank), bool(op_arg(node, 3, "largest", True)),
+            bool(op_arg(node, 4, "sorted", True)))
 
 
 def prod(values: Any) -> Any:

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from moe_passes.fx.aux_loss import semantics as sem
-from moe_passes.ir.facts import writes_between
+from moe_passes.ir.facts import tensor_dtype, tensor_value, writes_between
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -65,14 +65,14 @@ class Statistics:
                out_dtype: torch.dtype, layer: int) -> fx.Node:
         idx_rows, n, node = onehot
         idx = idx_rows.emit(layer)
-        idx_rank = len(sem.tensor_value(node.args[0]).shape)
+        idx_rank = len(tensor_value(node.args[0]).shape)
         if weight is None:
             src = rw.new(aten.ones_like.default, (idx,), {"dtype": out_dtype}, layer)
         else:
             ns = weight.narrow_shape
             w = rw.new(aten.reshape.default, (weight.narrow(layer), [-1, *ns[:-1]]), {}, layer)
             if idx_rank == 2:
-                w = rw.new(aten.expand.default, (w, [-1, sem.tensor_value(node.args[0]).shape[1]]), {}, layer)
+                w = rw.new(aten.expand.default, (w, [-1, tensor_value(node.args[0]).shape[1]]), {}, layer)
             src = rw.new(aten.to.dtype, (w, out_dtype), {}, layer)
         zeros = rw.new(aten.new_zeros.default, (idx, list(out_shape)), {"dtype": out_dtype}, layer)
         self.counts_without_onehot += 1
@@ -86,7 +86,7 @@ class Statistics:
         """Whether ``sum_rows(one_hot [* w])`` can be a scatter_add: exact dtypes (counts in bf16 round
         differently when accumulated per layer), index rank 1 or 2, weights constant along the experts."""
         _, n, node = onehot
-        idx_rank = len(sem.tensor_value(node.args[0]).shape)
+        idx_rank = len(tensor_value(node.args[0]).shape)
         if out_dtype not in (torch.float32, torch.float64, torch.int64, torch.int32) or idx_rank not in (1, 2) \
                 or len(out_shape) != idx_rank or out_shape[-1] != n:
             return False
@@ -100,7 +100,7 @@ class Statistics:
         ``lse(x.detach()) + sum(p.detach() * (x - x.detach()), -1)`` -- the second term is 0 in value,
         its gradient is ``p``, which autograd already keeps for the router."""
         plain = lambda: rw.new(node.target, (x, *node.args[1:]), dict(node.kwargs), layer)
-        if sem.dtype(x) != torch.float32:
+        if tensor_dtype(x) != torch.float32:
             return plain()
         key = (sem.through_exact_casts(x), 1, torch.float32)
         p, why = reusable_router_softmax(rw.graph, key, rw.cursor, exclude=set(rw.new_nodes))

@@ -67,7 +67,9 @@ from moe_passes.ir.facts import (
     node_value,
     normalize_dim,
     op_namespace_and_name,
-    schema_of,
+    known_equal,
+    op_arg,
+    tensor_ndim,
     tensor_value,
 )
 
@@ -163,44 +165,9 @@ _SYM_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv, o
                   torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_int, torch.sym_float}
 
 
-def _dims_arg(node: fx.Node, pos: int, name: str = "dim") -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[pos] if len(node.args) > pos else None
-
-
-def _arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
-    schema = schema_of(node)
-    if name in node.kwargs:
-        return node.kwargs[name]
-    if len(node.args) > pos:
-        return node.args[pos]
-    if schema is not None:
-        for a in schema.arguments:
-            if a.name == name and a.has_default_value():
-                return a.default_value
-    return default
-
-
-def _rank(node: Any) -> int | None:
-    v = tensor_value(node)
-    return v.dim() if v is not None else None
-
-
 def _dim0(node: Any) -> Any:
     v = tensor_value(node)
     return v.shape[0] if v is not None and v.dim() > 0 else None
-
-
-def _same_size(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return False
-    try:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        return bool(statically_known_true(a == b))
-    except Exception:  # noqa: BLE001
-        return a is b
 
 
 class RowAnalysis:
@@ -289,7 +256,7 @@ class RowAnalysis:
             return self._scatter(n, "aten.scatter_add", dim0=True)
         if name in _COUNTS:
             (a, k), = args
-            if k.tag == "row" and _rank(a) == 1:
+            if k.tag == "row" and tensor_ndim(a) == 1:
                 return ADD
             if tags <= {"meta", "add"}:
                 return META
@@ -298,7 +265,7 @@ class RowAnalysis:
             return self._grouped(n)
         if tags <= {"meta", "add"} and not (tags & {"perm", "tokidx"}):
             return self._meta_only(n, name)
-        if name == "aten.floor_divide" or (name == "aten.div" and _arg(n, 2, "rounding_mode") == "floor"):
+        if name == "aten.floor_divide" or (name == "aten.div" and op_arg(n, 2, "rounding_mode") == "floor"):
             a, k = args[0]
             if k.tag == "perm" and len(args) == 1 and n.args[0] is a and isinstance(n.args[1], int) and n.args[1] == k.m:
                 return Kind("tokidx", k.m, k.key)
@@ -342,7 +309,7 @@ class RowAnalysis:
             raise Unproven(f"{n.name}: {_overload(n)} with token-dependent weights")
         if k.tag not in DATA_TAGS:
             raise Unproven(f"{n.name}: {_overload(n)} of a {k} value")
-        if (_rank(x) or 0) - len(shape) < lead_of(k):
+        if (tensor_ndim(x) or 0) - len(shape) < lead_of(k):
             raise Unproven(f"{n.name}: {_overload(n)} normalises over the token dim")
         return k
 
@@ -380,7 +347,7 @@ class RowAnalysis:
             inside = self.kind(a) is not None
             lead = lead_of(k)
             if inside:
-                if v.dim() != out.dim() or any(not _same_size(v.shape[i], out.shape[i]) for i in range(lead)):
+                if v.dim() != out.dim() or any(not known_equal(v.shape[i], out.shape[i]) for i in range(lead)):
                     raise Unproven(f"{n.name}: operand {a.name} is broadcast along the token dim")
             else:
                 offset = out.dim() - v.dim()  # right-aligned broadcasting
@@ -393,7 +360,7 @@ class RowAnalysis:
     def _same_rows(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
         k = self._data_kind(n, args)
         a = args[0][0]
-        if not _same_size(_dim0(a), _dim0(n)):
+        if not known_equal(_dim0(a), _dim0(n)):
             raise Unproven(f"{n.name}: changes the number of rows")
         return k
 
@@ -426,7 +393,7 @@ class RowAnalysis:
             if pre is None:
                 raise Unproven(f"{n.name}: reshape to {tuple(out.shape)}: no leading dims flatten to a multiple of the {self.T} tokens")
             return row(pre[1], pre[0])
-        if _same_size(out.shape[0], _dim0(a)):
+        if known_equal(out.shape[0], _dim0(a)):
             return k
         raise Unproven(f"{n.name}: reshape changes the rows of a {k} value")
 
@@ -441,7 +408,7 @@ class RowAnalysis:
         out = node_value(n)
         lead = lead_of(k)
         if name == "aten.expand":
-            if tensor_value(n).dim() != rank or any(not _same_size(tensor_value(n).shape[i], src.shape[i]) for i in range(lead)):
+            if tensor_value(n).dim() != rank or any(not known_equal(tensor_value(n).shape[i], src.shape[i]) for i in range(lead)):
                 raise Unproven(f"{n.name}: expand along the token dim")
             return k
         if name == "aten.unsqueeze":
@@ -473,12 +440,12 @@ class RowAnalysis:
         if name == "aten.t":
             raise Unproven(f"{n.name}: transpose of a token-indexed matrix")
         if name in ("aten.select", "aten.slice", "aten.narrow", "aten.unflatten"):
-            d = normalize_dim(_arg(n, 1, "dim", 0), rank)
+            d = normalize_dim(op_arg(n, 1, "dim", 0), rank)
             if d is None or d < lead:
                 raise Unproven(f"{n.name}: {name} along the token dim (position-dependent)")
             return k
         if name in ("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.tensor_split"):
-            d = normalize_dim(_arg(n, 2 if name != "aten.unbind" else 1, "dim", 0), rank)
+            d = normalize_dim(op_arg(n, 2 if name != "aten.unbind" else 1, "dim", 0), rank)
             if d is None or d < lead:
                 raise Unproven(f"{n.name}: {name} along the token dim (position-dependent)")
             return tuple(k for _ in (out or ()))
@@ -490,7 +457,7 @@ class RowAnalysis:
             return META
         src = tensor_value(a)
         rank = src.dim()
-        dims = _dims_arg(n, 1)
+        dims = op_arg(n, 1, "dim")
         if dims is None or dims == [] or (name == "aten.sum" and n.target == aten.sum.default):
             reduced = set(range(rank))
         else:
@@ -514,7 +481,7 @@ class RowAnalysis:
         rank = src.dim()
         default = -1 if name in ("aten.topk", "aten.sort", "aten.argsort", "aten.kthvalue", "aten.glu") else 0
         pos = 2 if name in ("aten.topk", "aten.kthvalue") else 1
-        d = normalize_dim(_arg(n, pos, "dim", default), rank) if name != "aten.msort" else 0
+        d = normalize_dim(op_arg(n, pos, "dim", default), rank) if name != "aten.msort" else 0
         if k.tag in ("meta", "add"):
             return META
         if d is not None and d >= lead_of(k):
@@ -542,7 +509,7 @@ class RowAnalysis:
             raise Unproven(f"{n.name}: {name} whose row operand is not token data")
         if any(isinstance(o, fx.Node) and self.kind(o) is not None for o in others):
             raise Unproven(f"{n.name}: {name} of two region values (mixes tokens)")
-        if (_rank(data) or 0) <= lead_of(k) or name == "aten.bmm":
+        if (tensor_ndim(data) or 0) <= lead_of(k) or name == "aten.bmm":
             raise Unproven(f"{n.name}: {name} contracts over the token dim")
         return k
 
@@ -550,8 +517,8 @@ class RowAnalysis:
         tensors = n.args[0]
         if any(self.kind(t) is None for t in tensors):
             raise Unproven(f"{n.name}: {name} of region and outside values")
-        rank = _rank(n) if name == "aten.cat" else (_rank(n) or 1)
-        d = normalize_dim(_arg(n, 1, "dim", 0), rank)
+        rank = tensor_ndim(n) if name == "aten.cat" else (tensor_ndim(n) or 1)
+        d = normalize_dim(op_arg(n, 1, "dim", 0), rank)
         k = self._data_kind(n, args)
         if d is None or d < lead_of(k):
             raise Unproven(f"{n.name}: {name} along the token dim")
@@ -560,7 +527,7 @@ class RowAnalysis:
     def _gather(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
         src, dim = n.args[0], n.args[1]
         k = self._data_kind(n, args)
-        d = normalize_dim(dim, _rank(src) or 0)
+        d = normalize_dim(dim, tensor_ndim(src) or 0)
         if d is None or d < lead_of(k):
             raise Unproven(f"{n.name}: gather along the token dim")
         return k
@@ -598,7 +565,7 @@ class RowAnalysis:
             return Kind("bag", ki.m, ki.key)
         if ks.tag == "row" and ks.lead == 1 and ki.tag == "perm" and ks.m == ki.m:
             return Kind("bag", ki.m, ki.key)
-        if ks.tag == "recv" and ks.p is None and ki.tag == "meta" and _rank(idx[0]) == 1:
+        if ks.tag == "recv" and ks.p is None and ki.tag == "meta" and tensor_ndim(idx[0]) == 1:
             return Kind("recv", key=ks.key, p=idx[0])
         raise Unproven(f"{n.name}: index of a {ks} value by a {ki} index (not a gather by a routing permutation)")
 
@@ -606,11 +573,11 @@ class RowAnalysis:
         dst = n.args[0]
         if name == "aten.index_copy":
             dim, idx, src = n.args[1], n.args[2], n.args[3]
-            if normalize_dim(dim, _rank(dst) or 0) != 0:
+            if normalize_dim(dim, tensor_ndim(dst) or 0) != 0:
                 raise Unproven(f"{n.name}: index_copy along a non-token dim")
         else:
             indices, src = n.args[1], n.args[2]
-            accumulate = _arg(n, 3, "accumulate", False)
+            accumulate = op_arg(n, 3, "accumulate", False)
             if name == "aten.index_add" or accumulate:
                 raise Unproven(f"{n.name}: accumulating {name} (not a permutation inverse)")
             if len(indices) != 1 or not isinstance(indices[0], fx.Node):
@@ -633,14 +600,14 @@ class RowAnalysis:
             src = n.args[3] if len(n.args) > 3 else n.kwargs.get("src", n.kwargs.get("value"))
         kd, ki = self.kind(dst), self.kind(idx)
         ks = self.kind(src) if isinstance(src, fx.Node) else None
-        d = normalize_dim(dim, _rank(dst) or 0)
+        d = normalize_dim(dim, tensor_ndim(dst) or 0)
         if d is not None and kd is not None and d >= lead_of(kd) and d > 0:
             return self._data_kind(n, self._region_args(n))
         if name == "aten.scatter_add" and ki is not None and ki.tag == "tokidx" and ks is not None and ks.tag == "bag" and ks.key is ki.key:
             if kd is None or not kd.fresh or kd.tag != "row" or kd.m != 1 or kd.lead != 1 or not self._is_zero_alloc(dst):
                 raise Unproven(f"{n.name}: combine scatter_add into a buffer that is not a fresh zero [T, H] tensor")
             return row(1)
-        if name == "aten.scatter_add" and ki is not None and ki.tag == "row" and _rank(idx) == 1:
+        if name == "aten.scatter_add" and ki is not None and ki.tag == "row" and tensor_ndim(idx) == 1:
             if kd is None and self._is_zero_alloc(dst):
                 return ADD  # per-expert counts of the chunk's copies
             raise Unproven(f"{n.name}: count scatter_add into a buffer that is not a fresh zero tensor")
@@ -654,7 +621,7 @@ class RowAnalysis:
         if name in _ZERO_ALLOC:
             return True
         if name in ("aten.full", "aten.full_like", "aten.new_full"):
-            return _arg(node, 1, "fill_value") == 0
+            return op_arg(node, 1, "fill_value") == 0
         return False
 
     def _grouped(self, n: fx.Node) -> Kind:
@@ -665,8 +632,8 @@ class RowAnalysis:
             raise Unproven(f"{n.name}: grouped GEMM whose weight depends on the tokens")
         if kx is None or kx.tag not in ("recv", "bag"):
             raise Unproven(f"{n.name}: grouped GEMM rows are not routed token copies ({kx})")
-        if (_rank(x), _rank(w)) != (2, 3):
-            raise Unproven(f"{n.name}: grouped GEMM of ranks {(_rank(x), _rank(w))} (only 2-D rows x 3-D weights keep rows)")
+        if (tensor_ndim(x), tensor_ndim(w)) != (2, 3):
+            raise Unproven(f"{n.name}: grouped GEMM of ranks {(tensor_ndim(x), tensor_ndim(w))} (only 2-D rows x 3-D weights keep rows)")
         if offs is None or (ko is not None and ko.tag not in ("meta", "add")):
             raise Unproven(f"{n.name}: grouped GEMM without layout offsets")
         return kx
