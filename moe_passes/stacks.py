@@ -56,10 +56,11 @@ class MoEStack(nn.Module):
     ``flatten_tokens``: reshape the input to ``[tokens, hidden]`` before the first block.
     ``balancing``: the balancing-loss function, called as ``balancing(logits, experts, top_k, mask)`` (plus
     ``global_group``, the global-statistics group, when there is one). ``z_loss``: the z-loss function, called
-    as ``z_loss(logits, mask)``. ``loss_order``: see ``LOSS_ORDERS``. ``detach_logits``: the logits are detached as each block returns
-    them (logging; only without router losses). ``init_std``: after construction, every block parameter is
-    drawn from N(0, std), block by block; a pair is (router gate std, other parameters' std); None: the
-    blocks' own initialisation.
+    as ``z_loss(logits, mask)``. ``loss_order``: see ``LOSS_ORDERS``. ``detach_logits``: the logits are
+    detached as each block returns them (logging; only without router losses). ``init_std``: after
+    construction, every block parameter is drawn from N(0, std), block by block in parameter order (the
+    norms keep their own initialisation); a pair is (std of the block's ``gate.*``, std of the others);
+    None: the blocks' own initialisation.
     """
 
     def __init__(
