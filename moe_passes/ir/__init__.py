@@ -3,6 +3,7 @@
 ``facts``: what a node is and does (values, collectives, waits, mutation, dims, modules), in
 torch IR and ATen IR alike. ``canonical``: Dynamo's graph re-traced to pre-dispatch ATen in
 its own fake mode, where the analyses run. ``capture``: the graphs Dynamo would hand a
-backend, without compiling. ``graph_text``: normalised, run-stable graph text.
+backend, without compiling. ``graph_text``: normalised, run-stable graph text. ``autograd``: which values a training
+step's autograd saves or differentiates.
 Nothing here imports Inductor or any pass.
 """

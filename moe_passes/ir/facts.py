@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 # ---------------------------------------------------------------- node values
 
@@ -180,6 +182,39 @@ def aten_name(node: fx.Node) -> str | None:
         return None
     parsed = op_namespace_and_name(node.target)
     return parsed[1] if parsed is not None and parsed[0] == "aten" else None
+
+
+# ---------------------------------------------------------------- one name per op, both IRs
+
+#: torch-IR functions, by meaning (ATen ops are named by their schema; methods by their name).
+_TORCH_FUNCTIONS: dict[Any, str] = {
+    F.linear: "linear", torch._C._nn.linear: "linear", torch.matmul: "matmul", operator.matmul: "matmul",
+    torch.mm: "mm", torch.addmm: "addmm",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
+    torch.cat: "cat", torch.concat: "cat", torch.stack: "stack",
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+    torch.flatten: "flatten", torch.reshape: "reshape", torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze",
+    torch.clone: "clone", torch.detach: "detach",
+}
+#: ATen/method spellings folded onto one meaning.
+_SYNONYMS = {
+    "_softmax": "softmax", "_safe_softmax": "softmax", "_log_softmax": "log_softmax", "_to_copy": "to",
+    "_unsafe_view": "view", "concat": "cat", "concatenate": "cat", "alias": "detach", "float": "to",
+    "type": "to", "type_as": "to", "view_as": "view", "reshape_as": "reshape", "lift_fresh_copy": "clone",
+}
+def op_meaning(node: fx.Node) -> str | None:
+    """One name per op whatever its spelling: ``"softmax"`` for ``F.softmax``, ``.softmax``, ``aten.softmax.int``."""
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        name = aten_name(node) or _TORCH_FUNCTIONS.get(node.target)
+        if name is None:
+            return None
+    else:
+        return None
+    return _SYNONYMS.get(name, name)
+
 
 
 # ---------------------------------------------------------------- collectives
@@ -484,3 +519,13 @@ def copy_node_attributes(src: fx.Graph, dst: fx.Graph) -> None:
             for key, value in extra.items():
                 if key.startswith("_dynamo"):
                     setattr(by_name[n.name], key, value)
+
+
+def storage_ref(val: Any) -> StorageWeakRef | None:
+    """A weak reference to the storage of a (fake) tensor value; None for non-tensors and storage-less tensors."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(val.untyped_storage())
+    except (NotImplementedError, RuntimeError):
+        return None

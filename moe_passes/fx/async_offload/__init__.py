@@ -1,0 +1,71 @@
+"""``async_offload``: hand router tensors that leave the graph to the host, copied asynchronously.
+
+Routing replay and expert-load logging read every layer's routing decisions
+(selected experts) and, detached, its router logits on the host. Without
+this pass the user's ``.cpu()`` after the step is a blocking copy that stalls
+the stream, and the device tensors returned for it stay alive until the user
+drops them. This pass starts a device-to-host copy of each router output right
+after the tensor is produced (``moe_passes::offload_start`` on a ``detach``ed
+value) and waits for it at the end of the forward (``moe_passes::offload_wait``);
+the graph returns the host tensor in place of the device one.
+
+What the caller gets (the user-visible contract):
+
+* every router output the pass offloads is returned as a **host tensor with the
+  same values, dtype and shape** (pinned memory on CUDA), as if the caller had
+  called ``.cpu()`` on it, but without a blocking copy;
+* an output that **requires grad** (router logits returned as the model writes
+  them, e.g. ``output_router_logits=True`` in a training step) keeps its
+  gradient: the host tensor requires grad and its backward moves the gradient
+  back to the device logits, exactly like ``logits.cpu()`` in eager
+  (``offload_wait``'s ``grad_source``). No gradient changes, silently or not;
+* what autograd needs stays as it is: the copy is taken from a ``detach`` of
+  the device value, and the device value itself still feeds every consumer in
+  the graph and is saved for backward where a backward formula saves it (e.g.
+  ``topk`` saves its indices).
+
+So the device buffer of an offloaded output is
+
+* released right after the copy when nothing else needs it (detached logits
+  returned for logging, any router output in an inference graph);
+* kept for backward when autograd saves it (selected experts under ``topk``):
+  the host copy is still delivered without a blocking copy, it just frees
+  nothing on the device;
+* kept until the wait when the output requires grad (the wait's gradient edge
+  holds it; without the pass the caller would hold it longer, as an output).
+
+The report says, per output, what was offloaded (node, kind, module, shape,
+dtype, bytes) and which of the three happened to the device buffer, and for
+every router output left alone, why.
+
+Stage: **pre-grad**, on the Dynamo graph or on its canonical pre-dispatch ATen
+re-trace (``moe_passes.ir.canonical``). Only there are the *user's* outputs
+exactly the graph outputs (after AOT partitioning, forward outputs mix user
+outputs with tensors saved for backward) and is ``nn_module_stack`` intact to
+tell a router's linear from any other. Router tensors are recognised by
+meaning in both IRs: the output of a linear/matmul whose innermost module is a
+router inside an MoE block; a softmax/sigmoid of it; ``topk`` indices of
+those; and views, detaches, dtype casts, concatenations and index arithmetic of
+those (``F.linear``/``Tensor.softmax``/``torch.topk``/``.detach()`` in torch IR,
+``aten.linear.default``/``aten.softmax.int``/``aten.topk.default``/
+``aten.detach.default`` in ATen IR).
+
+Which outputs (``BackendConfig.offload_targets``): ``"auto"`` offloads every
+router output (kinds ``router_logits`` and ``selected_experts``); an explicit
+tuple of kinds offloads only those. Skipped, each with its reason: kinds not
+listed, outputs **mutated in place** after they are produced (a copy taken at
+production would return stale values), outputs without a recorded value.
+"""
+
+from moe_passes.fx.async_offload.offload_pass import (
+    KEPT_FOR_BACKWARD,
+    KEPT_FOR_GRADIENT,
+    RELEASED,
+    UNKNOWN_IF_SAVED,
+    AsyncOffloadPass,
+    alias_root,
+)
+from moe_passes.fx.async_offload.routers import TARGET_KINDS, classify
+
+__all__ = ["AsyncOffloadPass", "KEPT_FOR_BACKWARD", "KEPT_FOR_GRADIENT", "RELEASED", "TARGET_KINDS",
+           "UNKNOWN_IF_SAVED", "alias_root", "classify"]

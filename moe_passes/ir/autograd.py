@@ -1,0 +1,114 @@
+"""What a training step's autograd does with a graph's values: which nodes require grad, which storages
+a backward formula saves.  Read from a fake re-run of the graph (or, when that is impossible, a safe
+over-approximation that says why).  In both IRs; nothing here imports a pass or Inductor."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_leaves
+
+from moe_passes.ir.facts import node_value, op_meaning, storage_ref
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AutogradFacts:
+    """What a training step's autograd does with the graph's values (from a fake re-run, or a safe estimate)."""
+
+    saved: set[fx.Node]  # nodes whose storage some backward formula saves
+    requires_grad: set[fx.Node]  # nodes whose value requires grad
+    exact: bool = True  # False: the fake re-run failed; ``requires_grad`` over-approximates, ``saved`` is empty
+    reason: str | None = None  # why not exact
+
+
+def _input_value(node: fx.Node) -> Any:
+    """A placeholder's value with its ``requires_grad`` as Dynamo saw it (ATen re-traces drop it in ``val``)."""
+    example = node.meta.get("example_value")
+    return example if isinstance(example, torch.Tensor) else node_value(node)
+
+
+def _output_values(gm: fx.GraphModule) -> list[Any] | None:
+    """Dynamo's values of the graph outputs (they record ``requires_grad``); None in an ATen re-trace."""
+    outs = [a for a in tree_leaves(gm.graph.output_node().args) if isinstance(a, fx.Node)]
+    computed = [n for n in outs if n.op in ("call_function", "call_method")]
+    if not computed or any("example_value" not in n.meta for n in computed):
+        return None
+    return [n.meta["example_value"] for n in computed]
+
+
+def _grad_dataflow(gm: fx.GraphModule) -> set[fx.Node]:
+    """Over-approximation of which nodes require grad: floating values computed from inputs that do."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        val = node_value(node) if node.op != "placeholder" else _input_value(node)
+        if node.op in ("placeholder", "get_attr"):
+            if isinstance(val, torch.Tensor) and val.requires_grad:
+                out.add(node)
+            continue
+        if node.op not in ("call_function", "call_method") or op_meaning(node) == "detach":
+            continue
+        floating = any(isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) for t in tree_leaves(val))
+        if floating and any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
+    """Which nodes require grad and which storages backward saves, in either IR.
+
+    Runs the graph on the placeholders' own fake values (so parameters require
+    grad as in training, and everything stays in Dynamo's fake mode) with grad
+    enabled, under ``saved_tensors_hooks`` recording what every backward node
+    packs. A graph none of whose outputs requires grad (traced under
+    ``no_grad``, inference) has no backward: nothing is saved. Dynamo's graph
+    says so in its output values (not in its other values: views of parameters
+    are recorded as requiring grad even under ``no_grad``); an ATen re-trace does
+    not record ``requires_grad``, so there the current grad mode decides, as it
+    does for AOT autograd.
+    """
+    outputs = _output_values(gm)
+    if outputs is not None and not any(isinstance(t, torch.Tensor) and t.requires_grad for v in outputs for t in tree_leaves(v)):
+        return AutogradFacts(set(), set())
+    if outputs is None and not torch.is_grad_enabled():
+        return AutogradFacts(set(), set())
+    inputs = [_input_value(n) for n in gm.graph.find_nodes(op="placeholder")]
+    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
+    reason = None
+    if len(modes) != 1 or any(v is None for v in inputs):
+        reason = "graph inputs carry no single fake mode"
+    else:
+        mode = next(iter(modes.values()))
+        saved: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        interp = fx.Interpreter(gm, garbage_collect_values=False)
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(mode)
+                if mode.shape_env is not None:
+                    stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+                interp.run(*inputs, enable_io_processing=False)
+        except Exception as e:  # cannot re-run on fake tensors: fall back to a safe estimate, say why
+            reason = f"fake re-run failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        else:
+            storages = {s for s in (storage_ref(t) for t in saved) if s is not None}
+            return AutogradFacts(
+                saved={n for n, v in interp.env.items() if storage_ref(v) in storages},
+                requires_grad={n for n, v in interp.env.items()
+                               if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(v))},
+            )
+    log.info("autograd facts estimated (%s)", reason)
+    return AutogradFacts(set(), _grad_dataflow(gm), exact=False, reason=reason)
