@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import textwrap
 from typing import IO, Any, Sequence
 

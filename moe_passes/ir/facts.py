@@ -85,6 +85,12 @@ def op_namespace_and_name(target: Any) -> tuple[str, str] | None:
     return None
 
 
+def op_label(node: fx.Node) -> str | None:
+    """``"aten.softmax"`` style name of a call on an OpOverload / packet (overload dropped); None otherwise."""
+    parsed = op_namespace_and_name(node.target) if node.op == "call_function" else None
+    return f"{parsed[0]}.{parsed[1]}" if parsed else None
+
+
 def schema_of(node: fx.Node) -> torch.FunctionSchema | None:
     """The ATen schema of a ``call_function`` node on an OpOverload (None otherwise)."""
     if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.domino.kinds import Kind, RowAnalysis, Unproven, _overload
+from moe_passes.fx.domino.kinds import Kind, Unproven
+from moe_passes.fx.domino.row_analysis import RowAnalysis
 from moe_passes.ir.facts import (
     all_to_all_split_args,
     has_node,
@@ -38,6 +39,7 @@ from moe_passes.ir.facts import (
     is_wait,
     module_path,
     mutated_args,
+    op_label,
     op_namespace_and_name,
     tensor_value,
 )
@@ -145,7 +147,7 @@ def _count_exchange(dispatch: fx.Node) -> fx.Node | None:
 
 
 def _is_sort(n: fx.Node) -> bool:
-    return _overload(n) in ("aten.argsort", "aten.sort")
+    return op_label(n) in ("aten.argsort", "aten.sort")
 
 
 def _row_gather(dispatch: fx.Node) -> fx.Node:
@@ -157,7 +159,7 @@ def _row_gather(dispatch: fx.Node) -> fx.Node:
         if not isinstance(n, fx.Node) or n in seen:
             continue
         seen.add(n)
-        if _overload(n) in ("aten.index", "aten._unsafe_index") and isinstance(n.args[1], (list, tuple)):
+        if op_label(n) in ("aten.index", "aten._unsafe_index") and isinstance(n.args[1], (list, tuple)):
             idx = [i for i in n.args[1] if i is not None]
             if len(idx) == 1 and isinstance(idx[0], fx.Node) and any(_is_sort(a) for a in _ancestors([idx[0]])):
                 return n

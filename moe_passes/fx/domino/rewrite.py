@@ -22,9 +22,9 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 
-from moe_passes.fx.domino.kinds import Kind, _overload
+from moe_passes.fx.domino.kinds import Kind
 from moe_passes.fx.domino.regions import MoERegion
-from moe_passes.ir.facts import is_mutation, node_value, tensor_value
+from moe_passes.ir.facts import is_mutation, node_value, op_label, tensor_value
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _multiplicities(region: MoERegion) -> set[int]:
 def _retarget(new: fx.Node, old: fx.Node, region: MoERegion, c: int) -> None:
     T = region.num_tokens
     kind = region.kinds.get(old)
-    name = _overload(old)
+    name = op_label(old)
     if isinstance(kind, Kind) and kind.tag == "row" and name in _SIZE_ARG:
         pos = _SIZE_ARG[name]
         if len(new.args) > pos and isinstance(new.args[pos], (list, tuple)) and len(new.args[pos]) >= kind.lead:

@@ -1,0 +1,599 @@
+"""Row-locality rules: the ``Kind`` (``moe_passes.fx.domino.kinds``) of every value in a candidate region.
+
+Rules, by meaning: pointwise ops (``torch.Tag.pointwise``, casts) keep a kind
+when every region operand has the same kind and every outside operand
+broadcasts over dim 0; views/reshapes keep token-major order when dim 0 stays
+a multiple of T; reductions, softmax, cumulative ops, sort/top-k keep rows
+when their normalised dim is not 0 (over dim 0 they mix tokens: unproven,
+except integer sums, which are ``add``); linear/matmul with an outside weight
+keep rows; and explicit rules for the MoE ops (argsort of ids, gathers by a
+permutation, its inverse ``index_copy``/``index_put``/``scatter_add``, counts,
+the all-to-all pair, grouped GEMMs with offsets).  Layout metadata may be
+computed by any op from metadata alone, but it reaches token data only as
+all-to-all split sizes, grouped-GEMM offsets and permutations of received rows
+(undone by the same permutation before the combine).  Whatever no rule covers
+raises ``Unproven`` with the node and the reason.
+
+Trust boundary (documented, not proven): layout metadata computed from the
+exchanged counts is trusted to describe the rows the all-to-all delivers (the
+model's own dropless routing is self-consistent for any token set).  What IS
+proven: token data never crosses tokens (no op over dim 0 of token rows, no
+positional mask applied to rows, no metadata used as a row value).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from moe_passes.fx.domino.dtensor_check import dtensor_keeps_rows
+from moe_passes.fx.domino.kinds import ADD, DATA_TAGS, META, NONE, Kind, Unproven, lead_of, row, token_prefix
+from moe_passes.ir.facts import (
+    is_all_to_all,
+    is_wait,
+    known_equal,
+    mutated_args,
+    node_value,
+    normalize_dim,
+    op_arg,
+    op_label,
+    op_namespace_and_name,
+    tensor_ndim,
+    tensor_value,
+)
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    parsed = op_namespace_and_name(t)
+    if parsed is not None:
+        return f"{parsed[0]}.{parsed[1]}"
+    return getattr(t, "__name__", str(t))
+
+
+_VIEW_LIKE = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.view_as", "aten.reshape_as"}
+_IDENTITY = {"aten.detach", "aten.alias", "aten.clone", "aten.contiguous", "aten.to", "aten._to_copy", "aten.type_as",
+             "aten.lift_fresh_copy", "aten.dropout", "aten.positive", "aten._assert_tensor_metadata"}
+_REDUCTIONS = {"aten.sum", "aten.mean", "aten.amax", "aten.amin", "aten.max", "aten.min", "aten.prod", "aten.any",
+               "aten.all", "aten.var", "aten.std", "aten.norm", "aten.linalg_vector_norm", "aten.logsumexp",
+               "aten.argmax", "aten.argmin", "aten.var_mean", "aten.std_mean", "aten.count_nonzero", "aten.nansum"}
+_ALONG_DIM = {"aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax", "aten._safe_softmax",
+              "aten.cumsum", "aten.cumprod", "aten.logcumsumexp", "aten.cummax", "aten.cummin", "aten.sort",
+              "aten.argsort", "aten.topk", "aten.kthvalue", "aten.msort", "aten.glu"}
+_ALLOC_LIKE = {"aten.zeros_like", "aten.empty_like", "aten.ones_like", "aten.full_like", "aten.new_zeros",
+               "aten.new_empty", "aten.new_ones", "aten.new_full", "aten.empty_strided", "aten.new_empty_strided"}
+_ZERO_ALLOC = {"aten.zeros", "aten.zeros_like", "aten.new_zeros"}
+_MATMUL = {"aten.linear", "aten.matmul", "aten.mm", "aten.addmm", "aten.bmm"}
+_GROUPED = {"aten._grouped_mm", "moe_models.grouped_mm"}
+_COUNTS = {"aten.histc", "aten.bincount"}
+#: Custom ops known to mean ``aten.scatter_add(out, 0, index, src)`` (functional): torchtitan's deterministic combine.
+SCATTER_ADD_DIM0 = {"torchtitan.deterministic_scatter_add"}
+_SYM_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                  operator.neg, operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
+                  torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_int, torch.sym_float}
+
+
+def _dim0(node: Any) -> Any:
+    v = tensor_value(node)
+    return v.shape[0] if v is not None and v.dim() > 0 else None
+
+
+class RowAnalysis:
+    """Kinds of the region's nodes; ``X`` is ``row(1)``, nodes outside the region are outside (replicated)."""
+
+    def __init__(self, tokens: fx.Node, num_tokens: int, region: set[fx.Node]) -> None:
+        self.X = tokens
+        self.T = num_tokens
+        self.region = region
+        pre = token_prefix(tuple(tensor_value(tokens).shape), num_tokens)
+        if pre is None or pre[1] != 1:
+            raise Unproven(f"{tokens.name}: its leading dims do not flatten to the {num_tokens} tokens")
+        self.kinds: dict[fx.Node, Any] = {tokens: row(1, pre[0])}
+        self.written: dict[fx.Node, fx.Node] = {}  # fresh buffer -> its one in-place writer
+        self.order = {n: i for i, n in enumerate(tokens.graph.nodes)}
+
+    # ------------------------------------------------------------------ helpers
+    def kind(self, a: Any) -> Kind | None:
+        """Kind of an argument: None for values from outside the region (replicated across chunks)."""
+        if isinstance(a, fx.Node) and (a in self.region or a is self.X):
+            k = self.kinds.get(a)
+            if k is None:
+                raise Unproven(f"{a.name}: no kind (analysis order)")
+            return k
+        return None
+
+    def _region_args(self, node: fx.Node) -> list[tuple[fx.Node, Kind]]:
+        out: list[tuple[fx.Node, Kind]] = []
+        seen: set[fx.Node] = set()
+        for a in node.all_input_nodes:
+            k = self.kind(a)
+            if k is not None and a not in seen:
+                seen.add(a)
+                out.append((a, k))
+        return out
+
+    # ------------------------------------------------------------------ analysis
+    def run(self, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
+        for n in nodes:
+            if n is self.X:
+                continue
+            self.kinds[n] = self.transfer(n)
+        return self.kinds
+
+    def transfer(self, n: fx.Node) -> Any:
+        if n.op != "call_function":
+            raise Unproven(f"{n.name}: {n.op} nodes are not chunked")
+        if n.target is operator.getitem:
+            return self._getitem(n)
+        args = self._region_args(n)
+        if any(isinstance(k, tuple) for _, k in args):
+            raise Unproven(f"{n.name}: reads a multi-output value directly")
+        tags = {k.tag for _, k in args}
+        written = mutated_args(n)
+        if written:
+            return self._inplace(n, written, args)
+        name = op_label(n)
+        if name in ("aten._assert_scalar", "aten.sym_constrain_range_for_size", "aten._assert_async"):
+            if tags - {"meta", "add"}:
+                raise Unproven(f"{n.name}: assertion on token data")
+            return NONE
+        if n.target in _SYM_FUNCTIONS or name in ("aten.sym_size", "aten.sym_numel", "aten.sym_stride"):
+            if name == "aten.sym_size" and tags & set(DATA_TAGS):
+                return META  # a size (row counts of the chunk): metadata only
+            if tags <= {"meta", "add"}:
+                return META
+            raise Unproven(f"{n.name}: symbolic arithmetic on token data")
+        if is_wait(n):
+            return self.kind(n.args[0]) or META
+        if is_all_to_all(n):
+            return self._all_to_all(n)
+        if not args:
+            raise Unproven(f"{n.name}: does not read the region (analysis error)")
+        if name in ("aten.item", "aten._local_scalar_dense", "aten.tolist"):
+            if tags <= {"meta", "add"}:
+                return META
+            raise Unproven(f"{n.name}: reads a scalar out of token data")
+        # ---- MoE-specific rules first (they look at several operands)
+        if name == "aten.index" or name == "aten._unsafe_index":
+            return self._index(n)
+        if name in ("aten.index_copy", "aten.index_put", "aten._unsafe_index_put", "aten.index_add"):
+            return self._unpermute(n, name)
+        if name in ("aten.scatter_add", "aten.scatter", "aten.scatter_reduce"):
+            return self._scatter(n, name)
+        if name in SCATTER_ADD_DIM0:  # custom ops with aten.scatter_add(out, 0, index, src) meaning
+            return self._scatter(n, "aten.scatter_add", dim0=True)
+        if name in _COUNTS:
+            (a, k), = args
+            if k.tag == "row" and tensor_ndim(a) == 1:
+                return ADD
+            if tags <= {"meta", "add"}:
+                return META
+            raise Unproven(f"{n.name}: {name} over a {k} value")
+        if name in _GROUPED:
+            return self._grouped(n)
+        if tags <= {"meta", "add"} and not (tags & {"perm", "tokidx"}):
+            return self._meta_only(n, name)
+        if name == "aten.floor_divide" or (name == "aten.div" and op_arg(n, 2, "rounding_mode") == "floor"):
+            a, k = args[0]
+            if k.tag == "perm" and len(args) == 1 and n.args[0] is a and isinstance(n.args[1], int) and n.args[1] == k.m:
+                return Kind("tokidx", k.m, k.key)
+        if tags & {"perm", "tokidx"} and name not in _VIEW_LIKE and name not in ("aten.expand", "aten.unsqueeze") and name not in _IDENTITY:
+            raise Unproven(f"{n.name}: {name} on a permutation/gather index (only // top_k, reshape and expand are understood)")
+        if name in _ALLOC_LIKE:
+            return self._alloc_like(n, name, args)
+        if name in _VIEW_LIKE:
+            return self._view(n, args)
+        if name in ("aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.transpose", "aten.permute", "aten.select",
+                    "aten.slice", "aten.narrow", "aten.t", "aten.movedim", "aten.unflatten", "aten.split",
+                    "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.tensor_split"):
+            return self._shape_op(n, name, args)
+        if name in _REDUCTIONS:
+            return self._reduction(n, name, args)
+        if name in _ALONG_DIM:
+            return self._along_dim(n, name, args)
+        if name in _MATMUL:
+            return self._matmul(n, name, args)
+        if name in ("aten.cat", "aten.stack"):
+            return self._cat(n, name, args)
+        if name in ("aten.gather",):
+            return self._gather(n, args)
+        if name in ("aten.one_hot",):
+            (a, k), = args
+            return self._same_rows(n, [(a, k)])
+        if name in ("aten.layer_norm", "aten.rms_norm"):
+            return self._norm(n, args)
+        if self._is_pointwise(n) or name in _IDENTITY:
+            return self._pointwise(n, args)
+        verdict = dtensor_keeps_rows(n, {a: k for a, k in args})
+        if verdict is True:
+            return self._data_kind(n, args)
+        why = f" ({verdict})" if isinstance(verdict, str) else ""
+        raise Unproven(f"{n.name}: no row-locality rule for {name or _name(n)} on {', '.join(str(k) for _, k in args)}{why}")
+
+    def _norm(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        x, shape = n.args[0], n.args[1]
+        k = self.kind(x)
+        if k is None or any(self.kind(a) is not None for a in n.all_input_nodes if a is not x):
+            raise Unproven(f"{n.name}: {op_label(n)} with token-dependent weights")
+        if k.tag not in DATA_TAGS:
+            raise Unproven(f"{n.name}: {op_label(n)} of a {k} value")
+        if (tensor_ndim(x) or 0) - len(shape) < lead_of(k):
+            raise Unproven(f"{n.name}: {op_label(n)} normalises over the token dim")
+        return k
+
+    # ------------------------------------------------------------------ op families
+    @staticmethod
+    def _is_pointwise(n: fx.Node) -> bool:
+        t = n.target
+        return isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
+
+    def _data_kind(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        kinds = {k for _, k in args}
+        base = {Kind(k.tag, k.m, k.key, k.p, lead=k.lead) for k in kinds if k.tag != "fresh"}
+        if len(base) != 1:
+            raise Unproven(f"{n.name}: {op_label(n)} mixes values of different layouts ({', '.join(sorted(map(str, kinds)))})")
+        (k,) = base
+        if k.tag not in DATA_TAGS:
+            raise Unproven(f"{n.name}: {op_label(n)} combines token data with {k} values")
+        return k
+
+    def _scalar_args_ok(self, n: fx.Node) -> None:
+        for a in n.all_input_nodes:
+            if a in self.region and tensor_value(a) is None and not isinstance(node_value(a), (tuple, list)):
+                raise Unproven(f"{n.name}: scalar argument {a.name} depends on chunk-local metadata")
+
+    def _pointwise(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        self._scalar_args_ok(n)
+        k = self._data_kind(n, args)
+        out = tensor_value(n)
+        if out is None or out.dim() == 0:
+            raise Unproven(f"{n.name}: pointwise result is not a row tensor")
+        for a in n.all_input_nodes:
+            v = tensor_value(a)
+            if v is None:
+                continue
+            inside = self.kind(a) is not None
+            lead = lead_of(k)
+            if inside:
+                if v.dim() != out.dim() or any(not known_equal(v.shape[i], out.shape[i]) for i in range(lead)):
+                    raise Unproven(f"{n.name}: operand {a.name} is broadcast along the token dim")
+            else:
+                offset = out.dim() - v.dim()  # right-aligned broadcasting
+                spans = [i for i in range(lead) if i >= offset and not (isinstance(v.shape[i - offset], int) and v.shape[i - offset] == 1)]
+                if spans:
+                    raise Unproven(f"{n.name}: operand {a.name} from outside the region spans the token dim "
+                                   f"(shape {tuple(v.shape)}): it is not replicated across chunks")
+        return k
+
+    def _same_rows(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        k = self._data_kind(n, args)
+        a = args[0][0]
+        if not known_equal(_dim0(a), _dim0(n)):
+            raise Unproven(f"{n.name}: changes the number of rows")
+        return k
+
+    def _meta_only(self, n: fx.Node, name: str | None) -> Kind:
+        # Layout arithmetic on counts / sizes: computed per chunk from the chunk's own metadata.
+        return META
+
+    def _alloc_like(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        (a, k) = args[0]
+        if name in ("aten.new_zeros", "aten.new_empty", "aten.new_ones", "aten.new_full", "aten.new_empty_strided"):
+            # the size comes from the arguments: a fresh buffer of any layout (its rows must be written by a rule)
+            return Kind("fresh", fresh=True)
+        if k.tag in DATA_TAGS:
+            return Kind(k.tag, k.m, k.key, k.p, fresh=name in ("aten.zeros_like", "aten.empty_like"), lead=k.lead)
+        if k.tag in ("meta", "add"):
+            return META
+        raise Unproven(f"{n.name}: {name} of a {k} value")
+
+    def _view(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        (a, k) = args[0]
+        if n.args[0] is not a:
+            raise Unproven(f"{n.name}: view whose size depends on the region")
+        out = tensor_value(n)
+        if k.tag in ("meta", "add"):
+            return META if k.tag == "meta" else ADD
+        if out is None or out.dim() == 0:
+            raise Unproven(f"{n.name}: view to a scalar")
+        if k.tag == "row":
+            pre = token_prefix(tuple(out.shape), self.T)
+            if pre is None:
+                raise Unproven(f"{n.name}: reshape to {tuple(out.shape)}: no leading dims flatten to a multiple of the {self.T} tokens")
+            return row(pre[1], pre[0])
+        if known_equal(out.shape[0], _dim0(a)):
+            return k
+        raise Unproven(f"{n.name}: reshape changes the rows of a {k} value")
+
+    def _shape_op(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Any:
+        (a, k) = args[0]
+        if n.args[0] is not a or len(args) > 1:
+            raise Unproven(f"{n.name}: {name} with region-dependent arguments")
+        src = tensor_value(a)
+        rank = src.dim() if src is not None else 0
+        if k.tag in ("meta", "add"):
+            return META
+        out = node_value(n)
+        lead = lead_of(k)
+        if name == "aten.expand":
+            if tensor_value(n).dim() != rank or any(not known_equal(tensor_value(n).shape[i], src.shape[i]) for i in range(lead)):
+                raise Unproven(f"{n.name}: expand along the token dim")
+            return k
+        if name == "aten.unsqueeze":
+            d = normalize_dim(n.args[1], rank + 1)
+            if d is None or d < lead:
+                raise Unproven(f"{n.name}: unsqueeze({n.args[1]}) moves the token dim")
+            return k
+        if name == "aten.squeeze":
+            dims = n.args[1] if len(n.args) > 1 else None
+            if dims is None:
+                if any(isinstance(src.shape[i], int) and src.shape[i] == 1 for i in range(lead)):
+                    raise Unproven(f"{n.name}: squeeze may drop the token dim")
+                return k
+            dims = dims if isinstance(dims, (list, tuple)) else [dims]
+            if any(d is None or d < lead for d in {normalize_dim(d, rank) for d in dims}):
+                raise Unproven(f"{n.name}: squeeze of the token dim")
+            return k
+        if name == "aten.transpose":
+            d0, d1 = normalize_dim(n.args[1], rank), normalize_dim(n.args[2], rank)
+            if d0 != d1 and (d0 is None or d1 is None or d0 < lead or d1 < lead):
+                raise Unproven(f"{n.name}: transpose moves the token dim")
+            return k
+        if name == "aten.permute":
+            if [normalize_dim(d, rank) for d in n.args[1][:lead]] != list(range(lead)):
+                raise Unproven(f"{n.name}: permute moves the token dim")
+            return k
+        if name == "aten.movedim":
+            raise Unproven(f"{n.name}: movedim")
+        if name == "aten.t":
+            raise Unproven(f"{n.name}: transpose of a token-indexed matrix")
+        if name in ("aten.select", "aten.slice", "aten.narrow", "aten.unflatten"):
+            d = normalize_dim(op_arg(n, 1, "dim", 0), rank)
+            if d is None or d < lead:
+                raise Unproven(f"{n.name}: {name} along the token dim (position-dependent)")
+            return k
+        if name in ("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.tensor_split"):
+            d = normalize_dim(op_arg(n, 2 if name != "aten.unbind" else 1, "dim", 0), rank)
+            if d is None or d < lead:
+                raise Unproven(f"{n.name}: {name} along the token dim (position-dependent)")
+            return tuple(k for _ in (out or ()))
+        raise Unproven(f"{n.name}: {name}")
+
+    def _reduction(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Any:
+        (a, k) = args[0]
+        if k.tag in ("meta", "add"):
+            return META
+        src = tensor_value(a)
+        rank = src.dim()
+        dims = op_arg(n, 1, "dim")
+        if dims is None or dims == [] or (name == "aten.sum" and n.target == aten.sum.default):
+            reduced = set(range(rank))
+        else:
+            dims = dims if isinstance(dims, (list, tuple)) else [dims]
+            reduced = {normalize_dim(d, rank) for d in dims}
+        lead = lead_of(k)
+        token_dims = set(range(lead))
+        if not (reduced & token_dims) and None not in reduced:
+            out = node_value(n)
+            if isinstance(out, (tuple, list)):
+                return tuple(k for _ in out)
+            return k
+        integer = not src.dtype.is_floating_point and not src.dtype.is_complex
+        if name == "aten.sum" and k.tag == "row" and integer and token_dims <= reduced:
+            return ADD
+        raise Unproven(f"{n.name}: {name} reduces over the token dim 0 ({'float' if not integer else 'non-sum'} reduction across tokens)")
+
+    def _along_dim(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Any:
+        (a, k) = args[0]
+        src = tensor_value(a)
+        rank = src.dim()
+        default = -1 if name in ("aten.topk", "aten.sort", "aten.argsort", "aten.kthvalue", "aten.glu") else 0
+        pos = 2 if name in ("aten.topk", "aten.kthvalue") else 1
+        d = normalize_dim(op_arg(n, pos, "dim", default), rank) if name != "aten.msort" else 0
+        if k.tag in ("meta", "add"):
+            return META
+        if d is not None and d >= lead_of(k):
+            out = node_value(n)
+            if isinstance(out, (tuple, list)):
+                return tuple(k for _ in out)
+            return k
+        if name in ("aten.argsort", "aten.sort") and k.tag == "row" and rank == 1 and not src.dtype.is_floating_point:
+            # Stable or not, the permutation only orders the chunk's copies; every copy is un-permuted to its
+            # own row before anything reads rows by position (only the summation order of a token's K copies
+            # may differ between unstable sorts).
+            perm = Kind("perm", k.m, n)
+            if name == "aten.sort":
+                return (Kind("bag", k.m, n), perm)
+            return perm
+        raise Unproven(f"{n.name}: {name} over the token dim (normalised dim 0 of a {rank}-D {k} value)")
+
+    def _matmul(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        if name == "aten.addmm":
+            data, others = n.args[1], [n.args[0], n.args[2]]
+        else:
+            data, others = n.args[0], list(n.args[1:])
+        k = self.kind(data)
+        if k is None or k.tag not in DATA_TAGS:
+            raise Unproven(f"{n.name}: {name} whose row operand is not token data")
+        if any(isinstance(o, fx.Node) and self.kind(o) is not None for o in others):
+            raise Unproven(f"{n.name}: {name} of two region values (mixes tokens)")
+        if (tensor_ndim(data) or 0) <= lead_of(k) or name == "aten.bmm":
+            raise Unproven(f"{n.name}: {name} contracts over the token dim")
+        return k
+
+    def _cat(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        tensors = n.args[0]
+        if any(self.kind(t) is None for t in tensors):
+            raise Unproven(f"{n.name}: {name} of region and outside values")
+        rank = tensor_ndim(n) if name == "aten.cat" else (tensor_ndim(n) or 1)
+        d = normalize_dim(op_arg(n, 1, "dim", 0), rank)
+        k = self._data_kind(n, args)
+        if d is None or d < lead_of(k):
+            raise Unproven(f"{n.name}: {name} along the token dim")
+        return k
+
+    def _gather(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        src, dim = n.args[0], n.args[1]
+        k = self._data_kind(n, args)
+        d = normalize_dim(dim, tensor_ndim(src) or 0)
+        if d is None or d < lead_of(k):
+            raise Unproven(f"{n.name}: gather along the token dim")
+        return k
+
+    def _getitem(self, n: fx.Node) -> Any:
+        src, i = n.args
+        k = self.kinds.get(src) if isinstance(src, fx.Node) else None
+        if k is None:
+            raise Unproven(f"{n.name}: getitem of an unknown value")
+        if isinstance(k, tuple):
+            return k[i]
+        if k.tag in ("meta", "add"):
+            return META  # tolist()/split results of metadata
+        raise Unproven(f"{n.name}: getitem of a {k} value")
+
+    # ------------------------------------------------------------------ MoE rules
+    def _index(self, n: fx.Node) -> Kind:
+        src, indices = n.args[0], n.args[1]
+        ks = self.kind(src)
+        idx = [i for i in indices]
+        if len(idx) >= 1 and idx[0] is None:
+            if ks is None or ks.tag not in DATA_TAGS or any(self.kind(i) is not None for i in idx if isinstance(i, fx.Node)):
+                raise Unproven(f"{n.name}: index along a non-token dim by region values")
+            return ks
+        if len([i for i in idx if i is not None]) != 1 or not isinstance(idx[0], fx.Node):
+            raise Unproven(f"{n.name}: multi-dim advanced index")
+        ki = self.kind(idx[0])
+        if ks is None:
+            raise Unproven(f"{n.name}: gather from an outside tensor by a region index")
+        if ks.tag in ("meta", "add") and ki is not None and ki.tag in ("meta", "add"):
+            return META
+        if ki is None:
+            raise Unproven(f"{n.name}: index of token data by an outside (fixed) index")
+        if ks.tag == "row" and ks.m == 1 and ks.lead == 1 and ki.tag == "tokidx":
+            return Kind("bag", ki.m, ki.key)
+        if ks.tag == "row" and ks.lead == 1 and ki.tag == "perm" and ks.m == ki.m:
+            return Kind("bag", ki.m, ki.key)
+        if ks.tag == "recv" and ks.p is None and ki.tag == "meta" and tensor_ndim(idx[0]) == 1:
+            return Kind("recv", key=ks.key, p=idx[0])
+        raise Unproven(f"{n.name}: index of a {ks} value by a {ki} index (not a gather by a routing permutation)")
+
+    def _unpermute(self, n: fx.Node, name: str) -> Kind:
+        dst = n.args[0]
+        if name == "aten.index_copy":
+            dim, idx, src = n.args[1], n.args[2], n.args[3]
+            if normalize_dim(dim, tensor_ndim(dst) or 0) != 0:
+                raise Unproven(f"{n.name}: index_copy along a non-token dim")
+        else:
+            indices, src = n.args[1], n.args[2]
+            accumulate = op_arg(n, 3, "accumulate", False)
+            if name == "aten.index_add" or accumulate:
+                raise Unproven(f"{n.name}: accumulating {name} (not a permutation inverse)")
+            if len(indices) != 1 or not isinstance(indices[0], fx.Node):
+                raise Unproven(f"{n.name}: {name} with {len(indices)} index tensors")
+            idx = indices[0]
+        kd, ki, ks = self.kind(dst), self.kind(idx), self.kind(src)
+        if kd is None or not kd.fresh:
+            raise Unproven(f"{n.name}: {name} into a buffer that is not a fresh allocation of the region")
+        if ki is not None and ks is not None and ki.tag == "perm" and ks.tag == "bag" and ki.key is ks.key:
+            return row(ki.m)
+        if ki is not None and ks is not None and ki.tag == "meta" and ks.tag == "recv" and ks.p is idx:
+            return Kind("recv", key=ks.key, p=None)
+        raise Unproven(f"{n.name}: {name} of a {ks} value at a {ki} index is not the inverse of the gather")
+
+    def _scatter(self, n: fx.Node, name: str, dim0: bool = False) -> Kind:
+        if dim0:
+            dst, dim, idx, src = n.args[0], 0, n.args[1], n.args[2]
+        else:
+            dst, dim, idx = n.args[0], n.args[1], n.args[2]
+            src = n.args[3] if len(n.args) > 3 else n.kwargs.get("src", n.kwargs.get("value"))
+        kd, ki = self.kind(dst), self.kind(idx)
+        ks = self.kind(src) if isinstance(src, fx.Node) else None
+        d = normalize_dim(dim, tensor_ndim(dst) or 0)
+        if d is not None and kd is not None and d >= lead_of(kd) and d > 0:
+            return self._data_kind(n, self._region_args(n))
+        if name == "aten.scatter_add" and ki is not None and ki.tag == "tokidx" and ks is not None and ks.tag == "bag" and ks.key is ki.key:
+            if kd is None or not kd.fresh or kd.tag != "row" or kd.m != 1 or kd.lead != 1 or not self._is_zero_alloc(dst):
+                raise Unproven(f"{n.name}: combine scatter_add into a buffer that is not a fresh zero [T, H] tensor")
+            return row(1)
+        if name == "aten.scatter_add" and ki is not None and ki.tag == "row" and tensor_ndim(idx) == 1:
+            if kd is None and self._is_zero_alloc(dst):
+                return ADD  # per-expert counts of the chunk's copies
+            raise Unproven(f"{n.name}: count scatter_add into a buffer that is not a fresh zero tensor")
+        raise Unproven(f"{n.name}: {name} along dim 0 of {kd} by a {ki} index")
+
+    @staticmethod
+    def _is_zero_alloc(node: Any) -> bool:
+        if not isinstance(node, fx.Node):
+            return False
+        name = op_label(node)
+        if name in _ZERO_ALLOC:
+            return True
+        if name in ("aten.full", "aten.full_like", "aten.new_full"):
+            return op_arg(node, 1, "fill_value") == 0
+        return False
+
+    def _grouped(self, n: fx.Node) -> Kind:
+        x, w = n.args[0], n.args[1]
+        offs = n.args[2] if len(n.args) > 2 else n.kwargs.get("offs")
+        kx, kw, ko = self.kind(x), self.kind(w), self.kind(offs) if isinstance(offs, fx.Node) else None
+        if kw is not None:
+            raise Unproven(f"{n.name}: grouped GEMM whose weight depends on the tokens")
+        if kx is None or kx.tag not in ("recv", "bag"):
+            raise Unproven(f"{n.name}: grouped GEMM rows are not routed token copies ({kx})")
+        if (tensor_ndim(x), tensor_ndim(w)) != (2, 3):
+            raise Unproven(f"{n.name}: grouped GEMM of ranks {(tensor_ndim(x), tensor_ndim(w))} (only 2-D rows x 3-D weights keep rows)")
+        if offs is None or (ko is not None and ko.tag not in ("meta", "add")):
+            raise Unproven(f"{n.name}: grouped GEMM without layout offsets")
+        return kx
+
+    def _all_to_all(self, n: fx.Node) -> Kind:
+        src = n.args[0]
+        k = self.kind(src)
+        if k is None:
+            raise Unproven(f"{n.name}: all-to-all of an outside value")
+        if k.tag in ("meta", "add"):
+            return META
+        if k.tag == "bag":
+            return Kind("recv", key=n, p=None, m=k.m)
+        if k.tag == "recv" and k.p is None:
+            d = k.key
+            from moe_passes.ir.facts import all_to_all_split_args
+
+            od, idd = all_to_all_split_args(d)
+            oc, ic = all_to_all_split_args(n)
+            if list(oc or []) == list(idd or []) and list(ic or []) == list(od or []):
+                dk = self.kind(d.args[0])
+                return dk
+            raise Unproven(f"{n.name}: reverse all-to-all whose split sizes do not mirror {d.name}'s")
+        raise Unproven(f"{n.name}: all-to-all of a {k} value")
+
+    def _inplace(self, n: fx.Node, written: list[fx.Node], args: list[tuple[fx.Node, Kind]]) -> Kind:
+        name = op_label(n) or _name(n)
+        if len(written) != 1:
+            raise Unproven(f"{n.name}: {name} writes several tensors in place")
+        (buf,) = written
+        kb = self.kind(buf)
+        if kb is None:
+            raise Unproven(f"{n.name}: {name} writes {buf.name} (outside the region) in place")
+        if not kb.fresh or buf in self.written:
+            raise Unproven(f"{n.name}: {name} mutates {buf.name} in place")
+        early = [u.name for u in buf.users if u is not n and self.order[u] < self.order[n]]
+        if early:
+            raise Unproven(f"{n.name}: {buf.name} is read by {early} before its in-place write")
+        functional = {"aten.index_put_": "aten.index_put", "aten._unsafe_index_put_": "aten.index_put",
+                      "aten.index_copy_": "aten.index_copy", "aten.scatter_add_": "aten.scatter_add",
+                      "aten.scatter_": "aten.scatter"}.get(name)
+        if functional is None:
+            raise Unproven(f"{n.name}: in-place {name} on a fresh buffer is not a recognised un-permute")
+        k = self._unpermute(n, functional) if functional in ("aten.index_put", "aten.index_copy") else self._scatter(n, functional)
+        self.written[buf] = n
+        self.kinds[buf] = k  # later readers of the buffer see the written value
+        return k
