@@ -1,11 +1,53 @@
+"""Suite-wide settings: one thread per test process, golden updates, and two test processes by default.
+
+Every test runs single-threaded (``torch.set_num_threads(1)``), and almost all of
+the suite's time is single-threaded Dynamo/AOT/Inductor compilation, so on a
+machine with two or more cores the default selection (``-m "not slow"``) runs in
+two pytest-xdist workers (``--dist loadgroup``); the slow proofs, which start 2 to
+4 gloo ranks each and fill the cores by themselves, run in one process. A file's
+tests stay on one worker (each test is put in its module's group, so
+module-scoped fixtures, which share compiled graphs between tests, are built
+once), unless a test names a group of its own with
+``@pytest.mark.xdist_group(...)``. Both workers share Inductor's on-disk cache.
+``-n 0`` runs in one process, ``-n N`` picks another count; without
+pytest-xdist installed the suite runs serially.
+"""
+
 import os
 
 import pytest
 import torch
 
+#: Test worker processes when ``-n`` is not given (capped by the machine's cores).
+DEFAULT_WORKERS = 2
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-goldens", action="store_true", default=False, help="rewrite tests/golden/* from the current output")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Default to ``-n 2 --dist loadgroup`` when pytest-xdist is installed and ``-n`` was not given."""
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    if config.getoption("numprocesses", None) is not None or config.getoption("collectonly", False):
+        return
+    if config.getoption("markexpr", "") != "not slow":
+        return  # the slow proofs are multi-process: they fill the cores by themselves (measured: no gain)
+    workers = min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    if workers > 1 and not config.getoption("update_goldens", False):
+        config.option.numprocesses = workers
+        if config.getoption("dist", "no") == "no":
+            config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test without an ``xdist_group`` of its own joins its module's group (see the module docstring)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
 
 
 @pytest.fixture(scope="session")

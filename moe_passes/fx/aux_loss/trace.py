@@ -30,7 +30,8 @@ def _op(target: Any) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _val(node: fx.Node) -> str:
+def _value_text(node: fx.Node) -> str:
+    """``f32[4, 8]`` style text of a node's value (tuple values: each tensor), for the event trace."""
     v = node_value(node)
     if isinstance(v, torch.Tensor):
         return f"{_DT.get(v.dtype, str(v.dtype))}{list(v.shape)}"
@@ -69,5 +70,5 @@ def emitted_trace(gm: fx.GraphModule) -> str:
             continue
         ids[node] = len(ids)
         args = ", ".join([str(ref(a)) for a in node.args] + [f"{k}={ref(v)}" for k, v in node.kwargs.items()])
-        lines.append(f"%{ids[node]} = {_op(node.target)}({args}) -> {_val(node)}   # after {boundary}")
+        lines.append(f"%{ids[node]} = {_op(node.target)}({args}) -> {_value_text(node)}   # after {boundary}")
     return "\n".join(lines) + "\n"
