@@ -3,12 +3,13 @@
 Every test runs single-threaded (``torch.set_num_threads(1)``), and almost all of
 the suite's time is single-threaded Dynamo/AOT/Inductor compilation, so on a
 machine with two or more cores the default selection (``-m "not slow"``) runs in
-two pytest-xdist workers (``--dist loadgroup``); the slow proofs, which start 2 to
-4 gloo ranks each and fill the cores by themselves, run in one process. A file's
-tests stay on one worker (each test is put in its module's group, so
-module-scoped fixtures, which share compiled graphs between tests, are built
-once), unless a test names a group of its own with
-``@pytest.mark.xdist_group(...)``. Both workers share Inductor's on-disk cache.
+two pytest-xdist workers (``--dist loadfile``: a file's tests stay on one worker,
+so module-scoped fixtures, which share compiled graphs between tests, are built
+once); the slow proofs, which start 2 to 4 gloo ranks each and fill the cores by
+themselves, run in one process. Both workers share Inductor's on-disk cache.
+(``loadfile`` is scheduled by the controlling process alone; ``loadgroup`` set
+here would not reach the workers, which re-read the command line, and every
+test would be scheduled on its own, building module fixtures twice: measured.)
 ``-n 0`` runs in one process, ``-n N`` picks another count; without
 pytest-xdist installed the suite runs serially.
 """
@@ -28,7 +29,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Default to ``-n 2 --dist loadgroup`` when pytest-xdist is installed and ``-n`` was not given."""
+    """Default to ``-n 2 --dist loadfile`` when pytest-xdist is installed and ``-n`` was not given."""
     if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
         return
     if config.getoption("numprocesses", None) is not None or config.getoption("collectonly", False):
@@ -39,15 +40,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     if workers > 1 and not config.getoption("update_goldens", False):
         config.option.numprocesses = workers
         if config.getoption("dist", "no") == "no":
-            config.option.dist = "loadgroup"
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test without an ``xdist_group`` of its own joins its module's group (see the module docstring)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+            config.option.dist = "loadfile"
 
 
 @pytest.fixture(scope="session")
