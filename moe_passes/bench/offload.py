@@ -49,18 +49,11 @@ from torch.utils._pytree import tree_leaves
 import logging
 
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
-from moe_passes.ir.facts import node_value
+from moe_passes.ir.facts import node_value, static_nbytes
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
 from moe_passes.stacks import router_stack
 
 log = logging.getLogger(__name__)
-
-
-def _bytes(t: torch.Tensor) -> int:
-    numel = 1
-    for s in t.shape:
-        numel *= s if isinstance(s, int) else (s.node.hint if s.node.has_hint() else 0)
-    return int(numel) * t.element_size()
 
 
 @dataclass
@@ -108,7 +101,7 @@ def device_liveness(gm: fx.GraphModule) -> Liveness:
             if node.op in ("placeholder", "get_attr"):
                 inputs.add(key)
             elif key not in first and key not in inputs and not host:
-                first[key], last[key], nbytes[key] = node, node, _bytes(t)
+                first[key], last[key], nbytes[key] = node, node, static_nbytes(t)
     return Liveness(first, last, nbytes)
 
 

@@ -145,6 +145,16 @@ def normalize_dims(dims: Any, rank: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
+def static_nbytes(val: Any) -> int:
+    """Bytes of a (fake) tensor value, symbolic sizes at their hint (0 without one); 0 for non-tensors."""
+    if not isinstance(val, torch.Tensor):
+        return 0
+    numel = 1
+    for s in val.shape:
+        numel *= s if isinstance(s, int) else (s.node.hint if s.node.has_hint() else 0)
+    return int(numel) * val.element_size()
+
+
 def is_static_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -209,6 +219,8 @@ _SYNONYMS = {
     "_unsafe_view": "view", "concat": "cat", "concatenate": "cat", "alias": "detach", "float": "to",
     "type": "to", "type_as": "to", "view_as": "view", "reshape_as": "reshape", "lift_fresh_copy": "clone",
 }
+
+
 def op_meaning(node: fx.Node) -> str | None:
     """One name per op whatever its spelling: ``"softmax"`` for ``F.softmax``, ``.softmax``, ``aten.softmax.int``."""
     if node.op == "call_method":

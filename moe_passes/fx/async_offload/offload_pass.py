@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 from moe_passes.fx.async_offload.routers import TARGET_KINDS, classify, is_shape_op
 from moe_passes.ir.autograd import AutogradFacts, autograd_facts
-from moe_passes.ir.facts import module_types, node_value, storage_ref, writes_between
+from moe_passes.ir.facts import module_types, node_value, static_nbytes, storage_ref, writes_between
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
 
@@ -139,7 +139,7 @@ class AsyncOffloadPass(GraphPass):
             "module": stack[-1][0] if stack else None,
             "shape": [s if isinstance(s, int) else str(s) for s in val.shape],
             "dtype": str(val.dtype).replace("torch.", ""),
-            "bytes": _static_bytes(val),
+            "bytes": static_nbytes(val),
             "requires_grad": node in facts.requires_grad,
             "device_buffer": buffer,
         }
@@ -264,12 +264,3 @@ def _copy_source_meta(src: fx.Node, dst: fx.Node) -> None:
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in src.meta:
             dst.meta[key] = src.meta[key]
-
-
-def _static_bytes(val: Any) -> int:
-    if not isinstance(val, torch.Tensor):
-        return 0
-    numel = 1
-    for s in val.shape:
-        numel *= s if isinstance(s, int) else s.node.hint if s.node.has_hint() else 0
-    return int(numel) * val.element_size()
