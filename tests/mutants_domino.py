@@ -49,7 +49,24 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "norm_tokens": ("skipped", "reduces over the token dim 0"),
     "norm_experts": ("rewritten", None),
     "var_tokens_correction": ("skipped", "reduces over the token dim 0"),
+    # Megatron-style: the combine all-to-all inside a custom torch.autograd.Function. The ATen re-trace
+    # would inline it under no_grad and cut every gradient before it (expert and router weights).
+    "autograd_function_combine": ("skipped", "autograd_function_apply"),
 }
+
+
+class AllToAllFunction(torch.autograd.Function):
+    """An all-to-all with a hand-written backward (the reverse exchange), as Megatron-style MoE code has."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):  # type: ignore[no-untyped-def, override]
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        return all_to_all_single(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        output_splits, input_splits = ctx.splits
+        return all_to_all_single(grad.contiguous(), input_splits, output_splits, ctx.group), None, None, None
 
 
 class MutantBlock(nn.Module):
@@ -138,7 +155,10 @@ class MutantBlock(nn.Module):
         sort_rows = torch.argsort(expert_of_row, stable=True)
         results = self._experts(received[sort_rows], offsets)
         back = torch.zeros_like(results).index_copy(0, sort_rows, results)
-        combined = all_to_all_single_autograd(back, input_splits, output_splits, self.group)
+        if mut == "autograd_function_combine":
+            combined = AllToAllFunction.apply(back, input_splits, output_splits, self.group)
+        else:
+            combined = all_to_all_single_autograd(back, input_splits, output_splits, self.group)
         unpermuted = torch.zeros_like(combined).index_copy(0, order, combined)
         if mut in ("capacity_router", "topk_second_norm_before_dispatch"):
             out = unpermuted.view(T, TOP_K, HIDDEN).sum(dim=1)

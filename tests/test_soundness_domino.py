@@ -37,7 +37,7 @@ def fake_group() -> Iterator[dist.ProcessGroup]:
 def decide(mutation: str, group: dist.ProcessGroup) -> Any:
     block = MutantBlock(mutation, group)
     (gm,) = capture_without_running(lambda h: block(h), make_input(0, 0, TOKENS).requires_grad_())
-    assert canonicalize_in_place(gm) is None
+    canonicalize_in_place(gm)  # where the re-trace is refused, the pass reports why (and changes nothing)
     before = gm.code
     result = DominoEPPass(BackendConfig(num_chunks=CHUNKS))(gm)
     return result, before, gm

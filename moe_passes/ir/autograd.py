@@ -112,3 +112,47 @@ def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
             )
     log.info("autograd facts estimated (%s)", reason)
     return AutogradFacts(set(), _grad_dataflow(gm), exact=False, reason=reason)
+
+
+def differentiable_inputs(gm: fx.GraphModule, inputs: list[Any]) -> set[int]:
+    """Positions of the graph inputs some output's gradient reaches: the graph is run on ``inputs``
+    (fakes of one fake mode, ``requires_grad`` as in training) with grad enabled, and autograd's own
+    graph is walked from every output back to the leaves it accumulates into.  Raises when the fake
+    run is impossible (the caller decides what an unverifiable graph means)."""
+    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
+    if len(modes) != 1:
+        raise RuntimeError("graph inputs carry no single fake mode")
+    mode = next(iter(modes.values()))
+    with ExitStack() as stack:
+        stack.enter_context(mode)
+        if mode.shape_env is not None:
+            stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
+        stack.enter_context(torch.enable_grad())
+        outputs = fx.Interpreter(gm).run(*inputs, enable_io_processing=False)
+    leaf_position = {id(v): i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor) and v.requires_grad}
+    reached: set[int] = set()
+    seen: set[int] = set()
+    stack_fns = [t.grad_fn for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    reached.update(leaf_position[id(t)] for t in tree_leaves(outputs)
+                   if isinstance(t, torch.Tensor) and id(t) in leaf_position)  # an input returned as is
+    while stack_fns:
+        fn = stack_fns.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it writes .grad of
+        if variable is not None and id(variable) in leaf_position:
+            reached.add(leaf_position[id(variable)])
+        stack_fns.extend(next_fn for next_fn, _ in fn.next_functions)
+    return reached
+
+
+def lost_gradient_inputs(before: fx.GraphModule, after: fx.GraphModule) -> list[str] | None:
+    """Names of ``before``'s inputs whose gradient path ``after`` (a re-trace with the same inputs) no
+    longer has; [] when every path is kept; None when that cannot be checked (no fake values)."""
+    placeholders = list(before.graph.find_nodes(op="placeholder"))
+    inputs = [_input_value(n) for n in placeholders]
+    if any(v is None for v in inputs) or not any(isinstance(v, FakeTensor) for v in inputs):
+        return None
+    kept = differentiable_inputs(after, inputs)
+    return [placeholders[i].name for i in sorted(differentiable_inputs(before, inputs) - kept)]

@@ -40,6 +40,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from moe_passes.ir.autograd import lost_gradient_inputs
 from moe_passes.ir.facts import node_value
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,15 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
             traced = make_fx(run, pre_dispatch=True, tracing_mode="real")(*args)
     except Exception as e:  # noqa: BLE001 - any tracer failure means "use the Dynamo graph"
         reason = f"pre-dispatch re-trace failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        hops = _higher_order_nodes(gm)
+        if hops:
+            reason += "; the graph holds higher-order ops: " + ", ".join(
+                f"{nodes[0].name} (torch.ops.higher_order.{name})" for name, nodes in hops.items())
         log.warning("canonical IR unavailable: %s", reason)
         return Canonicalized(gm, False, reason, mode)
     try:
         carry_dynamo_attributes(gm, traced)
+        check_retrace_keeps_autograd(gm, traced)
     except RuntimeError as e:
         log.warning("canonical IR unavailable: %s", e)
         return Canonicalized(gm, False, str(e), mode)
@@ -115,6 +121,43 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
     traced.meta[CANONICAL_META_KEY] = True
     log.debug("canonical IR: %d Dynamo nodes -> %d ATen nodes", len(gm.graph.nodes), len(traced.graph.nodes))
     return Canonicalized(traced, True, fake_mode=mode)
+
+
+def _higher_order_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    out: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
+            out.setdefault(n.target.name(), []).append(n)
+    return out
+
+
+def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule) -> None:
+    """Raise (RuntimeError, with the reason) unless the re-trace keeps what autograd does with the graph.
+
+    ``make_fx`` runs a higher-order op such as ``autograd_function_apply`` (a user's
+    ``torch.autograd.Function``, or torch 2.11's functional-collective wait) or an activation
+    checkpoint by running its body: the body's ATen ops are recorded and the op's own rules (a
+    hand-written backward, recomputation) are gone, and a custom Function's forward is recorded
+    under ``no_grad``, which cuts the gradient of everything before it. So a re-trace in which such
+    an op did not survive is refused, and as a check from autograd itself, the inputs each output's
+    gradient reaches (a fake forward of both graphs, autograd's graph walked) must be the same.
+    """
+    before, after = _higher_order_nodes(src), _higher_order_nodes(traced)
+    for name, nodes in before.items():
+        if len(after.get(name, ())) < len(nodes):
+            raise RuntimeError(
+                f"the ATen re-trace would inline {nodes[0].name} (torch.ops.higher_order.{name}, e.g. a custom "
+                "torch.autograd.Function or an activation checkpoint) and drop its own autograd rules")
+    try:
+        lost = lost_gradient_inputs(src, traced)
+    except Exception as e:  # noqa: BLE001 - unverifiable means refused
+        raise RuntimeError(f"cannot check that the ATen re-trace keeps every gradient path "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if lost is None:
+        raise RuntimeError("cannot check that the ATen re-trace keeps every gradient path (inputs carry no fake values)")
+    if lost:
+        raise RuntimeError(f"the ATen re-trace loses the gradient path to {', '.join(lost[:4])}"
+                           f"{' and %d more' % (len(lost) - 4) if len(lost) > 4 else ''}")
 
 
 def carry_dynamo_attributes(src: fx.GraphModule, dst: fx.GraphModule) -> None:

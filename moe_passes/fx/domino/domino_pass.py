@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 def find_regions(gm: fx.GraphModule, result: PassResult) -> list[MoERegion]:
     """Every EP region proven safe to chunk; every other candidate is reported with its reason."""
     for hop in hop_all_to_alls(gm.graph):
-        result.skip(f"{hop.name}", "all-to-all inside a higher-order op (torch 2.11 captures all_to_all_single_autograd as "
-                    "autograd_function_apply): not analysed; the canonical re-trace normally inlines it")
+        result.skip(f"{hop.name}", "all-to-all inside a higher-order op (e.g. torch 2.11's autograd_function_apply "
+                    "around all_to_all_single_autograd's wait): not analysed")
     pairs, unpaired = pair_all_to_alls(gm.graph)
     regions: list[MoERegion] = []
     for d, c in pairs:

@@ -1,0 +1,114 @@
+"""The canonical ATen re-trace keeps what autograd does with the graph, or is refused with the reason.
+
+``make_fx`` records a higher-order op by running its body. For a user's ``torch.autograd.Function``
+(Megatron-style all-to-alls, gradient scalers) Dynamo emits ``autograd_function_apply``, whose forward
+runs under ``no_grad``: re-traced, everything before it lost its gradient (found on torch 2.13 with a
+custom Function in front of the reference stack; on torch 2.11 every functional-collective wait is
+such a Function, so every expert weight lost its gradient there). An activation checkpoint would be
+inlined and stop recomputing. Such a re-trace is refused: the ATen passes say why and the graph is
+compiled as Dynamo gave it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import checkpoint
+
+import moe_passes.ir.canonical as canonical
+from moe_passes.ir.canonical import canonicalize
+from moe_passes.stacks import preset_stack
+
+
+class TimesTwo(torch.autograd.Function):
+    """Forward doubles; the hand-written backward triples (so a re-derived backward would differ)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 3
+
+
+class FunctionInFront(torch.nn.Module):
+    """The reference MoE stack behind a linear layer whose output passes a custom autograd.Function."""
+
+    def __init__(self, use_checkpoint: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(16, 16)
+        self.stack = preset_stack(num_layers=1, hidden_size=16, intermediate_size=32, num_experts=4, top_k=2)
+        self.use_checkpoint = use_checkpoint
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h = checkpoint(torch.sin, h, use_reentrant=False) if self.use_checkpoint else TimesTwo.apply(h)
+        return self.stack(h, target)
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, 16, generator=g)
+
+
+def _canonicalize_dynamo_graph(model: torch.nn.Module) -> canonical.Canonicalized:
+    seen: list[canonical.Canonicalized] = []
+
+    def recorder(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        seen.append(canonicalize(gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=recorder, fullgraph=True)(*_inputs())
+    torch._dynamo.reset()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def _loss_and_grads(model: torch.nn.Module, fn: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    model.zero_grad(set_to_none=True)
+    loss = fn(*_inputs())
+    loss.backward()
+    return loss.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_custom_autograd_function_keeps_every_gradient_and_the_passes_say_why() -> None:
+    from moe_passes import make_backend
+
+    model = FunctionInFront()
+    ref_loss, ref_grads = _loss_and_grads(model, model)
+    backend = make_backend(passes=("layerwise_aux_loss", "domino_ep"))
+    torch._dynamo.reset()
+    loss, grads = _loss_and_grads(model, torch.compile(model, backend=backend, fullgraph=True))
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss, ref_loss)
+    for name, ref in ref_grads.items():
+        assert grads[name] is not None, f"{name} lost its gradient"
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5, msg=name)
+    skipped = {p["name"]: [s["reason"] for s in p["skipped"]] for rep in backend.reports for p in rep["pre_grad"]}
+    for name in ("layerwise_aux_loss", "domino_ep"):
+        assert any("canonical ATen IR unavailable" in r and "autograd_function_apply" in r for r in skipped[name]), skipped
+
+
+def test_activation_checkpoint_is_not_inlined() -> None:
+    res = _canonicalize_dynamo_graph(FunctionInFront(use_checkpoint=True))
+    assert not res.canonical and "tag_activation_checkpoint" in (res.reason or ""), res.reason  # refused, and says where
+
+
+def test_a_lost_gradient_path_is_caught_by_autograd_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the higher-order-op rule, the fake forward of both graphs still finds the lost paths."""
+    monkeypatch.setattr(canonical, "_higher_order_nodes", lambda gm: {})
+    res = _canonicalize_dynamo_graph(FunctionInFront())
+    assert not res.canonical
+    assert "loses the gradient path to" in (res.reason or "") and "lin" in (res.reason or ""), res.reason
+
+
+def test_the_reference_stack_re_traces_with_every_gradient_path() -> None:
+    model = preset_stack(num_layers=1, hidden_size=16, intermediate_size=32, num_experts=4, top_k=2)
+    res = _canonicalize_dynamo_graph(model)
+    assert res.canonical, res.reason
