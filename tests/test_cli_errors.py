@@ -176,3 +176,24 @@ def test_readme_device_auto_claim_holds(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert bench_device("auto", 2) == "cuda"
 
+
+
+def test_fake_group_that_hallucinates_split_sizes_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """torch 2.11's fake process group leaves all-to-all outputs uninitialised (seen on the lent GPU
+    machine: ``diff moe_stack`` then tried to allocate 8e15 bytes). Here (torch 2.13) the probe holds;
+    where it does not, the command exits 2 naming the way out, and leaves no process group behind."""
+    import torch.distributed as dist
+
+    import moe_passes.cli.diff_cmd as diff_cmd
+
+    diff_cmd.init_fake_process_group(2)
+    try:
+        assert diff_cmd.fake_all_to_all_fills_outputs()
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.setattr(diff_cmd, "fake_all_to_all_fills_outputs", lambda: False)
+    assert main(["diff", "moe_stack", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "fake process group leaves all-to-all outputs uninitialised" in err and "--meta" in err, err
+    assert not dist.is_initialized()

@@ -16,12 +16,34 @@ from moe_passes.cli.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def init_fake_process_group(world_size: int) -> None:
+def fake_all_to_all_fills_outputs() -> bool:
+    """Whether the fake process group's all-to-all writes its output (torch 2.13 copies this rank's
+    rows to every peer's slot; torch 2.11's leaves the output uninitialised, so split sizes exchanged
+    through it, and everything sized by them, would be garbage)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_to_all_single
+
+    n = dist.get_world_size()
+    sent = torch.full((n,), 7, dtype=torch.int64)
+    return bool((all_to_all_single(sent, [1] * n, [1] * n, dist.group.WORLD) == 7).all())
+
+
+def init_fake_process_group(world_size: int, meta: bool = False) -> None:
+    """A one-process fake group of ``world_size`` ranks for tracing EP targets; a clear error where this
+    torch's fake group cannot stand in for the peers (unless ``meta``: meta tensors never reach it)."""
+    import torch
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        if not meta and not fake_all_to_all_fills_outputs():
+            dist.destroy_process_group()
+            raise CLIError(
+                f"torch {torch.__version__}: the fake process group leaves all-to-all outputs uninitialised, so the "
+                f"expert-parallel split sizes traced with --world-size {world_size} would be garbage; use --meta "
+                "(traces on the meta device), --world-size 1, or torch 2.13")
 
 
 def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
@@ -41,7 +63,7 @@ def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
     world_size = args.world_size if args.world_size is not None else shape.get("world_size", 2)
     progress(f"checking passes: {', '.join(pass_names) or '(none)'}")
     check_passes(pass_names)
-    init_fake_process_group(world_size)
+    init_fake_process_group(world_size, meta=bool(shape) if meta is None else bool(meta))
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # targets import from the working directory, as with python -m
     progress(f"building target {args.target}")
