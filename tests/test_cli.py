@@ -1,7 +1,8 @@
 """``moe-passes diff`` as users run it: a subprocess per format, the bench renderer.
 
-Only one run compiles with Inductor (``--stage backward``); the others stop at
-the pre-grad graphs, which is all the per-pass diff needs.
+The runs that compile with Inductor (``--stage backward``, ``--stage output_code``)
+are marked slow (each is a cold compile, 30 s here); the others stop at the
+pre-grad graphs, which is all the per-pass diff needs.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def one_layer_target() -> Any:
     return moe_stack(num_layers=1)
 
 
+@pytest.mark.slow
 def test_backward_stage_compiles_and_shows_the_schedule(tmp_path: Path) -> None:
     out = tmp_path / "bw.json"
     proc = moe_passes_cli(
