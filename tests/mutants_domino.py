@@ -52,7 +52,30 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     # Megatron-style: the combine all-to-all inside a custom torch.autograd.Function. The ATen re-trace
     # would inline it under no_grad and cut every gradient before it (expert and router weights).
     "autograd_function_combine": ("skipped", "autograd_function_apply"),
+    # torch 2.11's spelling of all_to_all_single_autograd on any torch: the autograd all-to-all op, then
+    # its wait inside a Function whose backward is the identity (_FromTorchTensor). Means wait_tensor.
+    "wait_in_identity_function": ("rewritten", None),
+    # The same Function with a backward that is not the identity: not a wait, left alone.
+    "wait_in_scaling_function": ("skipped", "autograd_function_apply"),
 }
+
+
+class IdentityWait(torch.autograd.Function):
+    """torch 2.11's ``_FromTorchTensor`` as Dynamo sees it: wait in forward, the gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        return torch.ops._c10d_functional.wait_tensor(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        return grad
+
+
+class ScalingWait(IdentityWait):
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        return grad * 2
 
 
 class AllToAllFunction(torch.autograd.Function):
@@ -147,7 +170,13 @@ class MutantBlock(nn.Module):
         torch._check(sum(input_splits) == permuted.shape[0])
         if mut == "split_sizes_kept_on_self":  # an older torchtitan layout: split sizes become graph outputs
             self.input_splits = input_splits
-        received = all_to_all_single_autograd(permuted, output_splits, input_splits, self.group)
+        if mut in ("wait_in_identity_function", "wait_in_scaling_function"):
+            wait = IdentityWait if mut == "wait_in_identity_function" else ScalingWait
+            sent = torch.ops._c10d_functional_autograd.all_to_all_single(permuted, output_splits, input_splits,
+                                                                          self.group.group_name)
+            received = wait.apply(sent)
+        else:
+            received = all_to_all_single_autograd(permuted, output_splits, input_splits, self.group)
         offsets = recv.sum(dim=0).cumsum(0)
         block_ends = recv_counts.reshape(-1).cumsum(0)
         rows = torch.arange(received.shape[0])
@@ -157,6 +186,9 @@ class MutantBlock(nn.Module):
         back = torch.zeros_like(results).index_copy(0, sort_rows, results)
         if mut == "autograd_function_combine":
             combined = AllToAllFunction.apply(back, input_splits, output_splits, self.group)
+        elif mut == "wait_in_identity_function":
+            combined = IdentityWait.apply(torch.ops._c10d_functional_autograd.all_to_all_single(
+                back, input_splits, output_splits, self.group.group_name))
         else:
             combined = all_to_all_single_autograd(back, input_splits, output_splits, self.group)
         unpermuted = torch.zeros_like(combined).index_copy(0, order, combined)

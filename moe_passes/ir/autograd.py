@@ -132,6 +132,9 @@ def differentiable_inputs(gm: fx.GraphModule, inputs: list[Any]) -> set[int]:
     leaf_position = {id(v): i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor) and v.requires_grad}
     reached: set[int] = set()
     seen: set[int] = set()
+    # Keep every visited node alive: a node's Python wrapper exists only while referenced, and a freed
+    # wrapper's id() is reused by the next one (seen on torch 2.11: the walk stopped after 4 nodes).
+    alive: list[Any] = []
     stack_fns = [t.grad_fn for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     reached.update(leaf_position[id(t)] for t in tree_leaves(outputs)
                    if isinstance(t, torch.Tensor) and id(t) in leaf_position)  # an input returned as is
@@ -140,6 +143,7 @@ def differentiable_inputs(gm: fx.GraphModule, inputs: list[Any]) -> set[int]:
         if fn is None or id(fn) in seen:
             continue
         seen.add(id(fn))
+        alive.append(fn)
         variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it writes .grad of
         if variable is not None and id(variable) in leaf_position:
             reached.add(leaf_position[id(variable)])

@@ -41,7 +41,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from moe_passes.ir.autograd import lost_gradient_inputs
-from moe_passes.ir.facts import node_value
+from moe_passes.ir.facts import is_wait, node_value
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,11 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
     from torch.fx.experimental.proxy_tensor import make_fx
 
     args = placeholder_fakes(gm, example_inputs, mode)
+    waits = {n: identity_gradient_wait(gm, n) for n in gm.graph.nodes}
+    waits = {n: w for n, w in waits.items() if w is not None}
 
     def run(*a: Any) -> Any:
-        return fx.Interpreter(gm).run(*a)
+        return _UnwrappingInterpreter(gm, waits).run(*a)
 
     try:
         with mode, torch.fx.traceback.preserve_node_meta():
@@ -113,7 +115,7 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
         return Canonicalized(gm, False, reason, mode)
     try:
         carry_dynamo_attributes(gm, traced)
-        check_retrace_keeps_autograd(gm, traced)
+        check_retrace_keeps_autograd(gm, traced, unwrapped=set(waits))
     except RuntimeError as e:
         log.warning("canonical IR unavailable: %s", e)
         return Canonicalized(gm, False, str(e), mode)
@@ -121,6 +123,68 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
     traced.meta[CANONICAL_META_KEY] = True
     log.debug("canonical IR: %d Dynamo nodes -> %d ATen nodes", len(gm.graph.nodes), len(traced.graph.nodes))
     return Canonicalized(traced, True, fake_mode=mode)
+
+
+def _compute_nodes(body: fx.GraphModule) -> list[fx.Node]:
+    """A higher-order op body's nodes other than placeholders, the output and grad-mode switches."""
+    return [n for n in body.graph.nodes if n.op not in ("placeholder", "output")
+            and not (n.op == "call_function" and getattr(n.target, "__name__", "") == "_set_grad_enabled")]
+
+
+def identity_gradient_wait(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, int] | None:
+    """``(wait op, argument position)`` when ``node`` is an ``autograd_function_apply`` whose forward is
+    one functional-collective ``wait_tensor`` of one of its arguments and whose backward hands the
+    incoming gradient to that argument unchanged (and None to the rest); else None.
+
+    torch 2.11 captures ``all_to_all_single_autograd``'s wait this way (``_FromTorchTensor``). Such a
+    Function means exactly ``wait_tensor(x)`` with an identity gradient, which is how torch 2.13's
+    Dynamo captures the same code and what torch registers as ``wait_tensor``'s autograd formula, so
+    the re-trace records the wait itself instead of the Function's inlined forward.
+    """
+    if not (node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
+            and node.target.name() == "autograd_function_apply" and len(node.args) >= 3):
+        return None
+    bodies = node.args[:2]
+    if not all(isinstance(b, fx.Node) and b.op == "get_attr" for b in bodies):
+        return None
+    fwd, bwd = (gm.get_submodule(b.target) for b in bodies)
+    fwd_inputs = list(fwd.graph.find_nodes(op="placeholder"))
+    computed = _compute_nodes(fwd)
+    if len(computed) != 1 or not is_wait(computed[0]) or len(computed[0].args) != 1 or computed[0].kwargs:
+        return None
+    wait = computed[0]
+    if wait.args[0] not in fwd_inputs:
+        return None
+    position = fwd_inputs.index(wait.args[0])
+    fwd_out = fwd.graph.output_node().args[0]
+    if not (isinstance(fwd_out, (tuple, list)) and fwd_out and isinstance(fwd_out[0], (tuple, list))
+            and list(fwd_out[0]) == [wait]):
+        return None
+    bwd_inputs = list(bwd.graph.find_nodes(op="placeholder"))
+    bwd_out = bwd.graph.output_node().args[0]
+    if _compute_nodes(bwd) or not bwd_inputs or not isinstance(bwd_out, (tuple, list)):
+        return None
+    grads = list(bwd_out)
+    if len(grads) != len(fwd_inputs):
+        return None
+    expected = [bwd_inputs[0] if i == position else None for i in range(len(fwd_inputs))]
+    if grads != expected or len(node.users) != 1:
+        return None
+    return wait.target, position
+
+
+class _UnwrappingInterpreter(fx.Interpreter):
+    """Runs the graph, but each identity-gradient wait Function as the wait op itself."""
+
+    def __init__(self, gm: fx.GraphModule, waits: dict[fx.Node, tuple[Any, int]]) -> None:
+        super().__init__(gm)
+        self.waits = waits
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n in self.waits:
+            op, position = self.waits[n]
+            return (op(self.env[n.args[2 + position]]),)
+        return super().run_node(n)
 
 
 def _higher_order_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
@@ -131,7 +195,7 @@ def _higher_order_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     return out
 
 
-def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule) -> None:
+def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule, unwrapped: set[fx.Node] = frozenset()) -> None:
     """Raise (RuntimeError, with the reason) unless the re-trace keeps what autograd does with the graph.
 
     ``make_fx`` runs a higher-order op such as ``autograd_function_apply`` (a user's
@@ -139,11 +203,15 @@ def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule) ->
     checkpoint by running its body: the body's ATen ops are recorded and the op's own rules (a
     hand-written backward, recomputation) are gone, and a custom Function's forward is recorded
     under ``no_grad``, which cuts the gradient of everything before it. So a re-trace in which such
-    an op did not survive is refused, and as a check from autograd itself, the inputs each output's
-    gradient reaches (a fake forward of both graphs, autograd's graph walked) must be the same.
+    an op did not survive is refused (``unwrapped``: identity-gradient waits, re-traced as the wait
+    they mean), and as a check from autograd itself, the inputs each output's gradient reaches (a fake
+    forward of both graphs, autograd's graph walked) must be the same.
     """
     before, after = _higher_order_nodes(src), _higher_order_nodes(traced)
     for name, nodes in before.items():
+        nodes = [n for n in nodes if n not in unwrapped]  # re-traced as the op they mean
+        if not nodes:
+            continue
         if len(after.get(name, ())) < len(nodes):
             raise RuntimeError(
                 f"the ATen re-trace would inline {nodes[0].name} (torch.ops.higher_order.{name}, e.g. a custom "
