@@ -100,7 +100,7 @@ def test_activation_checkpoint_is_not_inlined() -> None:
     assert not res.canonical and "tag_activation_checkpoint" in (res.reason or ""), res.reason  # refused, and says where
 
 
-def test_a_lost_gradient_path_is_found_by_autograd_itself() -> None:
+def test_a_changed_gradient_path_is_found_by_autograd_itself() -> None:
     """The check behind the higher-order-op rule: the Dynamo graph against a copy in which the first
     linear layer's output is detached (what a re-trace under ``no_grad`` does). The copy is built by
     hand: which re-trace loses which path is torch's to change (torch 2.11 inlines ``TimesTwo``
@@ -127,6 +127,7 @@ def test_a_lost_gradient_path_is_found_by_autograd_itself() -> None:
     cut.recompile()
     lost = lost_gradient_inputs(before, cut)
     assert lost == [first_linear.args[1].name], lost  # the router gate's weight: nothing else feeds the cut edge
+    assert lost_gradient_inputs(cut, before) == lost  # a gradient path that appears is a change too
 
 
 def test_the_reference_stack_re_traces_with_every_gradient_path() -> None:

@@ -153,10 +153,11 @@ def differentiable_inputs(gm: fx.GraphModule, inputs: list[Any]) -> set[int]:
 
 def lost_gradient_inputs(before: fx.GraphModule, after: fx.GraphModule) -> list[str] | None:
     """Names of ``before``'s inputs whose gradient path ``after`` (a re-trace with the same inputs) no
-    longer has; [] when every path is kept; None when that cannot be checked (no fake values)."""
+    longer has, or newly has; [] when the paths are the same; None when that cannot be checked (no
+    fake values)."""
     placeholders = list(before.graph.find_nodes(op="placeholder"))
     inputs = [_input_value(n) for n in placeholders]
     if any(v is None for v in inputs) or not any(isinstance(v, FakeTensor) for v in inputs):
         return None
-    kept = differentiable_inputs(after, inputs)
-    return [placeholders[i].name for i in sorted(differentiable_inputs(before, inputs) - kept)]
+    changed = differentiable_inputs(before, inputs) ^ differentiable_inputs(after, inputs)
+    return [placeholders[i].name for i in sorted(changed)]

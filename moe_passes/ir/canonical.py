@@ -168,7 +168,7 @@ def identity_gradient_wait(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, int]
     if len(grads) != len(fwd_inputs):
         return None
     expected = [bwd_inputs[0] if i == position else None for i in range(len(fwd_inputs))]
-    if grads != expected or len(node.users) != 1:
+    if grads != expected or len(node.users) != 1 or node.kwargs.get("non_differentiable_idx"):
         return None
     return wait.target, position
 
@@ -224,7 +224,7 @@ def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule, un
     if lost is None:
         raise RuntimeError("cannot check that the ATen re-trace keeps every gradient path (inputs carry no fake values)")
     if lost:
-        raise RuntimeError(f"the ATen re-trace loses the gradient path to {', '.join(lost[:4])}"
+        raise RuntimeError(f"the ATen re-trace changes which inputs get a gradient: {', '.join(lost[:4])}"
                            f"{' and %d more' % (len(lost) - 4) if len(lost) > 4 else ''}")
 
 
