@@ -25,8 +25,12 @@ canonical graph is *not* functionalized: in-place ATen ops stay, and every
 analysis reads them from schemas (``moe_passes.ir.facts.mutated_args``).
 
 The re-trace is skipped (the Dynamo graph is used as is, and the reason is
-returned) when no fake mode can be found (hand-built graphs) or when tracing
-raises; passes that need the canonical form then decline with that reason.
+returned) when no fake mode can be found (hand-built graphs), when tracing
+raises, or when it would change what autograd does (``check_retrace_keeps_autograd``:
+a higher-order op such as a custom ``torch.autograd.Function`` that did not
+survive, or a changed set of inputs that get a gradient); passes that need the
+canonical form then decline with that reason. torch 2.11's identity-gradient
+wait Function is re-traced as the wait it means (``identity_gradient_wait``).
 """
 
 from __future__ import annotations
