@@ -105,7 +105,7 @@ def test_a_changed_gradient_path_is_found_by_autograd_itself() -> None:
     linear layer's output is detached (what a re-trace under ``no_grad`` does). The copy is built by
     hand: which re-trace loses which path is torch's to change (torch 2.11 inlines ``TimesTwo``
     with its gradient path kept, dropping only the hand-written backward; 2.13 cuts the path)."""
-    from moe_passes.ir.autograd import lost_gradient_inputs
+    from moe_passes.ir.autograd import changed_gradient_inputs
 
     seen: list[fx.GraphModule] = []
 
@@ -118,16 +118,16 @@ def test_a_changed_gradient_path_is_found_by_autograd_itself() -> None:
     torch.compile(model, backend=recorder, fullgraph=True)(*_inputs())
     torch._dynamo.reset()
     (before,) = seen
-    assert lost_gradient_inputs(before, before) == []
+    assert changed_gradient_inputs(before, before) == []
     cut = fx.GraphModule(before, copy.deepcopy(before.graph))
     first_linear = next(n for n in cut.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear)
     with cut.graph.inserting_after(first_linear):
         detached = cut.graph.call_function(torch.Tensor.detach, (first_linear,))
     first_linear.replace_all_uses_with(detached, delete_user_cb=lambda user: user is not detached)
     cut.recompile()
-    lost = lost_gradient_inputs(before, cut)
+    lost = changed_gradient_inputs(before, cut)
     assert lost == [first_linear.args[1].name], lost  # the router gate's weight: nothing else feeds the cut edge
-    assert lost_gradient_inputs(cut, before) == lost  # a gradient path that appears is a change too
+    assert changed_gradient_inputs(cut, before) == lost  # a gradient path that appears is a change too
 
 
 def test_the_reference_stack_re_traces_with_every_gradient_path() -> None:

@@ -61,6 +61,21 @@ def _grad_dataflow(gm: fx.GraphModule) -> set[fx.Node]:
     return out
 
 
+def single_fake_mode(inputs: list[Any]) -> Any:
+    """The one fake mode all fake ``inputs`` belong to; None when there are none, several, or a missing value."""
+    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
+    return next(iter(modes.values())) if len(modes) == 1 and all(v is not None for v in inputs) else None
+
+
+def fake_grad_run(mode: Any, stack: ExitStack) -> None:
+    """Enter, on ``stack``, what a fake re-run of a graph with autograd needs: ``mode``, its shape env
+    ignoring the fresh unbacked symbols the re-run creates, and grad enabled."""
+    stack.enter_context(mode)
+    if mode.shape_env is not None:
+        stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
+    stack.enter_context(torch.enable_grad())
+
+
 def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
     """Which nodes require grad and which storages backward saves, in either IR.
 
@@ -80,12 +95,11 @@ def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
     if outputs is None and not torch.is_grad_enabled():
         return AutogradFacts(set(), set())
     inputs = [_input_value(n) for n in gm.graph.find_nodes(op="placeholder")]
-    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
+    mode = single_fake_mode(inputs)
     reason = None
-    if len(modes) != 1 or any(v is None for v in inputs):
+    if mode is None:
         reason = "graph inputs carry no single fake mode"
     else:
-        mode = next(iter(modes.values()))
         saved: list[torch.Tensor] = []
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -95,10 +109,7 @@ def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
         interp = fx.Interpreter(gm, garbage_collect_values=False)
         try:
             with ExitStack() as stack:
-                stack.enter_context(mode)
-                if mode.shape_env is not None:
-                    stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
-                stack.enter_context(torch.enable_grad())
+                fake_grad_run(mode, stack)
                 stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
                 interp.run(*inputs, enable_io_processing=False)
         except Exception as e:  # cannot re-run on fake tensors: fall back to a safe estimate, say why
@@ -119,15 +130,11 @@ def differentiable_inputs(gm: fx.GraphModule, inputs: list[Any]) -> set[int]:
     (fakes of one fake mode, ``requires_grad`` as in training) with grad enabled, and autograd's own
     graph is walked from every output back to the leaves it accumulates into.  Raises when the fake
     run is impossible (the caller decides what an unverifiable graph means)."""
-    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
-    if len(modes) != 1:
+    mode = single_fake_mode(inputs)
+    if mode is None:
         raise RuntimeError("graph inputs carry no single fake mode")
-    mode = next(iter(modes.values()))
     with ExitStack() as stack:
-        stack.enter_context(mode)
-        if mode.shape_env is not None:
-            stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
-        stack.enter_context(torch.enable_grad())
+        fake_grad_run(mode, stack)
         outputs = fx.Interpreter(gm).run(*inputs, enable_io_processing=False)
     leaf_position = {id(v): i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor) and v.requires_grad}
     reached: set[int] = set()
@@ -151,7 +158,7 @@ def differentiable_inputs(gm: fx.GraphModule, inputs: list[Any]) -> set[int]:
     return reached
 
 
-def lost_gradient_inputs(before: fx.GraphModule, after: fx.GraphModule) -> list[str] | None:
+def changed_gradient_inputs(before: fx.GraphModule, after: fx.GraphModule) -> list[str] | None:
     """Names of ``before``'s inputs whose gradient path ``after`` (a re-trace with the same inputs) no
     longer has, or newly has; [] when the paths are the same; None when that cannot be checked (no
     fake values)."""

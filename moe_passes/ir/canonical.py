@@ -44,8 +44,8 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from moe_passes.ir.autograd import lost_gradient_inputs
-from moe_passes.ir.facts import is_wait, node_value
+from moe_passes.ir.autograd import changed_gradient_inputs
+from moe_passes.ir.facts import is_wait, node_value, op_namespace_and_name
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ def identity_gradient_wait(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, int]
     Dynamo captures the same code and what torch registers as ``wait_tensor``'s autograd formula, so
     the re-trace records the wait itself instead of the Function's inlined forward.
     """
-    if not (node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
-            and node.target.name() == "autograd_function_apply" and len(node.args) >= 3):
+    if not (node.op == "call_function" and len(node.args) >= 3
+            and op_namespace_and_name(node.target) == ("higher_order", "autograd_function_apply")):
         return None
     bodies = node.args[:2]
     if not all(isinstance(b, fx.Node) and b.op == "get_attr" for b in bodies):
@@ -194,8 +194,9 @@ class _UnwrappingInterpreter(fx.Interpreter):
 def _higher_order_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     out: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
-        if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
-            out.setdefault(n.target.name(), []).append(n)
+        parsed = op_namespace_and_name(n.target) if n.op == "call_function" else None
+        if parsed is not None and parsed[0] == "higher_order":
+            out.setdefault(parsed[1], []).append(n)
     return out
 
 
@@ -221,15 +222,15 @@ def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule, un
                 f"the ATen re-trace would inline {nodes[0].name} (torch.ops.higher_order.{name}, e.g. a custom "
                 "torch.autograd.Function or an activation checkpoint) and drop its own autograd rules")
     try:
-        lost = lost_gradient_inputs(src, traced)
+        changed = changed_gradient_inputs(src, traced)
     except Exception as e:  # noqa: BLE001 - unverifiable means refused
         raise RuntimeError(f"cannot check that the ATen re-trace keeps every gradient path "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    if lost is None:
+    if changed is None:
         raise RuntimeError("cannot check that the ATen re-trace keeps every gradient path (inputs carry no fake values)")
-    if lost:
-        raise RuntimeError(f"the ATen re-trace changes which inputs get a gradient: {', '.join(lost[:4])}"
-                           f"{' and %d more' % (len(lost) - 4) if len(lost) > 4 else ''}")
+    if changed:
+        raise RuntimeError(f"the ATen re-trace changes which inputs get a gradient: {', '.join(changed[:4])}"
+                           f"{' and %d more' % (len(changed) - 4) if len(changed) > 4 else ''}")
 
 
 def carry_dynamo_attributes(src: fx.GraphModule, dst: fx.GraphModule) -> None:
