@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
+from moe_passes.errors import error_summary
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("moe_passes.progress")  # printed as progress lines by the CLI
@@ -203,7 +204,7 @@ def _rank_main(rank: int, world_size: int, port: int, options: BenchOptions, out
             try:
                 rows.append(_measure(rank, options, name, dims, dist.group.WORLD))
             except Exception as e:  # a variant that cannot run on this machine says so in its row
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                msg = error_summary(e)
                 rows.append({"variant": name, "step_ms": None, "exposed_comm_ms": None, "compile_s": None, "note": f"failed: {msg[:300]}"})
                 dist.barrier()
         result: Any = ("ok", rows)

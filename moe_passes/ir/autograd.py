@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves
 
+from moe_passes.errors import error_summary
 from moe_passes.ir.facts import node_value, op_meaning, storage_ref
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
                 stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
                 interp.run(*inputs, enable_io_processing=False)
         except Exception as e:  # cannot re-run on fake tensors: fall back to a safe estimate, say why
-            reason = f"fake re-run failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            reason = f"fake re-run failed: {error_summary(e)}"
         else:
             storages = {s for s in (storage_ref(t) for t in saved) if s is not None}
             return AutogradFacts(

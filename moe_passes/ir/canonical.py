@@ -44,6 +44,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from moe_passes.errors import error_summary
 from moe_passes.ir.autograd import changed_gradient_inputs
 from moe_passes.ir.facts import is_wait, node_value, op_namespace_and_name
 
@@ -110,7 +111,7 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
         with mode, torch.fx.traceback.preserve_node_meta():
             traced = make_fx(run, pre_dispatch=True, tracing_mode="real")(*args)
     except Exception as e:  # noqa: BLE001 - any tracer failure means "use the Dynamo graph"
-        reason = f"pre-dispatch re-trace failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        reason = f"pre-dispatch re-trace failed ({error_summary(e)})"
         hops = _higher_order_nodes(gm)
         if hops:
             reason += "; the graph holds higher-order ops: " + ", ".join(
@@ -225,7 +226,7 @@ def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule, un
         changed = changed_gradient_inputs(src, traced)
     except Exception as e:  # noqa: BLE001 - unverifiable means refused
         raise RuntimeError(f"cannot check that the ATen re-trace keeps every gradient path "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                           f"({error_summary(e)})") from e
     if changed is None:
         raise RuntimeError("cannot check that the ATen re-trace keeps every gradient path (inputs carry no fake values)")
     if changed:

@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 
 from moe_passes.config import BackendConfig
+from moe_passes.errors import error_summary, first_line
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.pipeline.order import PassUnavailableError, build_pipeline, load_pass
@@ -129,10 +130,6 @@ class PipelineRun:
     canonical_error: str | None = None  # why the canonical re-trace was impossible, if it was
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
-
-
 class PassManager:
     """Runs passes in their declared pipeline order, validating and snapshotting after each one."""
 
@@ -215,7 +212,7 @@ class PassManager:
         log.warning("%s on %s failed; the graph compiles without it:\n%s", graph_pass.name, self.graph_name, tb)
         result = PassResult(graph_pass.name)
         result.error = tb
-        result.skip("graph", f"pass failed, graph restored: {_first_line(error)}")
+        result.skip("graph", f"pass failed, graph restored: {first_line(error)}")
         return PassRecord(graph_pass.name, result, time.perf_counter() - start, [], before_text, before_text, ir, trigger)
 
     def _run_one(self, graph_pass: GraphPass, gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -229,7 +226,7 @@ class PassManager:
             result = graph_pass(gm)
             gm.recompile()
         except Exception as e:
-            err = PassFailedError(f"pass {name!r} failed on {self.graph_name}: {type(e).__name__}: {_first_line(e)}")
+            err = PassFailedError(f"pass {name!r} failed on {self.graph_name}: {error_summary(e)}")
             err.__cause__ = e
             err.__traceback__ = e.__traceback__
             return self._fail(graph_pass, gm, before, err, start, before_text, ir, trigger)
@@ -285,14 +282,14 @@ def run_post_grad(
                 raise PassValidationError(f"returned {type(result).__name__}, expected PassResult")
         except Exception as e:
             gm.graph = saved
-            err = PassFailedError(f"post-grad pass {graph_pass.name!r} failed on {graph_name}: {type(e).__name__}: {_first_line(e)}")
+            err = PassFailedError(f"post-grad pass {graph_pass.name!r} failed on {graph_name}: {error_summary(e)}")
             err.__cause__ = e
             if strict:
                 raise err from e
             tb = "".join(traceback.format_exception(e))
             log.warning("%s on %s failed; compiled without it:\n%s", graph_pass.name, graph_name, tb)
             result = PassResult(graph_pass.name, error=tb)
-            result.skip("graph", f"pass failed, graph restored: {_first_line(e)}")
+            result.skip("graph", f"pass failed, graph restored: {first_line(e)}")
         log.info("%s (post-grad, %s): changed=%s stats=%s skipped=%d", graph_pass.name, graph_name, result.changed,
                  result.stats, len(result.skipped))
         on_result(result)

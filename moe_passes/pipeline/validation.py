@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv, rebind_unbacked
 from torch.utils._pytree import tree_leaves
 
+from moe_passes.errors import error_summary
 from moe_passes.ir.canonical import graph_fake_mode, placeholder_fakes
 from moe_passes.ir.facts import copy_node_attributes, node_value
 
@@ -182,12 +183,11 @@ def validate(gm: fx.GraphModule, before: GraphState, example_inputs: Sequence[An
     try:
         vals = repropagate(gm, example_inputs)
     except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        reason = error_summary(e)
         try:
             repropagate(before.gm, example_inputs)
         except Exception as e0:
-            first = str(e0).splitlines()[0] if str(e0) else ""
-            notes.append(f"{REPROPAGATION_UNAVAILABLE} ({type(e0).__name__}: {first})")
+            notes.append(f"{REPROPAGATION_UNAVAILABLE} ({error_summary(e0)})")
         else:
             problems.append(f"fake-tensor re-propagation failed: {reason}")
         return problems, notes

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from moe_passes.errors import error_summary
 from moe_passes.fx.aux_loss import placement, recognise
 from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.fx.aux_loss.rewrite import TAG, Rewriter, Source, Unsupported
@@ -120,7 +121,7 @@ class LayerwiseAuxLossPass(GraphPass):
             gm.graph = snapshot
             gm.recompile()
             result.changed = False
-            result.skip("layerwise aux loss", f"internal error, graph restored unchanged: {type(err).__name__}: {err}")
+            result.skip("layerwise aux loss", f"internal error, graph restored unchanged: {error_summary(err)}")
             log.warning("%s: internal error, graph restored:\n%s", self.name, traceback.format_exc())
             return result
         if result.changed:

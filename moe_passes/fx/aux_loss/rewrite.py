@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from moe_passes.errors import error_summary
 from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.ir.facts import (
     is_pointwise, is_pure, is_static_int, known_equal, mutated_args, node_value, normalize_dim, normalize_dims, op_arg,
@@ -141,7 +142,7 @@ class Rewriter:
             with self._mode:
                 node.meta["val"] = node.target(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - a node we cannot evaluate: refuse the rewrite
-            raise Unsupported(f"{node.name} ({node.target}) cannot be evaluated on fake tensors: {type(err).__name__}: {err}") from err
+            raise Unsupported(f"{node.name} ({node.target}) cannot be evaluated on fake tensors: {error_summary(err)}") from err
 
     def memo(self, key: Any, layer: int, invariant: bool, build: Callable[[], fx.Node]) -> fx.Node:
         k = (None if invariant else layer, key)

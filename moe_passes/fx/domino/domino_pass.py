@@ -20,6 +20,7 @@ from pathlib import Path
 import torch.fx as fx
 from torch._inductor.pattern_matcher import stable_topological_sort
 
+from moe_passes.errors import error_summary
 from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
 from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, repropagate, rewrite_region
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
@@ -134,7 +135,7 @@ class DominoEPPass(GraphPass):
         except Exception as e:  # noqa: BLE001 - refuse the whole rewrite, keep the original graph
             gm.graph = old_graph
             gm.recompile()
-            reason = f"rewrite failed its own check ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            reason = f"rewrite failed its own check ({error_summary(e)})"
             log.warning("domino_ep: %s", reason)
             for region, _, label in planned:
                 result.skip(label, reason)
