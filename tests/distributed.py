@@ -9,6 +9,9 @@ others hit its FX-graph cache entry.  On a 2-core machine that turns N
 concurrent C++ compiles of one graph into one, which is what keeps the 4-rank
 tests inside the suite's time budget.  Nothing inside Inductor's compile
 waits on another rank, so the lock cannot deadlock with a collective.
+
+``fake_group`` is the one-process alternative for tests that trace an EP
+model without peers.
 """
 
 from __future__ import annotations
@@ -24,8 +27,25 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import pytest
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from filelock import FileLock
+
+from moe_passes.ir.fake_group import FakeGroupUnusable, fake_process_group
+
+
+@contextlib.contextmanager
+def fake_group(world_size: int = 2, *, values_matter: bool = True) -> Iterator[dist.ProcessGroup]:
+    """One process as rank 0 of a fake ``world_size``-rank group (``moe_passes.ir.fake_group``), destroyed
+    afterwards. A test that runs code sized by collective outputs (``values_matter``) is skipped, with
+    the reason, on a torch whose fake all-to-all leaves its output unwritten (torch 2.11)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            group = stack.enter_context(fake_process_group(world_size, values_matter=values_matter))
+        except FakeGroupUnusable as e:
+            pytest.skip(str(e))
+        yield group
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
-import torch.distributed as dist
 
 from moe_passes import BackendConfig
 from moe_passes.config import DEFAULT_PASSES
@@ -19,20 +18,15 @@ from moe_passes.ir.capture import CapturedGraph, capture_graphs
 from moe_passes.ir.facts import collective_nodes
 from moe_passes.pipeline.manager import PassManager, copy_graph_module
 from moe_passes.targets import moe_stack
+from tests.distributed import fake_group
 
 
 @pytest.fixture(scope="module")
 def ep_graph() -> Iterator[CapturedGraph]:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    assert not dist.is_initialized(), "another test left a process group initialised; destroy it in its teardown"
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
+    with fake_group(2):  # capture runs the stack: its split sizes come from the all-to-all's output
         target = moe_stack()
         (captured,) = capture_graphs(target.fn, *target.example_inputs)
         yield captured
-    finally:
-        dist.destroy_process_group()
 
 
 def test_default_passes_compose_on_an_ep_graph(ep_graph: CapturedGraph) -> None:

@@ -6,7 +6,6 @@ from typing import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 
 from moe_passes.ir.capture import CapturedGraph, capture_graphs
@@ -23,21 +22,16 @@ from moe_passes.ir.facts import (
 )
 from moe_passes.cost.memory import estimate_graph
 from moe_passes.targets import moe_stack
+from tests.distributed import fake_group
 
 
 @pytest.fixture(scope="module")
 def ep_graph() -> Iterator[CapturedGraph]:
     """The 2-layer MoE stack with EP over a fake 2-rank group (destroyed afterwards: other tests run without one)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    assert not dist.is_initialized(), "another test left a process group initialised; destroy it in its teardown"
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
+    with fake_group(2):  # capture runs the stack: its split sizes come from the all-to-all's output
         target = moe_stack()
         (captured,) = capture_graphs(target.fn, *target.example_inputs)
         yield captured
-    finally:
-        dist.destroy_process_group()
 
 
 def test_peak_counts_inputs_and_frees_after_last_use() -> None:

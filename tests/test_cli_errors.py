@@ -185,14 +185,11 @@ def test_fake_group_that_hallucinates_split_sizes_is_a_clear_error(monkeypatch: 
     where it does not, the command exits 2 naming the way out, and leaves no process group behind."""
     import torch.distributed as dist
 
-    import moe_passes.cli.diff_cmd as diff_cmd
+    import moe_passes.ir.fake_group as fake_group
 
-    diff_cmd.init_fake_process_group(2)
-    try:
-        assert diff_cmd.fake_all_to_all_fills_outputs()
-    finally:
-        dist.destroy_process_group()
-    monkeypatch.setattr(diff_cmd, "fake_all_to_all_fills_outputs", lambda: False)
+    with fake_group.fake_process_group(2):
+        assert fake_group.fake_all_to_all_fills_outputs()
+    monkeypatch.setattr(fake_group, "fake_all_to_all_fills_outputs", lambda: False)
     assert main(["diff", "moe_stack", "-q"]) == 2
     err = capsys.readouterr().err
     assert "fake process group leaves all-to-all outputs uninitialised" in err and "--meta" in err, err

@@ -15,7 +15,8 @@ from moe_passes.ir.canonical import canonicalize_in_place
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.ir.facts import is_collective, is_wait, op_namespace_and_name
 from tests.golden import check_golden
-from tests.test_domino_model import HIDDEN, INTER, capture_without_running, init_fake_group
+from tests.distributed import fake_group
+from tests.test_domino_model import HIDDEN, INTER, capture_without_running
 
 aten = torch.ops.aten
 
@@ -26,11 +27,8 @@ _EVENT_OPS = {"linear", "softmax", "topk", "argsort", "index", "scatter_add", "i
 
 @pytest.fixture(scope="module")
 def ep_group() -> Iterator[dist.ProcessGroup]:
-    init_fake_group(2)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
+    with fake_group(2, values_matter=False) as group:  # graphs are captured, never run
+        yield group
 
 
 def _block_graph(group: dist.ProcessGroup | None, tokens: int = 5, root: bool = False) -> torch.fx.GraphModule:

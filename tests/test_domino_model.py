@@ -105,10 +105,3 @@ def capture_without_running(fn: Callable[..., Any], *args: Any, compile_with: Ca
     return graphs
 
 
-def init_fake_group(world_size: int = 2) -> None:
-    """One-process fake process group of ``world_size`` ranks (this process is rank 0)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        raise RuntimeError("a process group is already initialised in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)

@@ -33,7 +33,8 @@ from moe_passes.inductor.schedule import (
 from moe_passes.ir.canonical import canonicalize
 from moe_passes.ir.facts import is_all_to_all as is_a2a, is_wait
 from tests.golden import check_golden
-from tests.test_domino_model import TinyMoEStack, capture_without_running, init_biased, init_fake_group, make_inputs
+from tests.distributed import fake_group
+from tests.test_domino_model import TinyMoEStack, capture_without_running, init_biased, make_inputs
 
 _A2A = re.compile(r"(\w+) = torch\.ops\._c10d_functional\.all_to_all_single\.default\((\w+), \[([^\]]*)\], \[([^\]]*)\]")
 _WAIT = re.compile(r"torch\.ops\._c10d_functional\.wait_tensor\.default\((\w+)\)")
@@ -66,8 +67,7 @@ def _listing(graph: fx.Graph) -> str:
 
 @pytest.fixture(scope="module")
 def compiled() -> Iterator[Compiled]:
-    init_fake_group(2)
-    try:
+    with fake_group(2, values_matter=False):  # graphs are compiled, never run
         model = TinyMoEStack(dist.group.WORLD)
         init_biased(model, seed=1, world_size=2)
         config = BackendConfig(num_chunks=2, passes=("domino_ep",))
@@ -97,8 +97,6 @@ def compiled() -> Iterator[Compiled]:
         with mock.patch.object(GraphLowering, "save_output_code", out.codes.append):
             capture_without_running(model, make_inputs(0, 0, 12), compile_with=compile_graph)
         yield out
-    finally:
-        dist.destroy_process_group()
 
 
 def code_events(code: str) -> list[tuple[str, str]]:

@@ -19,19 +19,17 @@ from moe_passes.fx.domino import DominoEPPass
 from moe_passes.ir.canonical import canonicalize_in_place
 from tests.distributed import run_distributed
 from tests.mutants_domino import EXPECTED, MutantBlock, make_input
-from tests.test_domino_model import capture_without_running, init_fake_group
+from tests.distributed import fake_group
+from tests.test_domino_model import capture_without_running
 
 TOKENS = 7  # not divisible by the chunk count
 CHUNKS = 3
 
 
 @pytest.fixture(scope="module")
-def fake_group() -> Iterator[dist.ProcessGroup]:
-    init_fake_group(2)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
+def trace_group() -> Iterator[dist.ProcessGroup]:
+    with fake_group(2, values_matter=False) as group:  # graphs are captured, never run
+        yield group
 
 
 def decide(mutation: str, group: dist.ProcessGroup) -> Any:
@@ -44,9 +42,9 @@ def decide(mutation: str, group: dist.ProcessGroup) -> Any:
 
 
 @pytest.mark.parametrize("mutation", sorted(EXPECTED))
-def test_mutant_is_rewritten_or_skipped_with_reason(mutation: str, fake_group: dist.ProcessGroup) -> None:
+def test_mutant_is_rewritten_or_skipped_with_reason(mutation: str, trace_group: dist.ProcessGroup) -> None:
     outcome, reason = EXPECTED[mutation]
-    result, before, gm = decide(mutation, fake_group)
+    result, before, gm = decide(mutation, trace_group)
     if outcome == "rewritten":
         assert result.changed and result.stats["regions"] == 1, result.as_dict()
     else:

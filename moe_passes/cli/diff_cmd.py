@@ -16,34 +16,20 @@ from moe_passes.cli.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def fake_all_to_all_fills_outputs() -> bool:
-    """Whether the fake process group's all-to-all writes its output (torch 2.13 copies this rank's
-    rows to every peer's slot; torch 2.11's leaves the output uninitialised, so split sizes exchanged
-    through it, and everything sized by them, would be garbage)."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed._functional_collectives import all_to_all_single
-
-    n = dist.get_world_size()
-    sent = torch.full((n,), 7, dtype=torch.int64)
-    return bool((all_to_all_single(sent, [1] * n, [1] * n, dist.group.WORLD) == 7).all())
-
-
 def init_fake_process_group(world_size: int, meta: bool = False) -> None:
-    """A one-process fake group of ``world_size`` ranks for tracing EP targets; a clear error where this
-    torch's fake group cannot stand in for the peers (unless ``meta``: meta tensors never reach it)."""
-    import torch
+    """A one-process fake group of ``world_size`` ranks for tracing EP targets (none for one rank, or when
+    a group exists); a clear error where this torch's fake group cannot stand in for the peers (unless
+    ``meta``: meta tensors never reach it)."""
     import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from moe_passes.ir.fake_group import FakeGroupUnusable
+    from moe_passes.ir.fake_group import init_fake_process_group as init_group
 
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-        if not meta and not fake_all_to_all_fills_outputs():
-            dist.destroy_process_group()
-            raise CLIError(
-                f"torch {torch.__version__}: the fake process group leaves all-to-all outputs uninitialised, so the "
-                f"expert-parallel split sizes traced with --world-size {world_size} would be garbage; use --meta "
-                "(traces on the meta device), --world-size 1, or torch 2.13")
+        try:
+            init_group(world_size, values_matter=not meta)
+        except FakeGroupUnusable as e:
+            raise CLIError(f"{e}; use --meta (traces on the meta device), --world-size 1, or torch 2.13") from e
 
 
 def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
