@@ -17,9 +17,8 @@ import torch.distributed as dist
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass
 from moe_passes.ir.canonical import canonicalize_in_place
-from tests.distributed import run_distributed
+from tests.distributed import fake_group, run_distributed
 from tests.mutants_domino import EXPECTED, MutantBlock, make_input
-from tests.distributed import fake_group
 from tests.test_domino_model import capture_without_running
 
 TOKENS = 7  # not divisible by the chunk count
