@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 from moe_passes.errors import error_summary
 from moe_passes.ir.facts import node_value, op_meaning, storage_ref
+from moe_passes.ir.fake_mode import enter_fake_rerun, single_fake_mode
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +63,6 @@ def _grad_dataflow(gm: fx.GraphModule) -> set[fx.Node]:
     return out
 
 
-def single_fake_mode(inputs: list[Any]) -> Any:
-    """The one fake mode all fake ``inputs`` belong to; None when there are none, several, or a missing value."""
-    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
-    return next(iter(modes.values())) if len(modes) == 1 and all(v is not None for v in inputs) else None
-
-
-def fake_grad_run(mode: Any, stack: ExitStack) -> None:
-    """Enter, on ``stack``, what a fake re-run of a graph with autograd needs: ``mode``, its shape env
-    ignoring the fresh unbacked symbols the re-run creates, and grad enabled."""
-    stack.enter_context(mode)
-    if mode.shape_env is not None:
-        stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
-    stack.enter_context(torch.enable_grad())
-
-
 def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
     """Which nodes require grad and which storages backward saves, in either IR.
 
@@ -98,7 +84,7 @@ def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
     inputs = [_input_value(n) for n in gm.graph.find_nodes(op="placeholder")]
     mode = single_fake_mode(inputs)
     reason = None
-    if mode is None:
+    if mode is None or any(v is None for v in inputs):
         reason = "graph inputs carry no single fake mode"
     else:
         saved: list[torch.Tensor] = []
@@ -110,7 +96,7 @@ def autograd_facts(gm: fx.GraphModule) -> AutogradFacts:
         interp = fx.Interpreter(gm, garbage_collect_values=False)
         try:
             with ExitStack() as stack:
-                fake_grad_run(mode, stack)
+                enter_fake_rerun(stack, mode, grad=True)
                 stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
                 interp.run(*inputs, enable_io_processing=False)
         except Exception as e:  # cannot re-run on fake tensors: fall back to a safe estimate, say why
@@ -135,7 +121,7 @@ def differentiable_inputs(gm: fx.GraphModule, inputs: list[Any]) -> set[int]:
     if mode is None:
         raise RuntimeError("graph inputs carry no single fake mode")
     with ExitStack() as stack:
-        fake_grad_run(mode, stack)
+        enter_fake_rerun(stack, mode, grad=True)
         outputs = fx.Interpreter(gm).run(*inputs, enable_io_processing=False)
     leaf_position = {id(v): i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor) and v.requires_grad}
     reached: set[int] = set()

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves
 from moe_passes.errors import error_summary
 from moe_passes.ir.canonical import graph_fake_mode, placeholder_fakes
 from moe_passes.ir.facts import copy_node_attributes, node_value
+from moe_passes.ir.fake_mode import enter_fake_rerun
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ def repropagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.No
         mode = FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True), allow_non_fake_inputs=True)
     interp = _Repropagate(gm, mode)
     with ExitStack() as stack:
-        stack.enter_context(mode)
-        if mode.shape_env is not None:
-            stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
+        enter_fake_rerun(stack, mode)
         interp.run(*placeholder_fakes(gm, example_inputs, mode, static_shapes=True), enable_io_processing=False)
     return interp.vals
 

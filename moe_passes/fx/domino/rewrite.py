@@ -25,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 from moe_passes.fx.domino.kinds import Kind
 from moe_passes.fx.domino.regions import MoERegion
 from moe_passes.ir.facts import is_mutation, node_value, op_label, tensor_value
+from moe_passes.ir.fake_mode import single_fake_mode
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,8 @@ def repropagate(gm: fx.GraphModule) -> None:
     """Recompute every node's fake value in the graph's own fake mode (fresh unbacked symbols per chunk)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fake_inputs = [node_value(p) for p in placeholders]
-    modes = {id(v.fake_mode): v.fake_mode for v in fake_inputs if isinstance(v, torch._subclasses.FakeTensor)}
-    fake_mode = next(iter(modes.values()), None)
-    if fake_mode is None or len(modes) > 1:
+    fake_mode = single_fake_mode(fake_inputs)
+    if fake_mode is None:
         raise RuntimeError("graph placeholders do not carry fake tensors of one fake mode; cannot re-propagate shapes")
     shape_env = fake_mode.shape_env
 
