@@ -3,7 +3,7 @@
 ``MoEStack`` is ``layers`` residual blocks ``x = x + block(norm(x)).hidden_states``
 (the reference ``SparseMoeBlock`` as written, or any block returning its
 ``MoEOutput``), an optional pre-norm, a main loss on the last hidden state plus
-the stacked router losses of ``models/interns1_vl/losses.py`` (balancing loss
+the stacked router losses of ``moe_passes/models/interns1_vl/losses.py`` (balancing loss
 and z-loss; a coefficient of 0 leaves the term out of the graph), and a choice
 of what ``forward`` returns.
 

@@ -1,7 +1,7 @@
 """The layer-wise aux-loss pass: same loss and gradients, no stacked router tensors.
 
 Test model: a small stack of ``SparseMoeBlock`` layers whose loss adds the
-stacked balancing loss and z-loss of ``models/interns1_vl/losses.py`` (the
+stacked balancing loss and z-loss of ``moe_passes/models/interns1_vl/losses.py`` (the
 pass's real input), optionally with an attention mask (padding) and global
 (all-reduced) statistics. Each check compares the unmodified model in eager
 mode with the graph the pass rewrote, run eagerly and compiled by Inductor,

@@ -1,5 +1,5 @@
-"""Packaging: the wheel installs one top-level name, ``moe_passes``; the reference model comes with it
-as ``moe_passes.models.interns1_vl`` (from the repository's ``models/`` folder)."""
+"""Packaging: the wheel installs one top-level name, ``moe_passes``; the reference model is a plain
+subpackage, ``moe_passes.models.interns1_vl``, with no path tricks."""
 
 from __future__ import annotations
 
@@ -16,20 +16,14 @@ def _pyproject() -> dict:
 def test_every_package_in_the_tree_is_listed_and_nothing_else():
     setuptools = _pyproject()["tool"]["setuptools"]
     listed = set(setuptools["packages"])
-    mapped = setuptools.get("package-dir", {})
     in_tree = {
         ".".join(p.parent.relative_to(ROOT).parts)
         for p in (ROOT / "moe_passes").rglob("__init__.py")
         if "__pycache__" not in p.parts
     }
-    in_tree |= {
-        "moe_passes.models." + ".".join(p.parent.relative_to(ROOT / "models").parts)
-        for p in (ROOT / "models").rglob("__init__.py")
-    }
     assert listed == in_tree, f"pyproject lists {sorted(listed - in_tree)} not in the tree, misses {sorted(in_tree - listed)}"
     assert all(name.startswith("moe_passes") for name in listed), "only the moe_passes namespace is installed"
-    for package, folder in mapped.items():
-        assert (ROOT / folder / "__init__.py").is_file(), f"{package} maps to {folder}, which is not a package"
+    assert "package-dir" not in setuptools, "packages live where their names say: no package-dir mapping"
 
 
 def _imports_top_level_models(text: str) -> bool:
@@ -38,13 +32,15 @@ def _imports_top_level_models(text: str) -> bool:
 
 
 def test_no_top_level_models_package_and_one_import_path():
-    assert not (ROOT / "models" / "__init__.py").exists(), "a models/__init__.py would make 'models' importable twice"
+    assert not (ROOT / "models").exists(), "the reference model lives in moe_passes/models/, not a top-level models/"
+    import moe_passes.models as models_pkg
     import moe_passes.models.interns1_vl as ref
 
-    assert Path(ref.__file__).resolve().parent == (ROOT / "models" / "interns1_vl").resolve()
+    assert Path(ref.__file__).resolve().parent == (ROOT / "moe_passes" / "models" / "interns1_vl").resolve()
+    assert list(models_pkg.__path__) == [str(ROOT / "moe_passes" / "models")], "no __path__ extension"
     offenders = [
         str(p.relative_to(ROOT))
-        for folder in ("moe_passes", "models", "tests", "examples")
+        for folder in ("moe_passes", "tests", "examples")
         for p in (ROOT / folder).rglob("*.py")
         if p.resolve() != Path(__file__).resolve() and _imports_top_level_models(p.read_text())
     ]

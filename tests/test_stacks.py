@@ -1,6 +1,6 @@
 """``moe_passes.stacks.MoEStack``: each named configuration against a hand-written forward on the same weights.
 
-The references below call the blocks and the loss functions of ``models/interns1_vl`` directly and
+The references below call the blocks and the loss functions of ``moe_passes/models/interns1_vl`` directly and
 spell out each stack's residual loop and loss, so a wrong option (a missing norm, a dropped or
 mis-weighted router loss, the wrong mask, detached logits where they must carry gradient) shows as
 a loss, output or gradient that differs. Also checked: parameter names, initialisation, the node

@@ -2,7 +2,7 @@
 
 Model: a stack of pre-norm MoE decoder layers (``BenchDecoderLayer``: RMSNorm
 -> the reference ``SparseMoeBlock`` as written, grouped-GEMM experts -> residual)
-plus the stacked balancing loss of ``models/interns1_vl/losses.py``; hidden
+plus the stacked balancing loss of ``moe_passes/models/interns1_vl/losses.py``; hidden
 size tiny so the figures are compile time, not kernel time.
 
 Each case runs in its own process with a fresh ``TORCHINDUCTOR_CACHE_DIR``

@@ -1,7 +1,7 @@
 """Memory section of ``moe-passes bench``: what the aux loss costs, stacked vs layer-wise.
 
 One training step (forward + backward) of an MoE stack whose loss adds the
-stacked balancing loss and z-loss of ``models/interns1_vl/losses.py``, at
+stacked balancing loss and z-loss of ``moe_passes/models/interns1_vl/losses.py``, at
 several layer counts, three ways: aux loss off, the unmodified stacked loss,
 and the graph after the ``layerwise_aux_loss`` pass. Each graph is the Dynamo
 graph a backend receives, run as-is (FX frees each value after its last use,
