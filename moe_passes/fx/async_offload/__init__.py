@@ -42,13 +42,14 @@ Stage: **pre-grad**, on the Dynamo graph or on its canonical pre-dispatch ATen
 re-trace (``moe_passes.ir.canonical``). Only there are the *user's* outputs
 exactly the graph outputs (after AOT partitioning, forward outputs mix user
 outputs with tensors saved for backward) and is ``nn_module_stack`` intact to
-tell a router's linear from any other. Router tensors are recognised by
-meaning in both IRs: the output of a linear/matmul whose innermost module is a
-router inside an MoE block; a softmax/sigmoid of it; ``topk`` indices of
-those; and views, detaches, dtype casts, concatenations and index arithmetic of
-those (``F.linear``/``Tensor.softmax``/``torch.topk``/``.detach()`` in torch IR,
-``aten.linear.default``/``aten.softmax.int``/``aten.topk.default``/
-``aten.detach.default`` in ATen IR).
+tell the user's source lines apart. Router tensors are recognised from data flow, never from
+module or attribute names (``routers``): router logits are the values whose top-k (directly or after
+softmax/sigmoid, an expert bias, casts, normalisation) gives indices that select experts, i.e. a value
+computed from the indices feeds an all-to-all, grouped-GEMM offsets or split sizes, or indexes tokens or
+expert weights; selected experts are those indices; views, detaches, dtype casts, ``stack``/``cat`` and
+index arithmetic of each keep its label. A top-k whose indices select nothing (a balancing loss's, a
+vocabulary top-k for logging) is not a router, and a graph output that comes from one is skipped with the
+reason and its source line. The same rule reads Dynamo's torch IR and the ATen IR.
 
 Which outputs (``BackendConfig.offload_targets``): ``"auto"`` offloads every
 router output (kinds ``router_logits`` and ``selected_experts``); an explicit

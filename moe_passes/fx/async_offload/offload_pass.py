@@ -5,14 +5,16 @@ docstring for the contract)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from moe_passes.fx.async_offload.routers import TARGET_KINDS, classify, is_shape_op
+from moe_passes.fx.async_offload.routers import LOOKED_FOR, TARGET_KINDS, RouterAnalysis, analyse, classify, is_shape_op
 from moe_passes.ir.autograd import AutogradFacts, autograd_facts
 from moe_passes.ir.facts import module_types, node_value, static_nbytes, storage_ref, writes_between
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
@@ -46,6 +48,11 @@ class AsyncOffloadPass(GraphPass):
         outs = {a for a in tree_leaves(gm.graph.output_node().args) if isinstance(a, fx.Node) and kinds.get(a) in TARGET_KINDS}
         return f"{len(outs)} router tensor(s) among the graph outputs" if outs else None
 
+    def uuid(self) -> str:
+        """Covers the whole package: which outputs are routers (``routers.py``) decides what is rewritten."""
+        src = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
+        return hashlib.sha256(f"{self.name}|{src}|{self.config.digest()}".encode()).hexdigest()
+
     def targets(self) -> tuple[str, ...] | None:
         """The explicit kinds to offload, or None for "auto"."""
         targets = self.config.offload_targets
@@ -62,11 +69,17 @@ class AsyncOffloadPass(GraphPass):
         graph = gm.graph
         output = graph.output_node()
         out_nodes = list(dict.fromkeys(a for a in tree_leaves(output.args) if isinstance(a, fx.Node)))
-        kinds = classify(graph)
+        routers = analyse(graph)
+        kinds = routers.kinds
         candidates = [n for n in out_nodes if kinds.get(n) in TARGET_KINDS]
         result.stats.update(targets=list(explicit) if explicit else "auto", router_outputs=len(candidates))
+        rejected = [n for n in out_nodes if n in routers.rejected]
         if not candidates:
-            result.skip("graph", "no router logits or selected experts among the graph outputs")
+            result.skip("graph", no_router_reason(routers, rejected))
+        for node in rejected:
+            what, finding = routers.rejected[node]
+            result.skip(f"{node.name} ({what})", f"not a router output: {finding.reason}")
+        if not candidates:
             return result
         chosen: list[fx.Node] = []
         roots: dict[fx.Node, fx.Node] = {}
@@ -203,6 +216,26 @@ class AsyncOffloadPass(GraphPass):
                 output.replace_input_with(node, wait)
         for node in chosen:
             _erase_unused_chain(graph, node)
+
+
+def no_router_reason(routers: RouterAnalysis, rejected: list[fx.Node]) -> str:
+    """Why no graph output is offloaded: what was looked for, and what the graph's top-ks do instead."""
+    head = f"no router logits or selected experts among the graph outputs ({LOOKED_FOR})"
+    if not routers.topks:
+        return f"{head}: the graph has no top-k"
+    routing = [f for f in routers.topks if f.routes]
+    parts: list[str] = []
+    if routing:
+        parts.append(
+            f"{len(routing)} top-k(s) route experts here ({routing[0].evidence}), but none of their logits or indices "
+            "(or a view/cast/stack/cat of them) is a graph output"
+        )
+    for node in rejected:
+        what, finding = routers.rejected[node]
+        parts.append(f"output {node.name} ({what}) rejected: {finding.reason}")
+    if not routing and not rejected:
+        parts.extend(f.reason or "" for f in routers.topks[:3])
+    return f"{head}: " + "; ".join(parts)
 
 
 def _set_value(new: fx.Node, like: fx.Node, value: Any) -> None:
