@@ -13,11 +13,21 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moe_passes.registry import PRE_GRAD_PASSES
+from moe_passes.registry import POST_GRAD_PASSES, PRE_GRAD_PASSES
 
 DEFAULT_PASSES: tuple[str, ...] = ("layerwise_aux_loss", "domino_ep", "async_offload")
 
 NumChunks = int | Literal["auto"]
+
+
+def offload_target_kinds() -> tuple[str, ...]:
+    """The kinds ``offload_targets`` may list: what the ``async_offload`` pass recognises.
+
+    Imported from the pass when a config names kinds (not at import: this module sits below the
+    passes, which import it; ``"auto"`` needs nothing)."""
+    from moe_passes.fx.async_offload import TARGET_KINDS
+
+    return tuple(TARGET_KINDS)
 
 
 @dataclass(frozen=True)
@@ -29,9 +39,17 @@ class BackendConfig:
         declared by the passes themselves (``moe_passes.pipeline.order``), not the order listed here.
     schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs.
     max_chunks_in_flight: bound on all-to-alls issued but not yet waited (memory bound).
-    offload_targets: "auto" (router tensors that are graph outputs) or explicit kinds.
+    offload_targets: "auto" (every router tensor among the graph outputs) or a tuple of the kinds
+        ``async_offload`` knows (``OFFLOAD_TARGET_KINDS``: "router_logits", "selected_experts").
     strict: raise when a requested pass finds nothing it can safely apply.
     verify: run original and transformed graph on the example inputs; raise on mismatch.
+    verify_rtol, verify_atol: verify's tolerances; None (the default): per compared tensor from its dtype
+        (``torch.testing.assert_close``'s table, never tighter than rtol 1e-4 / atol 1e-5), scaled by the
+        tensor's largest reference value; a number: exactly ``assert_close(rtol=..., atol=...)``.
+    extra: (name, value) pairs for experimental options; names are strings, values hashable.
+
+    Every field is checked when the record is made; a bad value is a ``ValueError`` that names the
+    option, the value and the valid choices.
     """
 
     num_chunks: NumChunks = "auto"
@@ -41,8 +59,8 @@ class BackendConfig:
     offload_targets: str | tuple[str, ...] = "auto"
     strict: bool = False
     verify: bool = False
-    verify_rtol: float = 1e-4
-    verify_atol: float = 1e-5
+    verify_rtol: float | None = None
+    verify_atol: float | None = None
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -51,14 +69,16 @@ class BackendConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("verify_rtol", "verify_atol"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+                raise ValueError(f"{name} must be a non-negative number or None (tolerance from the dtype), got {value!r}")
         if isinstance(self.passes, str):
             raise ValueError(f"passes must be a sequence of pass names, got the string {self.passes!r}")
         object.__setattr__(self, "passes", tuple(self.passes))
         unknown = [p for p in self.passes if p not in PRE_GRAD_PASSES]
         if unknown:
-            raise ValueError(f"unknown pass(es) {unknown}; known passes: {sorted(PRE_GRAD_PASSES)}")
+            post = [p for p in unknown if p in POST_GRAD_PASSES]
+            hint = f" ({', '.join(post)}: a post-grad pass, switched by its own option, e.g. {post[0]}=False)" if post else ""
+            raise ValueError(f"unknown pass(es) {unknown}; known passes: {sorted(PRE_GRAD_PASSES)}{hint}")
         if len(set(self.passes)) != len(self.passes):
             raise ValueError(f"pass listed twice in {self.passes}")
         if self.num_chunks != "auto" and (
@@ -67,11 +87,46 @@ class BackendConfig:
             raise ValueError(f"num_chunks must be a positive int or 'auto', got {self.num_chunks!r}")
         if isinstance(self.max_chunks_in_flight, bool) or not isinstance(self.max_chunks_in_flight, int) or self.max_chunks_in_flight < 1:
             raise ValueError(f"max_chunks_in_flight must be a positive int, got {self.max_chunks_in_flight!r}")
-        if isinstance(self.offload_targets, str):
-            if self.offload_targets != "auto":
-                raise ValueError(f"offload_targets must be 'auto' or a tuple of target kinds, got {self.offload_targets!r}")
-        else:
-            object.__setattr__(self, "offload_targets", tuple(self.offload_targets))
+        self._check_offload_targets()
+        self._check_extra()
+
+    def _check_offload_targets(self) -> None:
+        targets = self.offload_targets
+        if targets == "auto":
+            return
+        kinds = offload_target_kinds()
+        choices = f"'auto' or a tuple of kinds from {list(kinds)}"
+        if isinstance(targets, str):
+            hint = f" (a tuple: offload_targets=({targets!r},))" if targets in kinds else ""
+            raise ValueError(f"offload_targets must be {choices}, got {targets!r}{hint}")
+        try:
+            targets = tuple(targets)
+        except TypeError:
+            raise ValueError(f"offload_targets must be {choices}, got {self.offload_targets!r}") from None
+        unknown = [t for t in targets if t not in kinds]
+        if unknown:
+            raise ValueError(f"offload_targets has unknown kind(s) {unknown}; valid: {choices}")
+        if not targets:
+            raise ValueError(f"offload_targets is empty; valid: {choices} (to offload nothing, leave "
+                             "'async_offload' out of passes)")
+        object.__setattr__(self, "offload_targets", tuple(dict.fromkeys(targets)))
+
+    def _check_extra(self) -> None:
+        extra = self.extra
+        pairs = tuple(extra.items()) if isinstance(extra, dict) else extra
+        try:
+            pairs = tuple((k, v) for k, v in pairs)  # type: ignore[misc]
+        except (TypeError, ValueError):
+            raise ValueError(f"extra must be (name, value) pairs or a dict, got {extra!r}") from None
+        for key, value in pairs:
+            if not isinstance(key, str):
+                raise ValueError(f"extra option names must be strings, got {key!r}")
+            try:
+                hash(value)
+            except TypeError:
+                raise ValueError(f"extra option {key!r} must have a hashable value (the config is a cache key), "
+                                 f"got {type(value).__name__}") from None
+        object.__setattr__(self, "extra", pairs)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

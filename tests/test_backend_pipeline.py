@@ -243,12 +243,42 @@ def test_registered_but_missing_pass_errors_only_when_requested(monkeypatch: pyt
         ({"num_chunks": "four"}, "num_chunks must be a positive int"),
         ({"max_chunks_in_flight": 0}, "max_chunks_in_flight"),
         ({"offload_targets": "everything"}, "offload_targets"),
+        # a kind misspelt: refused here, not inside the compile; the message lists the valid kinds
+        ({"offload_targets": ("router_logit",)}, r"unknown kind\(s\) \['router_logit'\]; valid: 'auto' or a tuple of kinds "
+                                                r"from \['router_logits', 'selected_experts'\]"),
+        ({"offload_targets": "router_logits"}, r"a tuple: offload_targets=\('router_logits',\)"),
+        ({"offload_targets": ()}, "offload_targets is empty"),
+        ({"offload_targets": 3}, "offload_targets must be 'auto' or a tuple"),
+        ({"passes": ("schedule_overlap",)}, "a post-grad pass, switched by its own option"),
+        ({"verify_rtol": "1e-2"}, "verify_rtol must be a non-negative number or None"),
+        ({"verify_atol": float("nan")}, "verify_atol must be a non-negative number"),
+        ({"extra": {"x": []}}, "extra option 'x' must have a hashable value"),
+        ({"extra": (("x",),)}, r"extra must be \(name, value\) pairs"),
         ({"chunks": 4}, "unknown backend option"),
     ],
 )
 def test_config_errors_are_value_errors_naming_the_problem(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_backend(**kwargs)
+
+
+def test_valid_options_are_kept_normalised() -> None:
+    config = make_backend(offload_targets=["selected_experts", "selected_experts"], extra={"probe": 1},
+                          verify_rtol=0.0).config
+    assert config.offload_targets == ("selected_experts",) and config.extra == (("probe", 1),)
+    assert (config.verify_rtol, config.verify_atol) == (0.0, None)
+    hash(config)  # the config is a cache key
+
+
+def test_help_of_make_backend_documents_every_option() -> None:
+    import dataclasses
+    import pydoc
+
+    text = pydoc.render_doc(make_backend, renderer=pydoc.plaintext)
+    for option in [f.name for f in dataclasses.fields(BackendConfig)] + ["keep_graphs"]:
+        assert f"{option}:" in text or f"{option}," in text, option
+    for kind in ("router_logits", "selected_experts", *DEFAULT_PASSES):
+        assert kind in text, kind
 
 
 def test_unknown_pass_name_lists_the_known_ones() -> None:
