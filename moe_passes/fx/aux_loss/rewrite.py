@@ -35,19 +35,23 @@ import torch
 import torch.fx as fx
 
 from moe_passes.errors import error_summary
-from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.ir.facts import (
     is_pointwise, is_pure, is_static_int, known_equal, mutated_args, node_value, normalize_dim, normalize_dims, op_arg,
     tensor_dtype, tensor_value,
 )
+from moe_passes.ir import rows
+from moe_passes.ir.rows import NotRowLocal, prod
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 TAG = "layerwise_aux_loss"
 
 
-class Unsupported(Exception):
-    """The loss region contains something the rewrite cannot prove equal."""
+#: The loss region contains something the rewrite cannot prove equal: the one exception of the row analysis.
+Unsupported = NotRowLocal
+#: Reductions whose per-layer partials this interpreter emits (sums and means; what they mean for rows is
+#: ``moe_passes.ir.rows``'s to say: ``reduce`` over dim 0 with ``linear`` "sum"/"mean", or ``keep``).
+ROW_SUMS = frozenset({aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default})
 
 
 @dataclass
@@ -207,7 +211,7 @@ class Rewriter:
             if any(known_equal(b, 1) and not known_equal(s, 1) for b, s in zip(bshape[1:], sizes[1:])):
                 narrow, nshape = (lambda layer, b=base: b), tuple(bshape[1:])
             return Rows(rows=(1,) * self.layers, emit=emit, invariant=True, narrow=narrow, narrow_shape=nshape)
-        if (node.target in sem.RESHAPES or node.target in sem.CASTS) and isinstance(node.args[0], fx.Node):
+        if rows.family_of(node) in ("view", "identity") and isinstance(node.args[0], fx.Node):
             inner = self.values.get(node.args[0]) or self._invariant(node.args[0], depth + 1)
             if not isinstance(inner, Rows) or not inner.invariant:
                 return None
@@ -301,7 +305,10 @@ class Rewriter:
             if t is aten.scatter_add_.default:
                 return self.scatter_add(node, inplace=True)
             raise Unsupported(f"{_name(node)} writes in place into rows of every layer")
-        if t in sem.ROW_SUMS:
+        # What the op does to the stacked rows (dim 0) comes from the one row analysis (moe_passes.ir.rows);
+        # this interpreter adds only how each layer's block is emitted.
+        eff = rows.effect(node, 1)
+        if eff is not None and eff.family == "reduce" and t in ROW_SUMS:
             return self.row_sum(node)
         if t is aten.histc.default:
             return self.histc(node)
@@ -311,22 +318,21 @@ class Rewriter:
             return self.one_hot(node, a0)
         if any(isinstance(self.value(a), TupleRows) for a in node.all_input_nodes):
             raise Unsupported(f"{_name(node)}: unexpected use of a top-k/sort tuple")
-        if t in sem.CASTS:
+        if eff is None:
+            raise Unsupported(f"{_name(node)} on rows of every layer is not understood")
+        fam = eff.family
+        if fam == "identity" and tensor_value(node) is not None:
             return self.cast(node, a0)
-        if t in sem.RESHAPES:
+        if fam == "view":
             return self.reshape(node, a0)
-        if t is aten.expand.default:
+        if fam == "expand" and t is aten.expand.default:
             return self.expand(node, a0)
-        if t in sem.DIMLIST_OPS:
-            return self.dimlist(node, a0)
-        if t in sem.DIM_OPS:
-            return self.dim_op(node, a0)
-        if t in (aten.transpose.int, aten.permute.default):
-            return self.transpose(node, a0)
-        if is_pointwise(node):
+        if fam == "pointwise" and is_pointwise(node):
             return self.pointwise(node)
-        if t in sem.WHOLE_REDUCTIONS:
-            raise Unsupported(f"{_name(node)} over every element: a reduction over the token rows that is not a sum")
+        if eff.kind == "reduce":
+            raise Unsupported(f"{_name(node)} over dims {list(eff.dims)}: a reduction over the token rows that is not a sum")
+        if fam in ("along", "shape", "reduce"):
+            return self.row_local(node, a0, eff)
         raise Unsupported(f"{_name(node)} on rows of every layer is not understood")
 
     # -- row-local ops ---------------------------------------------------------------
@@ -353,43 +359,19 @@ class Rewriter:
         return self.unary(node, a0, narrow=narrow, narrow_shape=a0.narrow_shape, onehot=a0.onehot,
                           logits=a0.logits and same)
 
-    def dim_op(self, node: fx.Node, a0: Any) -> Any:
+    def row_local(self, node: fx.Node, a0: Any, eff: rows.Effect) -> Any:
+        """An op that acts along a non-row dim, a shape op that keeps dim 0, or a reduction over other dims:
+        each layer's block is the same op on that layer's block (``moe_passes.ir.rows`` decided it keeps rows)."""
         a0 = self.need_rows(node, a0)
-        index, default = sem.DIM_OPS[node.target]
-        rank = len(_shape(node.args[0])) + (1 if node.target is aten.unsqueeze.default else 0)
-        dim = op_arg(node, index, "dim", default)
-        if dim is None:
-            raise Unsupported(f"{_name(node)} over every dim mixes the rows of all layers")
-        if normalize_dim(dim, rank) == 0:
-            raise Unsupported(f"{_name(node)} over dim {dim}: along the stacked row (token) dim, not row by row")
-        if node.target in sem.TUPLE_OPS:
+        if not eff.keeps:
+            raise Unsupported(f"{_name(node)}: {eff.reason} (along the stacked row (token) dim, not row by row)")
+        t = node.target
+        if t is aten.logsumexp.default and self.stats is not None and a0.logits and len(_shape(node.args[0])) == 2 \
+                and eff.dims == (1,) and not op_arg(node, 2, "keepdim", False):
+            return Rows(rows=a0.rows, emit=lambda layer: self.memo(("lse", node), layer, False, lambda: self.stats.logsumexp(self, node, a0.emit(layer), layer)))
+        if eff.outputs:
             rest = node.args[1:]
             return TupleRows(rows=a0.rows, emit=lambda layer: self.redo(node, layer, False, (a0.emit(layer), *rest)))
-        return self.unary(node, a0)
-
-    def dimlist(self, node: fx.Node, a0: Any) -> Any:
-        a0 = self.need_rows(node, a0)
-        rank = len(_shape(node.args[0]))
-        dims = normalize_dims(op_arg(node, 1, "dim"), rank)
-        if dims is None:
-            raise Unsupported(f"{_name(node)}: dims not understood")
-        if 0 not in dims:
-            if node.target is aten.logsumexp.default and self.stats is not None and a0.logits and rank == 2 \
-                    and dims == (1,) and not op_arg(node, 2, "keepdim", False):
-                return Rows(rows=a0.rows, emit=lambda layer: self.memo(("lse", node), layer, False, lambda: self.stats.logsumexp(self, node, a0.emit(layer), layer)))
-            return self.unary(node, a0)
-        raise Unsupported(f"{_name(node)} over dims {dims}: a reduction over the token rows that is not a sum")
-
-    def transpose(self, node: fx.Node, a0: Any) -> Rows:
-        a0 = self.need_rows(node, a0)
-        rank = len(_shape(node.args[0]))
-        if node.target is aten.transpose.int:
-            dims = [normalize_dim(node.args[1], rank), normalize_dim(node.args[2], rank)]
-            moves_rows = 0 in dims and dims[0] != dims[1]
-        else:
-            moves_rows = normalize_dim(list(node.args[1])[0], rank) != 0
-        if moves_rows:
-            raise Unsupported(f"{_name(node)} moves the stacked row dim")
         return self.unary(node, a0)
 
     def reshape(self, node: fx.Node, a0: Any) -> Rows:
@@ -401,12 +383,12 @@ class Rewriter:
         lead = len(ia) - len(ob)
         if lead >= 0 and all(known_equal(a, b) for a, b in zip(ia[lead:], ob)):
             # leading non-row dims fold into the rows (symbolic sizes too): no divisibility question
-            rows = tuple(r * sem.prod(ia[:lead]) for r in a0.rows)
+            rows = tuple(r * prod(ia[:lead]) for r in a0.rows)
             pa = pb = None
         elif not all(is_static_int(s) for s in (*ia, *ob)):
             raise Unsupported(f"{_name(node)}: reshape {ishape}->{oshape} with symbolic non-row dims")
         else:
-            pa, pb = sem.prod(ia), sem.prod(ob)
+            pa, pb = prod(ia), prod(ob)
             if pb == 0 or pa == 0:
                 raise Unsupported(f"{_name(node)}: empty rows")
         if pa is None:
@@ -540,7 +522,7 @@ class Rewriter:
         total = self.accumulate(node, counts or partial)
         self.cursor = node
         if is_mean:
-            other = sem.prod(shape[d] for d in dims[1:]) if len(dims) > 1 else 1
+            other = prod(shape[d] for d in dims[1:]) if len(dims) > 1 else 1
             count: Any = sum(a0.rows) * other
             if not is_static_int(count):
                 if not is_static_int(other):

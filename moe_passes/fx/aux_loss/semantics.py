@@ -1,11 +1,9 @@
-"""What the ATen ops the aux-loss analysis meets *mean*, one question per function.
+"""What the aux-loss recognition asks of ops beyond rows: which casts are exact, which softmax / top-k
+computes the same numbers as another.
 
-The analysis reads the canonical pre-dispatch ATen IR (``moe_passes.ir.canonical``):
-each op is an ``OpOverload`` with a schema, so an op is classified by its schema,
-its tags (``torch.Tag.pointwise``) and a few explicit tables here, never by how the
-user spelled it. Dims are normalised (``moe_passes.ir.facts.normalize_dim``);
-in-place ops are recognised by schema (``moe_passes.ir.facts.mutated_args``) and are
-never treated as pure.
+What an op does to rows (keeps them, reduces them, mixes them) is the one row analysis's answer
+(``moe_passes.ir.rows``); this module only names the loss's own equivalences, on the canonical
+pre-dispatch ATen IR (``moe_passes.ir.canonical``), by schema and normalised dims.
 """
 
 from __future__ import annotations
@@ -16,43 +14,20 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moe_passes.ir.facts import normalize_dim, op_arg, tensor_dtype, tensor_ndim
+from moe_passes.ir.facts import normalize_dim, op_arg, tensor_dtype, tensor_ndim, tensor_value
+from moe_passes.ir.rows import family_of
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
-#: Value-preserving unary ops: same elements, maybe another dtype/device/layout (casts, moves, copies).
-CASTS = frozenset({
-    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other, aten._to_copy.default, aten.clone.default,
-    aten.contiguous.default, aten.alias.default, aten.detach.default, aten.type_as.default, aten.lift_fresh_copy.default,
-})
-#: Shape ops that keep element order (row-major): rows stay rows if the row count per layer divides.
-RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
-#: ops with one ``dim`` argument (index 1 unless said) that act along that dim only, row by row otherwise.
-DIM_OPS: dict[Any, tuple[int, Any]] = {
-    aten.softmax.int: (1, None), aten._softmax.default: (1, None), aten.log_softmax.int: (1, None),
-    aten._log_softmax.default: (1, None), aten.cumsum.default: (1, None), aten.topk.default: (2, -1),
-    aten.sort.default: (1, -1), aten.max.dim: (1, None), aten.min.dim: (1, None), aten.argmax.default: (1, None),
-    aten.argmin.default: (1, None), aten.unsqueeze.default: (1, None), aten.squeeze.dim: (1, None),
-    aten.select.int: (1, None), aten.slice.Tensor: (1, 0),
-}
-#: ops reducing over a list of dims (index 1), keepdim at index 2.
-DIMLIST_OPS = frozenset({aten.sum.dim_IntList, aten.mean.dim, aten.logsumexp.default, aten.amax.default,
-                         aten.amin.default})
-#: sums over rows: linear, so a sum of per-layer partials equals the whole.
-ROW_SUMS = frozenset({aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default})
-#: whole-tensor reductions that are not sums (never split by layer).
-WHOLE_REDUCTIONS = frozenset({aten.max.default, aten.min.default, aten.prod.default, aten.median.default,
-                              aten.var.default, aten.std.default, aten.amax.default, aten.amin.default,
-                              aten.linalg_vector_norm.default, aten.any.default, aten.all.default})
 SOFTMAXES = frozenset({aten.softmax.int, aten._softmax.default})
-TUPLE_OPS = frozenset({aten.topk.default, aten.sort.default, aten.max.dim, aten.min.dim})
 FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
 def is_cast(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in CASTS
+    """A value-preserving unary op (cast, move, copy): the row analysis's ``identity`` family."""
+    return node.op == "call_function" and family_of(node) == "identity" and tensor_value(node) is not None
 
 
 def exact_cast(node: fx.Node) -> bool:
@@ -113,10 +88,3 @@ def topk_key(node: fx.Node) -> tuple[Any, ...] | None:
         return None
     return (x, op_arg(node, 1, "k"), normalize_dim(op_arg(node, 2, "dim", -1), rank), bool(op_arg(node, 3, "largest", True)),
             bool(op_arg(node, 4, "sorted", True)))
-
-
-def prod(values: Any) -> Any:
-    out: Any = 1
-    for v in values:
-        out = out * v
-    return out

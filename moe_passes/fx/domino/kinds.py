@@ -29,8 +29,10 @@ abstract domain (``Kind``):
     ``scatter_add`` of ids, a sum over dim 0 of an integer ``row`` value): the
     full value is the SUM of the chunk values.
 
-The rules that assign kinds are in ``row_analysis``; DTensor's sharding rules are
-asked as a cross-check in ``dtensor_check``.
+The rules that assign kinds are in ``row_analysis``: the MoE algebra (permutations,
+gathers, the all-to-all pair, grouped GEMMs, counters) on top of the one row
+analysis every pass asks (``moe_passes.ir.rows``, with DTensor's sharding rules as
+its fallback).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch.fx as fx
+import torch
+
+from moe_passes.ir.rows import NotRowLocal
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +76,40 @@ def lead_of(k: Any) -> int:
     return k.lead if isinstance(k, Kind) and k.tag == "row" else 1
 
 
-def token_prefix(shape: Any, T: int) -> tuple[int, int] | None:
-    """(lead, m): the shortest prefix of ``shape`` whose product is a positive multiple of T, else None."""
-    prod = 1
+def token_prefix(shape: Any, T: Any) -> tuple[int, int] | None:
+    """(lead, m): the shortest prefix of ``shape`` whose product is a positive multiple ``m * T`` of T, else None.
+
+    Sizes and T may be SymInts (dynamic shapes): the quotient ``prod / T`` must then be a positive
+    sympy ``Integer`` on its own (``[1, s0, 16]`` over ``T = s0`` -> ``(2, 1)``; ``[2*s0]`` -> ``(1, 2)``),
+    decided from the expressions alone: no guard, no specialisation on the current sizes.
+    """
+    prod: Any = 1
     for i, s in enumerate(shape):
-        if not isinstance(s, int):
-            return None
-        prod *= s
-        if prod > 0 and prod % T == 0:
-            return i + 1, prod // T
+        prod = prod * s
+        m = _positive_quotient(prod, T)
+        if m is not None:
+            return i + 1, m
     return None
+
+
+def _positive_quotient(prod: Any, T: Any) -> int | None:
+    """``prod / T`` when it is provably a positive integer (ints or SymInts), else None."""
+    if type(prod) is int and type(T) is int:
+        return prod // T if T > 0 and prod > 0 and prod % T == 0 else None
+    import sympy
+
+    def expr(v: Any) -> Any:
+        if isinstance(v, torch.SymInt):
+            return v.node.expr
+        return sympy.Integer(v) if isinstance(v, int) else None
+
+    p, t = expr(prod), expr(T)
+    if p is None or t is None or t == 0:
+        return None
+    q = p / t
+    if not q.is_Integer:
+        q = sympy.cancel(q)
+    return int(q) if q.is_Integer and q > 0 else None
 
 
 META = Kind("meta")
@@ -90,9 +118,5 @@ NONE = Kind("none")  # no value (asserts)
 DATA_TAGS = ("row", "bag", "recv")
 
 
-class Unproven(Exception):
-    """The region cannot be shown row-local; the message names the node and why."""
-
-
-def describe(kinds: dict[fx.Node, Any], nodes: list[fx.Node]) -> list[str]:
-    return [f"{n.name}: {kinds.get(n)}" for n in nodes]
+#: The region cannot be shown row-local; the message names the node and why (the row analysis's one exception).
+Unproven = NotRowLocal

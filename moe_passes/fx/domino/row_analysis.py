@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.domino.dtensor_check import dtensor_keeps_rows
 from moe_passes.fx.domino.kinds import ADD, DATA_TAGS, META, NONE, Kind, Unproven, lead_of, row, token_prefix
 from moe_passes.ir.facts import (
     is_all_to_all,
@@ -45,6 +44,8 @@ from moe_passes.ir.facts import (
     tensor_ndim,
     tensor_value,
 )
+from moe_passes.ir import rows
+from moe_passes.ir.rows import family_of
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +60,10 @@ def _name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-_VIEW_LIKE = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.view_as", "aten.reshape_as"}
-_IDENTITY = {"aten.detach", "aten.alias", "aten.clone", "aten.contiguous", "aten.to", "aten._to_copy", "aten.type_as",
-             "aten.lift_fresh_copy", "aten.dropout", "aten.positive", "aten._assert_tensor_metadata"}
-_REDUCTIONS = {"aten.sum", "aten.mean", "aten.amax", "aten.amin", "aten.max", "aten.min", "aten.prod", "aten.any",
-               "aten.all", "aten.var", "aten.std", "aten.norm", "aten.linalg_vector_norm", "aten.logsumexp",
-               "aten.argmax", "aten.argmin", "aten.var_mean", "aten.std_mean", "aten.count_nonzero", "aten.nansum"}
-_ALONG_DIM = {"aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax", "aten._safe_softmax",
-              "aten.cumsum", "aten.cumprod", "aten.logcumsumexp", "aten.cummax", "aten.cummin", "aten.sort",
-              "aten.argsort", "aten.topk", "aten.kthvalue", "aten.msort", "aten.glu"}
 _ALLOC_LIKE = {"aten.zeros_like", "aten.empty_like", "aten.ones_like", "aten.full_like", "aten.new_zeros",
                "aten.new_empty", "aten.new_ones", "aten.new_full", "aten.empty_strided", "aten.new_empty_strided"}
 _ZERO_ALLOC = {"aten.zeros", "aten.zeros_like", "aten.new_zeros"}
-_MATMUL = {"aten.linear", "aten.matmul", "aten.mm", "aten.addmm", "aten.bmm"}
 _GROUPED = {"aten._grouped_mm", "moe_models.grouped_mm"}
-_COUNTS = {"aten.histc", "aten.bincount"}
 #: Custom ops known to mean ``aten.scatter_add(out, 0, index, src)`` (functional): torchtitan's deterministic combine.
 SCATTER_ADD_DIM0 = {"torchtitan.deterministic_scatter_add"}
 _SYM_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
@@ -170,13 +160,6 @@ class RowAnalysis:
             return self._scatter(n, name)
         if name in SCATTER_ADD_DIM0:  # custom ops with aten.scatter_add(out, 0, index, src) meaning
             return self._scatter(n, "aten.scatter_add", dim0=True)
-        if name in _COUNTS:
-            (a, k), = args
-            if k.tag == "row" and tensor_ndim(a) == 1:
-                return ADD
-            if tags <= {"meta", "add"}:
-                return META
-            raise Unproven(f"{n.name}: {name} over a {k} value")
         if name in _GROUPED:
             return self._grouped(n)
         if tags <= {"meta", "add"} and not (tags & {"perm", "tokidx"}):
@@ -185,56 +168,68 @@ class RowAnalysis:
             a, k = args[0]
             if k.tag == "perm" and len(args) == 1 and n.args[0] is a and isinstance(n.args[1], int) and n.args[1] == k.m:
                 return Kind("tokidx", k.m, k.key)
-        if tags & {"perm", "tokidx"} and name not in _VIEW_LIKE and name not in ("aten.expand", "aten.unsqueeze") and name not in _IDENTITY:
+        if tags & {"perm", "tokidx"} and family_of(n) not in ("view", "identity") and name not in ("aten.expand", "aten.unsqueeze"):
             raise Unproven(f"{n.name}: {name} on a permutation/gather index (only // top_k, reshape and expand are understood)")
         if name in _ALLOC_LIKE:
             return self._alloc_like(n, name, args)
-        if name in _VIEW_LIKE:
-            return self._view(n, args)
-        if name in ("aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.transpose", "aten.permute", "aten.select",
-                    "aten.slice", "aten.narrow", "aten.t", "aten.movedim", "aten.unflatten", "aten.split",
-                    "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.tensor_split"):
-            return self._shape_op(n, name, args)
-        if name in _REDUCTIONS:
-            return self._reduction(n, name, args)
-        if name in _ALONG_DIM:
-            return self._along_dim(n, name, args)
-        if name in _MATMUL:
-            return self._matmul(n, name, args)
-        if name in ("aten.cat", "aten.stack"):
-            return self._cat(n, name, args)
-        if name in ("aten.gather",):
-            return self._gather(n, args)
-        if name in ("aten.one_hot",):
-            (a, k), = args
-            return self._same_rows(n, [(a, k)])
-        if name in ("aten.layer_norm", "aten.rms_norm"):
-            return self._norm(n, args)
-        if self._is_pointwise(n) or name in _IDENTITY:
-            return self._pointwise(n, args)
-        verdict = dtensor_keeps_rows(n, {a: k for a, k in args})
-        if verdict is True:
-            return self._data_kind(n, args)
-        why = f" ({verdict})" if isinstance(verdict, str) else ""
-        raise Unproven(f"{n.name}: no row-locality rule for {name or _name(n)} on {', '.join(str(k) for _, k in args)}{why}")
+        return self._generic(n, name, args)
 
-    def _norm(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
-        x, shape = n.args[0], n.args[1]
-        k = self.kind(x)
-        if k is None or any(self.kind(a) is not None for a in n.all_input_nodes if a is not x):
-            raise Unproven(f"{n.name}: {op_label(n)} with token-dependent weights")
-        if k.tag not in DATA_TAGS:
-            raise Unproven(f"{n.name}: {op_label(n)} of a {k} value")
-        if (tensor_ndim(x) or 0) - len(shape) < lead_of(k):
-            raise Unproven(f"{n.name}: {op_label(n)} normalises over the token dim")
-        return k
+    def _generic(self, n: fx.Node, name: str | None, args: list[tuple[fx.Node, Kind]]) -> Any:
+        """Every op the MoE algebra does not own: what ``moe_passes.ir.rows`` says it does to token rows."""
+        (a, k) = args[0]
+        data_args = {x: lead_of(kx) for x, kx in args if kx.tag in DATA_TAGS}
+        eff = rows.effect(n, lead_of(k), data_args)
+        if eff is None:
+            raise Unproven(f"{n.name}: no row-locality rule for {name or _name(n)} on {', '.join(str(k) for _, k in args)}")
+        fam = eff.family
+        if fam == "view":
+            return self._view(n, args)
+        if fam in ("shape", "split", "expand") and (n.args[0] is not a or len(args) > 1):
+            raise Unproven(f"{n.name}: {name} with region-dependent arguments")
+        if fam == "along" and not eff.keeps and name in ("aten.argsort", "aten.sort"):
+            src = tensor_value(a)
+            if k.tag == "row" and src.dim() == 1 and not src.dtype.is_floating_point:
+                # Stable or not, the permutation only orders the chunk's copies; every copy is un-permuted to
+                # its own row before anything reads rows by position (only the summation order of a token's
+                # K copies may differ between unstable sorts).
+                perm = Kind("perm", k.m, n)
+                return (Kind("bag", k.m, n), perm) if name == "aten.sort" else perm
+        if eff.kind == "reduce":
+            src = tensor_value(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+            integer = src is not None and not src.dtype.is_floating_point and not src.dtype.is_complex
+            token_dims = set(range(lead_of(k)))
+            if eff.linear == "sum" and k.tag == "row" and integer and token_dims <= set(eff.dims):
+                return ADD
+            if fam == "count" and k.tag == "row" and tensor_ndim(a) == 1:
+                return ADD
+            kind_of_sum = "float" if not integer else "non-sum"
+            raise Unproven(f"{n.name}: {name} reduces over the token dim 0 ({kind_of_sum} reduction across tokens)")
+        if not eff.keeps:
+            if fam == "along":
+                raise Unproven(f"{n.name}: {name} over the token dim ({eff.reason})")
+            raise Unproven(f"{n.name}: {eff.reason.replace('the row dim', 'the token dim')}")
+        if fam in ("pointwise", "identity"):
+            return self._pointwise(n, args)
+        if fam == "matmul":
+            return self._matmul(n, name, eff)
+        if fam == "cat":
+            if any(self.kind(t) is None for t in n.args[0]):
+                raise Unproven(f"{n.name}: {name} of region and outside values")
+            k = self._data_kind(n, args)
+        elif fam == "norm":
+            if any(self.kind(x) is not None for x in n.all_input_nodes if x is not n.args[0]):
+                raise Unproven(f"{n.name}: {name} with token-dependent weights")
+            if k.tag not in DATA_TAGS:
+                raise Unproven(f"{n.name}: {name} of a {k} value")
+        elif fam == "one_hot":
+            k = self._same_rows(n, args)
+        elif fam in ("gather", "dtensor"):
+            k = self._data_kind(n, args)
+        elif k.tag not in DATA_TAGS and k.tag not in ("perm", "tokidx"):
+            raise Unproven(f"{n.name}: {name} of a {k} value")
+        return tuple(k for _ in range(eff.outputs)) if eff.outputs else k
 
     # ------------------------------------------------------------------ op families
-    @staticmethod
-    def _is_pointwise(n: fx.Node) -> bool:
-        t = n.target
-        return isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
-
     def _data_kind(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
         kinds = {k for _, k in args}
         base = {Kind(k.tag, k.m, k.key, k.p, lead=k.lead) for k in kinds if k.tag != "fresh"}
@@ -266,9 +261,7 @@ class RowAnalysis:
                 if v.dim() != out.dim() or any(not known_equal(v.shape[i], out.shape[i]) for i in range(lead)):
                     raise Unproven(f"{n.name}: operand {a.name} is broadcast along the token dim")
             else:
-                offset = out.dim() - v.dim()  # right-aligned broadcasting
-                spans = [i for i in range(lead) if i >= offset and not (isinstance(v.shape[i - offset], int) and v.shape[i - offset] == 1)]
-                if spans:
+                if rows.broadcast_spans_rows(tuple(v.shape), out.dim(), lead):
                     raise Unproven(f"{n.name}: operand {a.name} from outside the region spans the token dim "
                                    f"(shape {tuple(v.shape)}): it is not replicated across chunks")
         return k
@@ -313,139 +306,14 @@ class RowAnalysis:
             return k
         raise Unproven(f"{n.name}: reshape changes the rows of a {k} value")
 
-    def _shape_op(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Any:
-        (a, k) = args[0]
-        if n.args[0] is not a or len(args) > 1:
-            raise Unproven(f"{n.name}: {name} with region-dependent arguments")
-        src = tensor_value(a)
-        rank = src.dim() if src is not None else 0
-        if k.tag in ("meta", "add"):
-            return META
-        out = node_value(n)
-        lead = lead_of(k)
-        if name == "aten.expand":
-            if tensor_value(n).dim() != rank or any(not known_equal(tensor_value(n).shape[i], src.shape[i]) for i in range(lead)):
-                raise Unproven(f"{n.name}: expand along the token dim")
-            return k
-        if name == "aten.unsqueeze":
-            d = normalize_dim(n.args[1], rank + 1)
-            if d is None or d < lead:
-                raise Unproven(f"{n.name}: unsqueeze({n.args[1]}) moves the token dim")
-            return k
-        if name == "aten.squeeze":
-            dims = n.args[1] if len(n.args) > 1 else None
-            if dims is None:
-                if any(isinstance(src.shape[i], int) and src.shape[i] == 1 for i in range(lead)):
-                    raise Unproven(f"{n.name}: squeeze may drop the token dim")
-                return k
-            dims = dims if isinstance(dims, (list, tuple)) else [dims]
-            if any(d is None or d < lead for d in {normalize_dim(d, rank) for d in dims}):
-                raise Unproven(f"{n.name}: squeeze of the token dim")
-            return k
-        if name == "aten.transpose":
-            d0, d1 = normalize_dim(n.args[1], rank), normalize_dim(n.args[2], rank)
-            if d0 != d1 and (d0 is None or d1 is None or d0 < lead or d1 < lead):
-                raise Unproven(f"{n.name}: transpose moves the token dim")
-            return k
-        if name == "aten.permute":
-            if [normalize_dim(d, rank) for d in n.args[1][:lead]] != list(range(lead)):
-                raise Unproven(f"{n.name}: permute moves the token dim")
-            return k
-        if name == "aten.movedim":
-            raise Unproven(f"{n.name}: movedim")
-        if name == "aten.t":
-            raise Unproven(f"{n.name}: transpose of a token-indexed matrix")
-        if name in ("aten.select", "aten.slice", "aten.narrow", "aten.unflatten"):
-            d = normalize_dim(op_arg(n, 1, "dim", 0), rank)
-            if d is None or d < lead:
-                raise Unproven(f"{n.name}: {name} along the token dim (position-dependent)")
-            return k
-        if name in ("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.tensor_split"):
-            d = normalize_dim(op_arg(n, 2 if name != "aten.unbind" else 1, "dim", 0), rank)
-            if d is None or d < lead:
-                raise Unproven(f"{n.name}: {name} along the token dim (position-dependent)")
-            return tuple(k for _ in (out or ()))
-        raise Unproven(f"{n.name}: {name}")
-
-    def _reduction(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Any:
-        (a, k) = args[0]
-        if k.tag in ("meta", "add"):
-            return META
-        src = tensor_value(a)
-        rank = src.dim()
-        dims = op_arg(n, 1, "dim")
-        if dims is None or dims == [] or (name == "aten.sum" and n.target == aten.sum.default):
-            reduced = set(range(rank))
-        else:
-            dims = dims if isinstance(dims, (list, tuple)) else [dims]
-            reduced = {normalize_dim(d, rank) for d in dims}
-        lead = lead_of(k)
-        token_dims = set(range(lead))
-        if not (reduced & token_dims) and None not in reduced:
-            out = node_value(n)
-            if isinstance(out, (tuple, list)):
-                return tuple(k for _ in out)
-            return k
-        integer = not src.dtype.is_floating_point and not src.dtype.is_complex
-        if name == "aten.sum" and k.tag == "row" and integer and token_dims <= reduced:
-            return ADD
-        raise Unproven(f"{n.name}: {name} reduces over the token dim 0 ({'float' if not integer else 'non-sum'} reduction across tokens)")
-
-    def _along_dim(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Any:
-        (a, k) = args[0]
-        src = tensor_value(a)
-        rank = src.dim()
-        default = -1 if name in ("aten.topk", "aten.sort", "aten.argsort", "aten.kthvalue", "aten.glu") else 0
-        pos = 2 if name in ("aten.topk", "aten.kthvalue") else 1
-        d = normalize_dim(op_arg(n, pos, "dim", default), rank) if name != "aten.msort" else 0
-        if k.tag in ("meta", "add"):
-            return META
-        if d is not None and d >= lead_of(k):
-            out = node_value(n)
-            if isinstance(out, (tuple, list)):
-                return tuple(k for _ in out)
-            return k
-        if name in ("aten.argsort", "aten.sort") and k.tag == "row" and rank == 1 and not src.dtype.is_floating_point:
-            # Stable or not, the permutation only orders the chunk's copies; every copy is un-permuted to its
-            # own row before anything reads rows by position (only the summation order of a token's K copies
-            # may differ between unstable sorts).
-            perm = Kind("perm", k.m, n)
-            if name == "aten.sort":
-                return (Kind("bag", k.m, n), perm)
-            return perm
-        raise Unproven(f"{n.name}: {name} over the token dim (normalised dim 0 of a {rank}-D {k} value)")
-
-    def _matmul(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Kind:
-        if name == "aten.addmm":
-            data, others = n.args[1], [n.args[0], n.args[2]]
-        else:
-            data, others = n.args[0], list(n.args[1:])
+    def _matmul(self, n: fx.Node, name: str | None, eff: rows.Effect) -> Kind:
+        data = n.args[eff.data]
+        others = [o for i, o in enumerate(n.args) if i != eff.data]
         k = self.kind(data)
         if k is None or k.tag not in DATA_TAGS:
             raise Unproven(f"{n.name}: {name} whose row operand is not token data")
         if any(isinstance(o, fx.Node) and self.kind(o) is not None for o in others):
             raise Unproven(f"{n.name}: {name} of two region values (mixes tokens)")
-        if (tensor_ndim(data) or 0) <= lead_of(k) or name == "aten.bmm":
-            raise Unproven(f"{n.name}: {name} contracts over the token dim")
-        return k
-
-    def _cat(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Kind:
-        tensors = n.args[0]
-        if any(self.kind(t) is None for t in tensors):
-            raise Unproven(f"{n.name}: {name} of region and outside values")
-        rank = tensor_ndim(n) if name == "aten.cat" else (tensor_ndim(n) or 1)
-        d = normalize_dim(op_arg(n, 1, "dim", 0), rank)
-        k = self._data_kind(n, args)
-        if d is None or d < lead_of(k):
-            raise Unproven(f"{n.name}: {name} along the token dim")
-        return k
-
-    def _gather(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
-        src, dim = n.args[0], n.args[1]
-        k = self._data_kind(n, args)
-        d = normalize_dim(dim, tensor_ndim(src) or 0)
-        if d is None or d < lead_of(k):
-            raise Unproven(f"{n.name}: gather along the token dim")
         return k
 
     def _getitem(self, n: fx.Node) -> Any:

@@ -1,7 +1,7 @@
-"""A cross-check from DTensor: does its sharding rule for an op keep ``Shard(0)`` token rows?
+"""The row analysis's fallback: does DTensor's sharding rule for an op keep ``Shard(0)`` rows?
 
-Asked only for ops without an explicit row-locality rule (``row_analysis``): DTensor's registered
-sharding strategies are PyTorch's own statement of what an op does to a dim-0 sharding.
+Asked only for ops without a rule in ``moe_passes.ir.rows``: DTensor's registered sharding
+strategies are PyTorch's own statement of what an op does to a dim-0 sharding.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.domino.kinds import Kind
 from moe_passes.ir.facts import node_value, tensor_value
 
 log = logging.getLogger(__name__)
@@ -34,11 +33,11 @@ def _mesh() -> Any:
     return _MESHES[world]
 
 
-def dtensor_keeps_rows(n: fx.Node, region_kinds: dict[fx.Node, Kind]) -> bool | str | None:
+def dtensor_keeps_rows(n: fx.Node, row_args: dict[fx.Node, int]) -> bool | str | None:
     """Ask DTensor's sharding propagation whether Shard(0) token rows stay Shard(0) without redistribution.
 
-    Only for ops DTensor registers a strategy for, only when every region operand is the same ``row(m)``
-    kind with ``lead == 1`` and static shapes (the other tensor operands are Replicate).  The op's
+    Only for ops DTensor registers a strategy for, only when every row operand (``row_args``: operand ->
+    its row dims) has ``lead == 1`` and static shapes (the other tensor operands are Replicate).  The op's
     ``RuntimeSchemaInfo`` must be passed: without it the propagator's cache ignores non-tensor arguments
     (measured: softmax / cumsum over dim 0 then answer "Shard(0) kept" from a cached dim -1 query).
     Returns True (rows kept), a reason string, or None (no opinion).
@@ -46,8 +45,7 @@ def dtensor_keeps_rows(n: fx.Node, region_kinds: dict[fx.Node, Kind]) -> bool | 
     op = n.target
     if not isinstance(op, torch._ops.OpOverload):
         return None
-    kinds = set(region_kinds.values())
-    if len(kinds) != 1 or next(iter(kinds)).tag != "row" or next(iter(kinds)).lead != 1:
+    if not row_args or set(row_args.values()) != {1}:
         return None
     try:
         from torch.distributed.tensor import DTensor
@@ -70,7 +68,7 @@ def dtensor_keeps_rows(n: fx.Node, region_kinds: dict[fx.Node, Kind]) -> bool | 
                 return node_value(a)
             if any(not isinstance(d, int) for d in v.shape):
                 raise ValueError("symbolic shape")
-            placement = Shard(0) if a in region_kinds else Replicate()
+            placement = Shard(0) if a in row_args else Replicate()
             return DTensorSpec(mesh, (placement,), TensorMeta(v.shape, v.stride(), v.dtype))
 
         args = fx.node.map_aggregate(n.args, spec)
