@@ -37,12 +37,13 @@ trigger reports why at WARNING, and ``strict=True`` raises only for such graphs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import logging
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch.fx as fx
@@ -136,10 +137,34 @@ class GraphPass(ABC):
         return default_trigger(self.name, gm)
 
     def uuid(self) -> str:
-        """Changes with this pass's source code and the config: Inductor's FX cache key."""
-        module = sys.modules[type(self).__module__]
-        try:
-            source = inspect.getsource(module)
-        except (OSError, TypeError):
-            source = type(self).__qualname__
-        return hashlib.sha256(f"{self.name}|{source}|{self.config.digest()}".encode()).hexdigest()
+        """Inductor's FX-graph cache key: the pass, every source file of the package, torch, the config.
+
+        A pass's behaviour also lives in the vocabulary it imports (``moe_passes.ir``: facts, the row
+        analysis) and in the pipeline; hashing one module would let Inductor's cache serve a stale
+        graph after an upgrade that changed only those. So every pass hashes the whole package, and a
+        pass defined outside it (a user's) its own module's source too."""
+        own = ""
+        module = sys.modules.get(type(self).__module__)
+        path = getattr(module, "__file__", None)
+        if path is not None and not Path(path).resolve().is_relative_to(Path(__file__).resolve().parent.parent):
+            own = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return hashlib.sha256(f"{self.name}|{package_digest()}|{own}|{self.config.digest()}".encode()).hexdigest()
+
+
+def package_digest(root: Path | None = None) -> str:
+    """sha256 of every ``*.py`` under the ``moe_passes`` package (paths and contents) and the torch version."""
+    return _digest(str(root or Path(__file__).resolve().parent.parent))
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(root: str) -> str:
+    import torch
+
+    h = hashlib.sha256(torch.__version__.encode())
+    base = Path(root)
+    for path in sorted(base.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        h.update(str(path.relative_to(base)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

@@ -5,9 +5,7 @@ docstring for the contract)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,11 +45,6 @@ class AsyncOffloadPass(GraphPass):
         kinds = classify(gm.graph)
         outs = {a for a in tree_leaves(gm.graph.output_node().args) if isinstance(a, fx.Node) and kinds.get(a) in TARGET_KINDS}
         return f"{len(outs)} router tensor(s) among the graph outputs" if outs else None
-
-    def uuid(self) -> str:
-        """Covers the whole package: which outputs are routers (``routers.py``) decides what is rewritten."""
-        src = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
-        return hashlib.sha256(f"{self.name}|{src}|{self.config.digest()}".encode()).hexdigest()
 
     def targets(self) -> tuple[str, ...] | None:
         """The explicit kinds to offload, or None for "auto"."""

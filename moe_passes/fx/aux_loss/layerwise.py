@@ -77,16 +77,6 @@ class LayerwiseAuxLossPass(GraphPass):
     stage = "pre_grad"
     ir = "aten"
 
-    def uuid(self) -> str:
-        """Inductor's FX-cache key: every module of this package, plus the config."""
-        import hashlib
-        from pathlib import Path
-
-        digest = hashlib.sha256(f"{self.name}|{self.config.digest()}".encode())
-        for path in sorted(Path(__file__).parent.glob("*.py")):
-            digest.update(path.read_bytes())
-        return digest.hexdigest()
-
     def trigger(self, gm: fx.GraphModule) -> str | None:
         """Router softmax / top-k and a loss over router logits in this graph (described), else None."""
         if is_canonical(gm) or _looks_aten(gm):
