@@ -66,7 +66,8 @@ from moe_passes.fx.async_offload.offload_pass import (
     AsyncOffloadPass,
     alias_root,
 )
-from moe_passes.fx.async_offload.routers import TARGET_KINDS, classify
+from moe_passes.fx.async_offload.routers import TARGET_KINDS, RouterAnalysis, TopkFinding, classify
+from moe_passes.fx.async_offload.routers import analyse as analyse_routers
 
 __all__ = ["AsyncOffloadPass", "KEPT_FOR_BACKWARD", "KEPT_FOR_GRADIENT", "RELEASED", "TARGET_KINDS",
-           "UNKNOWN_IF_SAVED", "alias_root", "classify"]
+           "UNKNOWN_IF_SAVED", "RouterAnalysis", "TopkFinding", "alias_root", "analyse_routers", "classify"]

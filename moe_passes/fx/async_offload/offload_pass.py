@@ -223,9 +223,14 @@ def no_router_reason(routers: RouterAnalysis, rejected: list[fx.Node]) -> str:
             f"{len(routing)} top-k(s) route experts here ({routing[0].evidence}), but none of their logits or indices "
             "(or a view/cast/stack/cat of them) is a graph output"
         )
+    by_topk: dict[fx.Node, list[str]] = {}
     for node in rejected:
         what, finding = routers.rejected[node]
-        parts.append(f"output {node.name} ({what}) rejected: {finding.reason}")
+        by_topk.setdefault(finding.node, []).append(f"{node.name} ({what})")
+    for finding in routers.topks:
+        if finding.node in by_topk:
+            names = by_topk[finding.node]
+            parts.append(f"output{'s' if len(names) > 1 else ''} {', '.join(names)} rejected: {finding.reason}")
     if not routing and not rejected:
         parts.extend(f.reason or "" for f in routers.topks[:3])
     return f"{head}: " + "; ".join(parts)

@@ -299,10 +299,10 @@ def _selection(u: fx.Node, tainted: set[fx.Node], root: fx.Node | None, inputs: 
 
 
 def _judge(f: TopkFinding, inputs: set[fx.Node], order: dict[fx.Node, int]) -> None:
-    if f.indices is None:
+    if f.indices is None or not f.indices.users:
         f.reason = f"{f.describe()} has its values used, not its indices"
         return
-    tainted = _descendants(f.indices)
+    tainted = _descendants(f.indices) | {f.indices}
     notes: list[str] = []
     for u in sorted(tainted, key=order.__getitem__):
         evidence, note = _selection(u, tainted, f.root, inputs)
@@ -312,13 +312,12 @@ def _judge(f: TopkFinding, inputs: set[fx.Node], order: dict[fx.Node, int]) -> N
         if note is not None and note not in notes:
             notes.append(note)
     later = [u for u in sorted(tainted, key=order.__getitem__) if is_topk(u)]
-    if not tainted:
-        use = "returned only" if f.indices.users else "unused"
-        notes.insert(0, f"its indices are {use}")
+    if tainted == {f.indices}:
+        notes.insert(0, "its indices are only returned")
     if later:
         notes.append("they only shape what " + ", ".join(source_line(t) for t in later[:2]) + " ranks")
-    if tainted and not notes:
-        ops = list(dict.fromkeys(meaning(u) or u.name for u in sorted(tainted, key=order.__getitem__)))
+    if not notes:
+        ops = list(dict.fromkeys(meaning(u) or u.name for u in sorted(tainted - {f.indices}, key=order.__getitem__)))
         notes.append("its indices only reach " + ", ".join(ops[:5]) + (", ..." if len(ops) > 5 else ""))
     why = "; ".join(notes[:4])
     f.reason = (f"{f.describe()} routes nothing: no value computed from its indices feeds an all-to-all, grouped-GEMM "
