@@ -1,6 +1,7 @@
 """Targets for ``moe-passes diff``: a model plus example inputs.
 
-A target is either a preset name or ``package.module:function`` returning
+A target is either a preset name, ``package.module:function`` or
+``path/to/file.py:function`` (the file loaded as a module) returning
 ``(model_or_fn, example_inputs)``. The built-in ``moe_stack`` preset (stacked
 ``SparseMoeBlock``s + the stacked balancing and z-losses) is the smallest
 real input; other preset names go to the reference model,
@@ -56,6 +57,7 @@ def moe_stack(seed: int = 0, batch: int = 2, seq: int = 4, **kwargs: Any) -> Tar
     """Built-in preset: 2 MoE layers, 4 experts, top-2, EP over the default group when there is one."""
     torch.manual_seed(seed)
     group = ep_group_or_none()
+    check_expert_parallel("moe_stack", kwargs.get("num_experts", MOE_STACK_EXPERTS))
     from moe_passes.stacks import preset_stack  # imports the reference model: only when the preset is built
 
     model = preset_stack(ep_group=group, **kwargs)
@@ -69,6 +71,20 @@ def moe_stack(seed: int = 0, batch: int = 2, seq: int = 4, **kwargs: Any) -> Tar
 
 class TargetError(ValueError):
     """The target cannot be resolved: unknown preset, unimportable module, factory breaking the contract."""
+
+
+#: Experts of the ``moe_stack`` preset (``moe_passes.stacks.preset_stack``'s default).
+MOE_STACK_EXPERTS = 4
+
+
+def check_expert_parallel(name: str, num_experts: int) -> None:
+    """A preset's experts must split evenly over the ranks (the fake group's size): say which sizes do."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if num_experts % world:
+        divisors = [str(d) for d in range(1, num_experts + 1) if num_experts % d == 0]
+        sizes = ", ".join(divisors[:-1]) + f" or {divisors[-1]}" if len(divisors) > 1 else divisors[0]
+        raise TargetError(f"{name} has {num_experts} experts, which {world} ranks cannot share evenly "
+                          f"(expert parallelism): use --world-size {sizes}")
 
 
 CONTRACT = "(model, example_inputs): a callable and the list or tuple of its positional inputs"
@@ -108,11 +124,13 @@ def _reference_model_preset(name: str, layers: int | None = None, meta: bool | N
     except (ImportError, AttributeError) as e:
         raise TargetError(f"unknown preset {name!r}: built-in presets are {list(BUILTIN_PRESETS)} and the reference model is not importable ({e})") from e
     if name not in presets:
-        raise TargetError(f"unknown preset {name!r}; choose one of {sorted([*BUILTIN_PRESETS, *presets])}")
+        raise TargetError(f"unknown preset {name!r}; choose one of {sorted([*BUILTIN_PRESETS, *presets])}, "
+                          "or give package.module:function or path/to/file.py:function")
     shape = META_PRESETS.get(name, {})
     meta = bool(shape) if meta is None else meta
     layers = layers if layers is not None else shape.get("layers")
     config = preset(name)
+    check_expert_parallel(name, config.text.num_experts)
     total_layers = config.text.num_hidden_layers
     if layers is not None:
         if layers < 1:
@@ -172,15 +190,63 @@ def _check_signature(spec: str, fn: Any, inputs: list[Any]) -> None:
         ) from e
 
 
-def _from_factory(spec: str, meta: bool) -> Target:
-    module_name, _, attr = spec.partition(":")
+FORM = "package.module:function, path/to/file.py:function, or a preset name"
+
+
+def _looks_like_path(module_name: str) -> bool:
+    return module_name.endswith(".py") or "/" in module_name or "\\" in module_name
+
+
+def _load_file(path_text: str) -> Any:
+    """The Python file ``path_text`` loaded as a module (its directory importable, as ``python file.py`` has it)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise TargetError(f"target file {path_text!r} does not exist" if not path.exists() else f"target {path_text!r} is not a file")
+    if path.suffix != ".py":
+        raise TargetError(f"target file {path_text!r} is not a .py file; a target is {FORM}")
+    module_name = f"moe_passes_target_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot load target file {path_text!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # the file's own imports of its neighbours
+    sys.modules[module_name] = module
     try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # ImportError, SyntaxError, anything the module raises while importing
-        raise TargetError(f"cannot import target module {module_name!r}: {type(e).__name__}: {e}") from e
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(module_name, None)
+        raise TargetError(f"cannot load target file {path_text!r}: {type(e).__name__}: {e}") from e
+    return module
+
+
+def _public_functions(module: Any) -> list[str]:
+    """The functions ``module`` defines itself (not imported ones, not classes), by name."""
+    return sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")
+                  and v.__module__ == module.__name__)
+
+
+def _from_factory(spec: str, meta: bool) -> Target:
+    module_name, _, attr = spec.rpartition(":") if _looks_like_path(spec.rpartition(":")[0]) else spec.partition(":")
+    if not attr:
+        raise TargetError(f"target {spec!r} names no function after ':'; a target is {FORM}")
+    if _looks_like_path(module_name):
+        module = _load_file(module_name)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # ImportError, SyntaxError, anything the module raises while importing
+            raise TargetError(f"cannot import target module {module_name!r}: {type(e).__name__}: {e}") from e
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise TargetError(f"target {spec!r}: module {module_name!r} has no callable {attr!r}")
+        found = _public_functions(module)
+        hint = f" (its functions: {', '.join(found[:8])})" if found else ""
+        raise TargetError(f"target {spec!r}: module {module_name!r} has no callable {attr!r}{hint}")
     with torch.device("meta") if meta else contextlib.nullcontext():
         try:
             produced = factory()
@@ -203,7 +269,8 @@ def _from_factory(spec: str, meta: bool) -> Target:
 
 
 def resolve_target(spec: str, layers: int | None = None, meta: bool | None = None) -> Target:
-    """``preset`` name or ``package.module:function``; a bad spec raises ``TargetError`` saying why.
+    """``preset`` name, ``package.module:function`` or ``path/to/file.py:function``; a bad spec raises
+    ``TargetError`` saying why (a bare file path: which form names its function).
 
     ``layers``: decoder layers to build (reference-model presets; the built-in
     stack takes it as its layer count). ``meta``: trace on the meta device
@@ -213,6 +280,12 @@ def resolve_target(spec: str, layers: int | None = None, meta: bool | None = Non
         if layers is not None:
             raise TargetError("--layers applies to presets only; a package.module:function target builds its own model")
         return _from_factory(spec, bool(meta))
+    if _looks_like_path(spec):
+        functions = _public_functions(_load_file(spec)) if spec.endswith(".py") else []
+        example = functions[0] if len(functions) == 1 else "make_model"
+        listed = f"; its functions: {', '.join(functions[:8])}" if functions else ""
+        raise TargetError(f"target {spec!r} is a file without a function: name the one that returns {CONTRACT}, "
+                          f"as {spec}:{example}{listed}")
     if spec in BUILTIN_PRESETS:
         with torch.device("meta") if meta else contextlib.nullcontext():
             target = moe_stack(**({"num_layers": layers} if layers is not None else {}))

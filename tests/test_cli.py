@@ -132,6 +132,44 @@ def test_bench_renders_sections_and_keeps_going_after_a_broken_one(monkeypatch: 
     assert data["sections"]["fake"]["notes"] == ["quick"]
 
 
+def run_failing(options: BenchOptions) -> BenchSection:
+    """A section whose every variant failed, as the speed section reports it (``note``: "failed: ...")."""
+    rows = [{"variant": v, "step_ms": None, "note": "failed: ValueError: num_experts=4 is not divisible by the "
+             "expert-parallel size 3"} for v in ("eager", "domino_n2")]
+    return BenchSection("fake speed", ["variant", "step_ms", "note"], rows)
+
+
+def run_half_failing(options: BenchOptions) -> BenchSection:
+    """A section with one measured row and one that timed out (the compile section's ``status``)."""
+    return BenchSection("fake compile", ["case", "status"], [{"case": "a", "status": "ok"}, {"case": "b", "status": "timeout (> 60 s)"}])
+
+
+@pytest.mark.parametrize("sections, status, message", [
+    (["failing"], 1, "moe-passes: bench failing: every 2 row(s) failed (nothing measured); first: failed: ValueError"),
+    (["half"], 0, "moe-passes: bench half: 1 of 2 row(s) failed; first: timeout (> 60 s)"),
+    (["fake", "failing"], 1, "bench failing: every 2 row(s) failed"),
+    (["fake"], 0, None),
+])
+def test_bench_whose_every_row_failed_exits_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               sections: list[str], status: int, message: str | None) -> None:
+    """``bench --section speed --world-size 3`` failed every variant (4 experts over 3 ranks) and exited 0."""
+    from moe_passes import bench
+    from moe_passes.cli import main
+
+    runs = {"fake": run, "failing": run_failing, "half": run_half_failing}
+    monkeypatch.setattr(bench, "SECTIONS", {name: "tests.test_cli" for name in runs})
+    monkeypatch.setattr(bench, "run_section", lambda name, options: runs[name](options))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--section", *sections, "--json", str(out), "--device", "cpu", "-q"]) == status
+    err = capsys.readouterr().err
+    if message is None:
+        assert "row(s) failed" not in err, err
+    else:
+        assert message in err, err
+    data = json.loads(out.read_text())["sections"]
+    assert data.get("failing", {}).get("failed_rows", 2) == 2
+
+
 def test_meta_device_trace_gives_the_same_estimates_without_allocating(json_run: dict[str, Any], tmp_path: Path) -> None:
     """``--meta``: same graph, same static estimates as with real tensors (the real-shape presets rely on it)."""
     out = tmp_path / "meta.json"

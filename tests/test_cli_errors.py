@@ -43,6 +43,9 @@ def raises() -> None:
         (["diff", "tests.test_cli_errors:raises"], "raises() raised RuntimeError: no weights here"),
         (["diff", "interns1-pro", "--stage", "forward"], "only --stage pre_grad"),
         (["bench", "--section", "nope"], "unknown bench section"),
+        # a package.module spec without its function, or a path that is no file: the accepted forms, named
+        (["diff", "no_such_package.models"], "or give package.module:function or path/to/file.py:function"),
+        (["diff", "/no/such/dir/target.py:build"], "target file '/no/such/dir/target.py' does not exist"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,6 +54,60 @@ def test_bad_input_exits_2_with_one_line(args: list[str], message: str, capsys: 
     assert main([*args, *extra, "-q"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("moe-passes: error: ") and err.count("\n") == 1, err
+
+
+def test_preset_whose_experts_do_not_split_over_the_ranks_is_a_user_mistake(capsys: pytest.CaptureFixture[str]) -> None:
+    """moe_stack has 4 experts: 3 ranks cannot share them. That is the user's choice of --world-size (exit 2, one
+    line with the sizes that work), not an internal error (it was exit 1, "internal error in diff")."""
+    import torch.distributed as dist
+
+    assert main(["diff", "moe_stack", "--world-size", "3", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("moe-passes: error: moe_stack has 4 experts, which 3 ranks cannot share evenly (expert parallelism): "
+                   "use --world-size 1, 2 or 4\n"), err
+    if dist.is_initialized():  # the fake group the command made for its 3 ranks
+        dist.destroy_process_group()
+
+
+FILE_TARGET = """\
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Linear(4, 4), [torch.randn(2, 4)]
+
+
+def helper():
+    return None
+"""
+
+
+def test_file_path_target_is_loaded_as_a_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "my_model.py").write_text(FILE_TARGET)
+    out = tmp_path / "diff.json"
+    assert main(["diff", f"{tmp_path}/my_model.py:make", "--world-size", "1", "-q", "--pass", "async_offload",
+                 "--format", "json", "--output", str(out)]) == 0, capsys.readouterr().err
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["target"] == f"{tmp_path}/my_model.py:make" and len(data["sections"]) == 1
+
+
+@pytest.mark.parametrize("suffix, message", [
+    ("", "is a file without a function: name the one that returns (model, example_inputs)"),
+    (":nope", "has no callable 'nope' (its functions: helper, make)"),
+])
+def test_file_path_target_without_its_function_names_the_form(tmp_path: Path, suffix: str, message: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "my_model.py"
+    path.write_text(FILE_TARGET)
+    assert main(["diff", f"{path}{suffix}", "--world-size", "1", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    if not suffix:
+        assert f"as {path}:make_model; its functions: helper, make" in err, err
 
 
 def test_target_with_a_syntax_error_exits_2(tmp_path: Path) -> None:
@@ -135,8 +192,15 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "(default: None)" not in text and "(default: False)" not in text
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    help_text = capsys.readouterr().out
+    text = " ".join(help_text.split())
     assert "(default: 7)" in text and "(default: 2)" in text and "at least --world-size GPUs" in text
+    from moe_passes.bench import SECTION_HELP, SECTIONS
+
+    assert set(SECTION_HELP) == set(SECTIONS)
+    for name in SECTIONS:  # each section on its own line, with what it measures
+        assert re.search(rf"^  {name} +{re.escape(SECTION_HELP[name])}$", help_text, re.MULTILINE), (name, help_text)
+    assert "exit status: 0" in text
 
 
 def test_internal_error_is_reported_as_such_with_traceback_under_verbose(monkeypatch: pytest.MonkeyPatch,

@@ -1,7 +1,9 @@
 """``moe-passes bench``: side-by-side measurements, one section per concern.
 
 Each section module exposes ``run(options: BenchOptions) -> BenchSection``;
-the CLI renders the sections as tables and writes them to ``--json``.
+the CLI renders the sections as tables and writes them to ``--json``. A
+variant a section cannot measure keeps its row with the reason (``row_failure``);
+a section whose every row failed counts as failed (``moe-passes bench`` exits 1).
 Sections own their child processes (real ranks) and return ratios against
 their own baseline measured in the same run.
 """
@@ -22,6 +24,26 @@ SECTIONS: dict[str, str] = {
     "offload": "moe_passes.bench.offload",
     "compile": "moe_passes.bench.compile",
 }
+
+#: One line per section for ``moe-passes bench --help`` (kept here, beside ``SECTIONS``: listing them
+#: must not import the section modules, which import torch).
+SECTION_HELP: dict[str, str] = {
+    "speed": "step and exposed all-to-all time: eager, Inductor, Domino EP (real ranks)",
+    "memory": "peak memory of a step: stacked vs layer-wise router aux loss",
+    "offload": "router tensors' device bytes at the end of a step, async_offload off/on",
+    "compile": "cold-cache compile time vs experts and layers, passes off/on",
+}
+
+
+def row_failure(row: dict[str, Any]) -> str | None:
+    """Why a section's row holds no measurement, or None: a section that cannot measure one variant
+    keeps its row and says so in ``note`` ("failed: ...") or ``status`` ("error: ...", "timeout ...")."""
+    note, status = str(row.get("note") or ""), str(row.get("status") or "")
+    if note.startswith("failed"):
+        return note
+    if status.startswith(("error", "timeout")):
+        return status
+    return None
 
 
 @dataclass

@@ -6,10 +6,12 @@ capture, passes, compiled stages), ``textdiff`` (semantic/full diffs),
 ``progress`` (stderr progress lines), ``meta_capture`` (real shapes on the
 meta device), ``bench_cmd`` and ``diff_cmd`` (the commands), ``errors``.
 
-Exit status: 0 success; 1 a bench section failed or an internal error (a pass
-or the compile raised: "internal error", traceback with --verbose); 2 bad
-input (unknown pass or preset, unimportable target, a target breaking the
-``(model, example_inputs)`` contract, unwritable output, bad option value).
+Exit status: 0 success; 1 a bench section failed (it raised, or every one of
+its rows failed) or an internal error (a pass or the compile raised: "internal
+error", traceback with --verbose); 2 bad input, one line saying the fix
+(unknown pass, preset or section, unimportable target, a target breaking the
+``(model, example_inputs)`` contract, a preset whose experts do not split over
+--world-size, unwritable output, bad option value).
 """
 
 from __future__ import annotations

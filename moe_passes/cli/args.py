@@ -79,6 +79,16 @@ def _pass_list() -> str:
     )
 
 
+def _sections() -> str:
+    from moe_passes.bench import SECTION_HELP, SECTIONS
+
+    width = max(map(len, SECTIONS))
+    lines = [f"  {name:<{width}}  {SECTION_HELP.get(name, '')}".rstrip() for name in SECTIONS]
+    return ("sections (--section NAME ...; default: all, in this order):\n" + "\n".join(lines) +
+            "\n\nexit status: 0 every section measured; 1 a section failed, or every row of one did;\n"
+            "  2 bad input (unknown section, unwritable --json, no GPU for --device cuda)\n")
+
+
 def _presets() -> str:
     try:
         from moe_passes.models.interns1_vl.config import PRESETS
@@ -114,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  interns1-pro is traced at its real shape on the meta device (nothing allocated);\n"
         "  any other target can be with --meta.",
     )
-    diff.add_argument("target", help="a preset name (see below) or package.module:function returning (model, example_inputs)")
+    diff.add_argument("target", help="a preset name (see below), package.module:function or path/to/file.py:function "
+                      "returning (model, example_inputs)")
     diff.add_argument("--stage", choices=STAGES, default="pre_grad",
                       help="pre_grad: passes on the Dynamo graph, no Inductor; forward/backward/output_code: compile twice with Inductor and compare")
     diff.add_argument("--pass", dest="passes", nargs="+", action="append", metavar="NAME",
@@ -135,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common], formatter_class=Formatter, help="side-by-side measurements (sections run real ranks)",
         description="Run benchmark sections side by side and print one table per section.",
+        epilog_fn=_sections,
     )
-    bench.add_argument("--section", nargs="+", metavar="NAME", help="sections to run (default: all)")
+    bench.add_argument("--section", nargs="+", metavar="NAME", help="sections to run (listed below; default: all)")
     bench.add_argument("--quick", action="store_true", help="smaller shapes and fewer variants")
     bench.add_argument("--json", metavar="FILE", help="write every section to FILE (checked before any work)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

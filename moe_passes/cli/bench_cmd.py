@@ -32,7 +32,7 @@ def bench_device(name: str, world_size: int) -> str:
 def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
     check_writable(args.json, "--json")
     progress("importing torch and the bench sections")
-    from moe_passes.bench import SECTIONS, BenchOptions, run_section
+    from moe_passes.bench import SECTIONS, BenchOptions, row_failure, run_section
     from moe_passes.cli.render import Writer, output_width, use_colour
 
     names = args.section or list(SECTIONS)
@@ -65,6 +65,13 @@ def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
             out.para(note, style="dim")
         out.line()
         sys.stdout.flush()
+        failures = [f for f in map(row_failure, section.rows) if f]
+        if failures:  # the table shows each; the exit status and stderr say whether anything was measured
+            every = len(failures) == len(section.rows)
+            failed += every
+            results[name]["failed_rows"] = len(failures)
+            print(f"moe-passes: bench {name}: {'every' if every else f'{len(failures)} of'} {len(section.rows)} "
+                  f"row(s) failed{' (nothing measured)' if every else ''}; first: {failures[0]}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"options": asdict(options), "sections": results}, indent=2, default=str))
         progress(f"wrote {args.json}")
