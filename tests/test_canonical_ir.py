@@ -2,11 +2,12 @@
 
 ``make_fx`` records a higher-order op by running its body. For a user's ``torch.autograd.Function``
 (Megatron-style all-to-alls, gradient scalers) Dynamo emits ``autograd_function_apply``, whose forward
-runs under ``no_grad``: re-traced, everything before it lost its gradient (found on torch 2.13 with a
-custom Function in front of the reference stack; on torch 2.11 every functional-collective wait is
-such a Function, so every expert weight lost its gradient there). An activation checkpoint would be
-inlined and stop recomputing. Such a re-trace is refused: the ATen passes say why and the graph is
-compiled as Dynamo gave it.
+runs under ``no_grad``: re-traced as is, everything before it lost its gradient (found on torch 2.13
+with a custom Function in front of the reference stack; on torch 2.11 every functional-collective wait
+is such a Function, so every expert weight lost its gradient there). So the re-trace keeps such a
+Function as one node with its forward and backward bodies, and inlines an activation checkpoint only
+with every body node tagged for recomputation (``tests/test_canonical_hops.py`` has the full proofs);
+a re-trace that still loses a gradient path is refused, and the ATen passes say why.
 """
 
 from __future__ import annotations
@@ -77,9 +78,16 @@ def _loss_and_grads(model: torch.nn.Module, fn: Callable[..., torch.Tensor]) -> 
     return loss.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_custom_autograd_function_keeps_every_gradient_and_the_passes_say_why() -> None:
+def test_custom_autograd_function_keeps_every_gradient_and_its_own_backward() -> None:
+    """``TimesTwo``'s hand-written backward triples: a re-derived backward would double. The canonical
+    graph keeps the Function as one node, the passes run on it (no "canonical ATen IR unavailable"), and
+    loss and every gradient match eager."""
     from moe_passes import make_backend
 
+    res = _canonicalize_dynamo_graph(FunctionInFront())
+    assert res.canonical, res.reason
+    kept = [n for n in res.gm.graph.nodes if n.op == "call_function" and "autograd_function_apply" in str(n.target)]
+    assert len(kept) == 1, res.gm.code
     model = FunctionInFront()
     ref_loss, ref_grads = _loss_and_grads(model, model)
     backend = make_backend(passes=("layerwise_aux_loss", "domino_ep"))
@@ -90,14 +98,55 @@ def test_custom_autograd_function_keeps_every_gradient_and_the_passes_say_why() 
     for name, ref in ref_grads.items():
         assert grads[name] is not None, f"{name} lost its gradient"
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5, msg=name)
-    skipped = {p["name"]: [s["reason"] for s in p["skipped"]] for rep in backend.reports for p in rep["pre_grad"]}
-    for name in ("layerwise_aux_loss", "domino_ep"):
-        assert any("canonical ATen IR unavailable" in r and "autograd_function_apply" in r for r in skipped[name]), skipped
+    skipped = [s["reason"] for rep in backend.reports for p in rep["pre_grad"] for s in p["skipped"]]
+    assert not any("canonical ATen IR unavailable" in r for r in skipped), skipped
 
 
-def test_activation_checkpoint_is_not_inlined() -> None:
+def test_activation_checkpoint_is_inlined_with_its_recompute_tags() -> None:
+    from torch.utils.checkpoint import CheckpointPolicy
+
     res = _canonicalize_dynamo_graph(FunctionInFront(use_checkpoint=True))
-    assert not res.canonical and "tag_activation_checkpoint" in (res.reason or ""), res.reason  # refused, and says where
+    assert res.canonical, res.reason
+    assert not any("higher_order" in str(n.target) for n in res.gm.graph.nodes), res.gm.code
+    sin = [n for n in res.gm.graph.nodes if n.target is torch.ops.aten.sin.default]
+    assert len(sin) == 1 and sin[0].meta.get("recompute") is CheckpointPolicy.PREFER_RECOMPUTE, sin
+    assert "ac_graph_id" in sin[0].meta
+
+
+def test_an_inlined_checkpoint_without_its_tags_is_refused() -> None:
+    """The rule behind the inlining: a checkpoint that vanished from the re-trace is accepted only when
+    its nodes carry the recompute tag (``check_retrace_keeps_autograd``)."""
+    seen: list[tuple[fx.GraphModule, list[Any]]] = []
+
+    def recorder(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        seen.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(FunctionInFront(use_checkpoint=True), backend=recorder, fullgraph=True)(*_inputs())
+    torch._dynamo.reset()
+    ((gm, example_inputs),) = seen
+    res = canonicalize(gm, example_inputs)
+    assert res.canonical, res.reason
+    hop = next(n for n in gm.graph.nodes if "tag_activation_checkpoint" in str(n.target))
+    graph_id = next(n.meta["ac_graph_id"] for n in res.gm.graph.nodes if "ac_graph_id" in n.meta)
+    inlined = {hop: canonical.InlinedCheckpoint(graph_id, selective=False)}
+    canonical.check_retrace_keeps_autograd(gm, res.gm, checkpoints=inlined)  # tagged: accepted
+    for n in res.gm.graph.nodes:
+        n.meta.pop("recompute", None)
+        n.meta.pop("ac_graph_id", None)
+    try:
+        canonical.check_retrace_keeps_autograd(gm, res.gm, checkpoints=inlined)
+    except RuntimeError as e:
+        assert "recompute tag" in str(e) and hop.name in str(e), e
+    else:
+        raise AssertionError("an untagged inlined checkpoint was accepted")
+    try:
+        canonical.check_retrace_keeps_autograd(gm, res.gm)  # not declared inlined: a vanished HOP
+    except RuntimeError as e:
+        assert "tag_activation_checkpoint" in str(e), e
+    else:
+        raise AssertionError("a vanished checkpoint was accepted")
 
 
 def test_a_changed_gradient_path_is_found_by_autograd_itself() -> None:

@@ -24,25 +24,47 @@ How (verified on torch 2.13 CPU inside a real backend call):
 canonical graph is *not* functionalized: in-place ATen ops stay, and every
 analysis reads them from schemas (``moe_passes.ir.facts.mutated_args``).
 
+Higher-order ops are ops (``_UnwrappingInterpreter``):
+
+* an activation checkpoint (``tag_activation_checkpoint``: ``checkpoint(...,
+  use_reentrant=False)``, ``checkpoint_wrapper``) is inlined the way AOT
+  autograd traces one itself: every node recorded for its body carries
+  ``meta["ac_graph_id"]`` and ``meta["recompute"]`` (``PREFER_RECOMPUTE``), which
+  ``make_fx`` and AOT autograd copy onto the nodes they derive from it, so the
+  passes analyse and rewrite the body and the min-cut partitioner still
+  recomputes it in backward. A selective-checkpoint policy
+  (``create_selective_checkpoint_contexts``, kept by Dynamo as the body's
+  ``meta["_checkpoint_context_fn"]``) decides per op below autograd: such a body
+  is recorded with autograd's own decompositions (``aten.mm``, not
+  ``aten.linear``) and each node gets the policy's decision for its op. Any
+  other ``context_fn`` refuses the re-trace with the reason;
+* a user's ``torch.autograd.Function`` (``autograd_function_apply``) stays one
+  node with its forward and backward bodies: its own backward survives, and an
+  analysis that meets it meets an op it has no rule for;
+* torch 2.11's identity-gradient wait Function is re-traced as the wait it
+  means (``identity_gradient_wait``).
+
 The re-trace is skipped (the Dynamo graph is used as is, and the reason is
 returned) when no fake mode can be found (hand-built graphs), when tracing
 raises, or when it would change what autograd does (``check_retrace_keeps_autograd``:
-a higher-order op such as a custom ``torch.autograd.Function`` that did not
-survive, or a changed set of inputs that get a gradient); passes that need the
-canonical form then decline with that reason. torch 2.11's identity-gradient
-wait Function is re-traced as the wait it means (``identity_gradient_wait``).
+a higher-order op that did not survive, a checkpoint inlined without its
+recompute tags, or a changed set of inputs that get a gradient); passes that
+need the canonical form then decline with that reason.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from moe_passes.errors import error_summary
 from moe_passes.ir.autograd import changed_gradient_inputs
@@ -103,13 +125,18 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
     args = placeholder_fakes(gm, example_inputs, mode)
     waits = {n: identity_gradient_wait(gm, n) for n in gm.graph.nodes}
     waits = {n: w for n, w in waits.items() if w is not None}
+    checkpoints: dict[fx.Node, InlinedCheckpoint] = {}
 
     def run(*a: Any) -> Any:
-        return _UnwrappingInterpreter(gm, waits).run(*a)
+        checkpoints.clear()  # one entry per checkpoint of this trace
+        return _UnwrappingInterpreter(gm, waits, checkpoints).run(*a)
 
     try:
         with mode, torch.fx.traceback.preserve_node_meta():
             traced = make_fx(run, pre_dispatch=True, tracing_mode="real")(*args)
+    except CheckpointRefused as e:
+        log.warning("canonical IR unavailable: %s", e)
+        return Canonicalized(gm, False, str(e), mode)
     except Exception as e:  # noqa: BLE001 - any tracer failure means "use the Dynamo graph"
         reason = f"pre-dispatch re-trace failed ({error_summary(e)})"
         hops = _higher_order_nodes(gm)
@@ -120,7 +147,7 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
         return Canonicalized(gm, False, reason, mode)
     try:
         carry_dynamo_attributes(gm, traced)
-        check_retrace_keeps_autograd(gm, traced, unwrapped=set(waits))
+        check_retrace_keeps_autograd(gm, traced, unwrapped=set(waits), checkpoints=checkpoints)
     except RuntimeError as e:
         log.warning("canonical IR unavailable: %s", e)
         return Canonicalized(gm, False, str(e), mode)
@@ -178,18 +205,219 @@ def identity_gradient_wait(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, int]
     return wait.target, position
 
 
-class _UnwrappingInterpreter(fx.Interpreter):
-    """Runs the graph, but each identity-gradient wait Function as the wait op itself."""
+class CheckpointRefused(RuntimeError):
+    """An activation checkpoint whose recompute decisions cannot be carried into the canonical IR."""
 
-    def __init__(self, gm: fx.GraphModule, waits: dict[fx.Node, tuple[Any, int]]) -> None:
+
+@dataclass
+class InlinedCheckpoint:
+    """One ``tag_activation_checkpoint`` inlined into the canonical IR: the ``ac_graph_id`` its body's
+    nodes carry, and whether a selective-checkpoint policy chose their ``recompute`` (else every node
+    is ``PREFER_RECOMPUTE``)."""
+
+    graph_id: int
+    selective: bool
+
+
+def _is_higher_order(node: fx.Node, name: str) -> bool:
+    return node.op == "call_function" and op_namespace_and_name(node.target) == ("higher_order", name)
+
+
+def _next_checkpoint_id() -> int:
+    """A fresh ``ac_graph_id`` from torch's own counter (the one AOT autograd's checkpoint path draws
+    from), so ids never collide with a checkpoint torch tags itself."""
+    from torch._higher_order_ops import wrap
+
+    return next(wrap.uid)
+
+
+def checkpoint_policy(node: fx.Node, body: fx.GraphModule) -> Callable[..., Any] | None:
+    """The selective-checkpoint policy of a ``tag_activation_checkpoint`` node: None for plain
+    activation checkpointing (every op recomputed), else the ``policy_fn`` of the forward context its
+    ``context_fn`` makes (Dynamo keeps ``context_fn`` on the body as ``meta["_checkpoint_context_fn"]``;
+    ``create_selective_checkpoint_contexts`` makes a ``_CachingTorchDispatchMode`` holding the policy).
+    Raises ``CheckpointRefused`` for any other ``context_fn``: its decisions cannot be read."""
+    context_fn = getattr(body, "meta", {}).get("_checkpoint_context_fn")
+    if context_fn is None:
+        return None
+    from torch.utils.checkpoint import _CachingTorchDispatchMode
+
+    try:
+        fwd_ctx, _ = context_fn()
+    except Exception as e:  # noqa: BLE001 - unreadable policy: refuse, say why
+        raise CheckpointRefused(f"activation checkpoint {node.name} (torch.ops.higher_order.tag_activation_checkpoint): "
+                                f"its context_fn raised ({error_summary(e)})") from e
+    policy = getattr(fwd_ctx, "policy_fn", None)
+    if not isinstance(fwd_ctx, _CachingTorchDispatchMode) or not callable(policy):
+        raise CheckpointRefused(
+            f"activation checkpoint {node.name} (torch.ops.higher_order.tag_activation_checkpoint) has a context_fn "
+            f"whose forward context is {type(fwd_ctx).__name__}, not a selective-checkpoint policy "
+            "(torch.utils.checkpoint.create_selective_checkpoint_contexts): its per-op recompute decisions cannot be "
+            "carried into the canonical IR, so the graph keeps the checkpoint and is not re-traced")
+    return policy
+
+
+class _AutogradDecompositions(Mapping):
+    """The decompositions autograd applies (``CompositeImplicitAutograd`` kernels), as a decomposition
+    table for the pre-dispatch tracer.  Inside a selectively checkpointed body the policy decides per
+    ATen op *below* autograd (``aten.mm``, not ``aten.linear``), so the body is recorded at that
+    granularity: each canonical node is then one op the policy saw, and its tag is that op's decision."""
+
+    _KEEP = frozenset({torch.ops.aten.size.default, torch.ops.aten.stride.default,
+                       torch.ops.aten.storage_offset.default})
+
+    def __contains__(self, op: object) -> bool:
+        return (isinstance(op, torch._ops.OpOverload) and op not in self._KEEP
+                and torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd"))
+
+    def __getitem__(self, op: Any) -> Callable[..., Any]:
+        if op not in self:
+            raise KeyError(op)
+        from torch.utils._python_dispatch import autograd_would_have_decomposed
+
+        def decomposed(*args: Any, **kwargs: Any) -> Any:
+            if not autograd_would_have_decomposed(op, tree_leaves((args, kwargs))):
+                return NotImplemented  # a backend kernel wins over the decomposition: recorded as is
+            return op.decompose(*args, **kwargs)
+
+        return decomposed
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 1  # never empty: the tracer replaces an empty table by {}
+
+    def __bool__(self) -> bool:
+        return True
+
+
+@contextmanager
+def _tagged(graph_id: int) -> Iterator[None]:
+    """Every node the tracer records meanwhile carries ``ac_graph_id`` and ``recompute = PREFER_RECOMPUTE``
+    (``torch.fx.proxy`` copies both from the current meta, as AOT autograd's checkpoint path does)."""
+    import torch.fx.traceback as fx_traceback
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    saved = fx_traceback.current_meta
+    fx_traceback.current_meta = {**saved, "ac_graph_id": graph_id, "recompute": CheckpointPolicy.PREFER_RECOMPUTE}
+    try:
+        yield
+    finally:
+        fx_traceback.current_meta = saved
+
+
+class _UnwrappingInterpreter(fx.Interpreter):
+    """Runs the graph for the pre-dispatch tracer, higher-order ops treated by what they are:
+
+    * an identity-gradient wait Function runs as the wait op itself;
+    * an activation checkpoint (``tag_activation_checkpoint``) is inlined: its body runs here, every
+      node recorded for it tagged with ``ac_graph_id`` and ``recompute`` exactly as AOT autograd tags
+      a checkpoint it traces itself, so the passes see the body's ops and the partitioner still
+      recomputes them in backward; a selective-checkpoint policy decides each op's ``recompute``;
+    * a user's ``autograd_function_apply`` (a custom ``torch.autograd.Function``) stays one node with
+      its forward and backward bodies, so its own autograd rule survives (``make_fx`` would run its
+      forward under ``no_grad`` instead).
+    """
+
+    def __init__(self, gm: fx.GraphModule, waits: dict[fx.Node, tuple[Any, int]],
+                 checkpoints: dict[fx.Node, InlinedCheckpoint], checkpoint: InlinedCheckpoint | None = None,
+                 policy: Callable[..., Any] | None = None) -> None:
         super().__init__(gm)
-        self.waits = waits
+        self.waits, self.checkpoints = waits, checkpoints
+        self.checkpoint, self.policy = checkpoint, policy  # set while running a checkpoint's body
 
     def run_node(self, n: fx.Node) -> Any:
         if n in self.waits:
             op, position = self.waits[n]
             return (op(self.env[n.args[2 + position]]),)
+        if _is_higher_order(n, "tag_activation_checkpoint"):
+            return self._inline_checkpoint(n)
+        if _is_higher_order(n, "autograd_function_apply"):
+            return self._keep_function(n)
         return super().run_node(n)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self._in_checkpoint(super().call_function, target, args, kwargs)
+
+    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self._in_checkpoint(super().call_method, target, args, kwargs)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self._in_checkpoint(super().call_module, target, args, kwargs)
+
+    def _in_checkpoint(self, call: Callable[..., Any], target: Any, args: Any, kwargs: Any) -> Any:
+        if self.checkpoint is None:
+            return call(target, args, kwargs)
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+        mode = get_proxy_mode()
+        graph = mode.tracer.graph if mode is not None else None
+        last = graph._root.prev if graph is not None else None  # nodes after it are this call's
+        with ExitStack() as stack:
+            stack.enter_context(_tagged(self.checkpoint.graph_id))
+            if self.policy is not None and mode is not None:
+                stack.enter_context(mode.enable_decompositions(_AutogradDecompositions()))
+            out = call(target, args, kwargs)
+        if self.policy is not None and graph is not None:
+            node = last.next if last is not None else None
+            while node is not None and node is not graph._root:
+                _apply_policy(self.policy, node)
+                node = node.next
+        return out
+
+    def _inline_checkpoint(self, n: fx.Node) -> Any:
+        from torch._higher_order_ops.wrap import TagActivationCheckpoint
+
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        body = args[0]
+        if not isinstance(body, fx.GraphModule):
+            raise CheckpointRefused(f"activation checkpoint {n.name}: its body is a {type(body).__name__}, not a graph")
+        _, body_kwargs = TagActivationCheckpoint.divide_kwargs(kwargs)
+        if body_kwargs:  # Dynamo passes the body's inputs positionally; AOT's own path would drop these too
+            raise CheckpointRefused(f"activation checkpoint {n.name}: keyword inputs to its body ({', '.join(body_kwargs)})")
+        policy = checkpoint_policy(n, body)
+        inlined = InlinedCheckpoint(_next_checkpoint_id(), selective=policy is not None)
+        self.checkpoints[n] = inlined
+        inner = _UnwrappingInterpreter(body, {}, self.checkpoints, inlined, policy)
+        return inner.run(*args[1:], enable_io_processing=False)
+
+    def _keep_function(self, n: fx.Node) -> Any:
+        from torch.fx.experimental.proxy_tensor import (
+            _temp_remove_pre_dispatch_torch_function_mode, disable_proxy_modes_tracing, get_proxy_mode, track_tensor_tree)
+
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        mode = get_proxy_mode()
+        if mode is None:  # not tracing (a plain run): nothing to keep
+            return super().run_node(n)
+        # The Function's outputs (fakes with its autograd node), nothing recorded: not its ops, nor the
+        # grad-mode switches around its forward.
+        with disable_proxy_modes_tracing(), _temp_remove_pre_dispatch_torch_function_mode():
+            out = n.target(*args, **kwargs)
+        tracer = mode.tracer
+        for arg, body in zip(n.args[:2], args[:2]):
+            tracer.root.register_module(tracer.get_fresh_qualname(f"{arg.target}_"), body)
+        proxy_args = tree_map(tracer.unwrap_proxy, args)
+        proxy_kwargs = tree_map(tracer.unwrap_proxy, kwargs)
+        with _tagged(self.checkpoint.graph_id) if self.checkpoint is not None else nullcontext():
+            out_proxy = tracer.create_proxy("call_function", n.target, proxy_args, proxy_kwargs)
+        return track_tensor_tree(out, out_proxy, constant=None, tracer=tracer)
+
+
+def _apply_policy(policy: Callable[..., Any], node: fx.Node) -> None:
+    """Set ``node.meta["recompute"]`` to the selective-checkpoint policy's decision for its op, called as
+    ``_CachingTorchDispatchMode`` calls it (ops SAC ignores stay ``PREFER_RECOMPUTE``)."""
+    from torch.utils.checkpoint import SAC_IGNORED_OPS, SelectiveCheckpointContext, _policy_from_bool
+
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) or node.target in SAC_IGNORED_OPS:
+        return
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
+    try:
+        ctx = SelectiveCheckpointContext(is_recompute=False, op_output=node.meta.get("val"))
+    except TypeError:
+        ctx = SelectiveCheckpointContext(is_recompute=False)
+    decision = policy(ctx, node.target, *args, **kwargs)
+    node.meta["recompute"] = _policy_from_bool(decision) if isinstance(decision, bool) else decision
 
 
 def _higher_order_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
@@ -201,7 +429,8 @@ def _higher_order_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     return out
 
 
-def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule, unwrapped: set[fx.Node] = frozenset()) -> None:
+def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule, unwrapped: set[fx.Node] = frozenset(),
+                                 checkpoints: dict[fx.Node, InlinedCheckpoint] | None = None) -> None:
     """Raise (RuntimeError, with the reason) unless the re-trace keeps what autograd does with the graph.
 
     ``make_fx`` runs a higher-order op such as ``autograd_function_apply`` (a user's
@@ -212,10 +441,35 @@ def check_retrace_keeps_autograd(src: fx.GraphModule, traced: fx.GraphModule, un
     an op did not survive is refused (``unwrapped``: identity-gradient waits, re-traced as the wait
     they mean), and as a check from autograd itself, the inputs each output's gradient reaches (a fake
     forward of both graphs, autograd's graph walked) must be the same.
+
+    An activation checkpoint may be inlined (``checkpoints``: the ones ``canonicalize`` inlined) only
+    with its recomputation kept: every node recorded for it carries its ``ac_graph_id`` and a
+    ``recompute`` policy, which is what AOT autograd's partitioner recomputes in backward.
     """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    checkpoints = checkpoints or {}
     before, after = _higher_order_nodes(src), _higher_order_nodes(traced)
+    tagged: dict[Any, list[fx.Node]] = {}
+    for n in traced.graph.nodes:
+        if "ac_graph_id" in n.meta:
+            tagged.setdefault(n.meta["ac_graph_id"], []).append(n)
+    for node in before.get("tag_activation_checkpoint", ()):
+        inlined = checkpoints.get(node)
+        if inlined is None:
+            continue  # not inlined: it must have survived as a node (checked below)
+        nodes = tagged.get(inlined.graph_id, [])
+        body = src.get_submodule(node.args[0].target) if isinstance(node.args[0], fx.Node) else None
+        if not nodes and (body is None or _compute_nodes(body)):
+            raise RuntimeError(f"the ATen re-trace inlined activation checkpoint {node.name} "
+                               f"(torch.ops.higher_order.tag_activation_checkpoint) but none of its nodes carries "
+                               f"its recompute tag (ac_graph_id {inlined.graph_id}): its recomputation would be lost")
+        untagged = [n.name for n in nodes if not isinstance(n.meta.get("recompute"), CheckpointPolicy)]
+        if untagged:
+            raise RuntimeError(f"the ATen re-trace inlined activation checkpoint {node.name} but {', '.join(untagged[:4])} "
+                               "carry no recompute policy: their recomputation would be lost")
     for name, nodes in before.items():
-        nodes = [n for n in nodes if n not in unwrapped]  # re-traced as the op they mean
+        nodes = [n for n in nodes if n not in unwrapped and n not in checkpoints]  # re-traced as the op they mean
         if not nodes:
             continue
         if len(after.get(name, ())) < len(nodes):
