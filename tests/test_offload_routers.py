@@ -321,6 +321,66 @@ def test_one_hot_where_expert_loop_router_is_offloaded() -> None:
     assert result.stats["offloaded"] == 2 and not result.skipped
 
 
+class CountsOnly(nn.Module):
+    """The top-k indices reach the rest of the step only through per-expert counts, used one way (``use``):
+    exchanged by an all-to-all, as grouped-GEMM offsets, as split sizes, or only logged (a histogram)."""
+
+    def __init__(self, use: str, group: Any = None) -> None:
+        super().__init__()
+        self.use, self.group = use, group
+        self.r = nn.Parameter(torch.randn(E, H))
+        self.w = nn.Parameter(torch.randn(E, H, H) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from moe_passes.models.interns1_vl.grouped_mm import grouped_mm
+
+        x = x.reshape(-1, H)
+        logits = F.linear(x, self.r)
+        idx = logits.topk(K, dim=-1).indices
+        counts = F.one_hot(idx.flatten(), E).sum(0)
+        rows = x.repeat_interleave(K, dim=0)
+        if self.use == "all_to_all":
+            from torch.distributed._functional_collectives import all_to_all_single
+
+            received = all_to_all_single(counts, [E // 2] * 2, [E // 2] * 2, self.group)
+            loss = rows.square().mean() + received.sum()
+        elif self.use == "grouped_mm":
+            loss = grouped_mm(rows, self.w, counts.cumsum(0)).square().mean()
+        elif self.use == "split":
+            parts = torch.split(rows, counts.tolist())
+            loss = sum(p.square().sum() for p in parts) / rows.shape[0]
+        else:  # "histogram": logged, routes nothing
+            loss = rows.square().mean() + 0 * counts.sum()
+        return loss, logits, idx
+
+
+@pytest.mark.parametrize("ir", ["torch", "aten"])
+@pytest.mark.parametrize("use", ["all_to_all", "grouped_mm", "split", "histogram"])
+def test_each_kind_of_expert_selection_alone_proves_routing_and_a_histogram_does_not(use: str, ir: str) -> None:
+    from tests.distributed import fake_group
+
+    torch.manual_seed(0)
+    if use == "all_to_all":
+        with fake_group(2) as group:
+            (captured,) = capture_graphs(CountsOnly(use, group), _x(), canonical=ir == "aten")
+    else:
+        (captured,) = capture_graphs(CountsOnly(use), _x(), canonical=ir == "aten")
+    (finding,) = analyse_routers(captured.gm.graph).topks
+    kinds = classify(captured.gm.graph)
+    labels = [kinds.get(n) for n in outputs(captured.gm)]
+    if use == "histogram":
+        assert not finding.routes and labels == [None, None, None]
+        assert "its indices only reach" in finding.reason and "one_hot" in finding.reason
+        _, result = run_pass(captured.gm)
+        assert not result.changed
+        assert [s.region.split(" ", 1)[1] for s in result.skipped[1:]] == ["(values ranked by a top-k)", "(top-k indices)"]
+        return
+    expected = {"all_to_all": "they feed the all-to-all at", "grouped_mm": "they give the grouped-GEMM offsets at",
+                "split": "they give the split sizes at"}[use]
+    assert finding.routes and expected in finding.evidence, finding.evidence
+    assert labels == [None, "router_logits", "selected_experts"]
+
+
 def test_compiled_g_named_router_returns_host_copies_with_eager_values_and_gradients() -> None:
     """The whole backend (Inductor), the router named ``g``: host copies, eager's values, eager's gradients."""
     torch.manual_seed(0)
