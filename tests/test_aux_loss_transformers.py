@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from moe_passes.testing import run_pass
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
 from moe_passes.pipeline.pass_base import PassResult
 
@@ -44,7 +45,7 @@ class PassThenEager:
         self.results: list[PassResult] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        self.results.append(LayerwiseAuxLossPass()(gm))
+        self.results.append(run_pass(LayerwiseAuxLossPass(), gm))
         return gm.forward
 
 

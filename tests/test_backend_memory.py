@@ -12,8 +12,6 @@ from moe_passes.ir.capture import CapturedGraph, capture_graphs
 from moe_passes.ir.facts import (
     collective_kind,
     collective_nodes,
-    find_module_regions,
-    group_by_module,
     is_all_to_all,
     is_collective,
     is_wait,
@@ -21,6 +19,7 @@ from moe_passes.ir.facts import (
     waits_of,
 )
 from moe_passes.cost.memory import estimate_graph
+from moe_passes.testing import find_module_regions, group_by_module
 from moe_passes.targets import moe_stack
 from tests.distributed import fake_group
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moe_passes.testing import run_pass
 from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass, chunk_sizes
@@ -72,7 +73,7 @@ def test_chunk_sizes_follow_tensor_split() -> None:
 
 def test_rewritten_graph_golden(ep_group: dist.ProcessGroup, update_goldens: bool) -> None:
     gm = _block_graph(ep_group, tokens=5)
-    result = DominoEPPass(BackendConfig(num_chunks=3))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=3)), gm)
     assert result.changed and list(result.stats["chunks"].values()) == [[2, 2, 1]]
     a2a = [n for n in gm.graph.nodes if is_collective(n)]
     assert len(a2a) == 9  # counts, dispatch, combine per chunk
@@ -83,7 +84,7 @@ def test_rewritten_graph_golden(ep_group: dist.ProcessGroup, update_goldens: boo
 def test_block_as_compiled_root_is_chunked(ep_group: dist.ProcessGroup) -> None:
     """Regional compile: the block is the root, its own nodes carry no nn_module_stack; regions come from data flow."""
     gm = _block_graph(ep_group, tokens=6, root=True)
-    result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm)
     assert result.changed and list(result.stats["chunks"].values()) == [[3, 3]], result.as_dict()
 
 
@@ -94,14 +95,14 @@ def test_trigger_describes_the_all_to_alls(ep_group: dist.ProcessGroup) -> None:
 
 def test_fewer_tokens_than_chunks(ep_group: dist.ProcessGroup) -> None:
     gm = _block_graph(ep_group, tokens=2)
-    result = DominoEPPass(BackendConfig(num_chunks=4))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=4)), gm)
     assert list(result.stats["chunks"].values()) == [[1, 1, 0, 0]]
     gm.graph.lint()
 
 
 def test_auto_reports_its_choice(ep_group: dist.ProcessGroup) -> None:
     gm = _block_graph(ep_group)
-    result = DominoEPPass(BackendConfig(num_chunks="auto"))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks="auto")), gm)
     (why,) = result.stats["auto"].values()
     assert "-> 2 chunks" in why and list(result.stats["chunks"].values()) == [[3, 2]]
 
@@ -109,7 +110,7 @@ def test_auto_reports_its_choice(ep_group: dist.ProcessGroup) -> None:
 def test_no_expert_parallelism_is_left_alone() -> None:
     gm = _block_graph(None)
     before = graph_text(gm)
-    result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm)
     assert not result.changed and result.stats["regions"] == 0 and not result.skipped
     assert graph_text(gm) == before
 
@@ -122,7 +123,7 @@ def test_region_with_in_place_update_is_skipped(ep_group: dist.ProcessGroup) -> 
     mutation.meta["val"] = softmax.meta["val"]
     gm.recompile()
     before = graph_text(gm)
-    result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm)
     assert not result.changed
     assert [s.reason for s in result.skipped] == [f"{mutation.name}: aten.mul_ mutates softmax in place"]
     assert graph_text(gm) == before
@@ -138,7 +139,7 @@ def test_region_output_mutated_outside_is_skipped(ep_group: dist.ProcessGroup) -
     mutation.meta["val"] = selected.meta["val"]
     gm.recompile()
     before = graph_text(gm)
-    result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm)
     assert not result.changed
     assert [s.reason for s in result.skipped] == [f"{mutation.name}: aten.add_ mutates {selected.name} in place"]
     assert graph_text(gm) == before
@@ -147,7 +148,7 @@ def test_region_output_mutated_outside_is_skipped(ep_group: dist.ProcessGroup) -
 def test_num_chunks_one_changes_nothing(ep_group: dist.ProcessGroup) -> None:
     gm = _block_graph(ep_group)
     before = graph_text(gm)
-    result = DominoEPPass(BackendConfig(num_chunks=1))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=1)), gm)
     assert not result.changed and "num_chunks=1" in result.skipped[0].reason
     assert graph_text(gm) == before
 
@@ -162,7 +163,7 @@ def test_outside_reader_placed_inside_the_region_reads_the_concatenation(ep_grou
     out = next(n for n in gm.graph.nodes if n.op == "output")
     out.args = ((*out.args[0], reader),)
     gm.recompile()
-    result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm)
     assert result.changed
     gm.graph.lint()
     (reader,) = [n for n in gm.graph.nodes if n.target is aten.cumsum.default and n.args[1] == 0 and n.meta.get("domino_chunk") is None]
@@ -181,7 +182,7 @@ def test_autograd_all_to_all_spelling_is_recognised(ep_group: dist.ProcessGroup)
         n.target = autograd_a2a
     gm.recompile()
     assert DominoEPPass().trigger(gm) == "1 x _c10d_functional.all_to_all_single, 2 x _c10d_functional_autograd.all_to_all_single"
-    result = DominoEPPass(BackendConfig(num_chunks=2))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm)
     assert result.changed and list(result.stats["chunks"].values()) == [[2, 2]], result.as_dict()
     assert sum(n.target is autograd_a2a for n in gm.graph.nodes) == 4
 
@@ -196,7 +197,7 @@ def test_dynamic_token_count_is_skipped_with_reason(ep_group: dist.ProcessGroup)
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> None:
         assert canonicalize_in_place(gm) is None
-        results.append(DominoEPPass(BackendConfig(num_chunks=2))(gm))
+        results.append(run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm))
         raise _Stop
 
     torch._dynamo.reset()

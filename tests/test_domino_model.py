@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_passes.testing import run_pass
 from moe_passes.config import BackendConfig
 from moe_passes.stacks import MoEStack
 
@@ -70,7 +71,7 @@ def local_backend(config: BackendConfig, results: list[Any] | None = None) -> Ca
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         if "domino_ep" in config.passes:
-            result = DominoEPPass(config)(gm)
+            result = run_pass(DominoEPPass(config), gm)
             if results is not None:
                 results.append(result)
         patch = {"post_grad_custom_post_pass": as_custom_pass(ScheduleOverlapPass(config)), **INDUCTOR_CONFIG} if config.schedule_overlap else {}

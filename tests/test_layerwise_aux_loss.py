@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
+from moe_passes.testing import run_pass
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
 from moe_passes.ir.capture import capture_graphs
 from moe_passes.ir.graph_text import graph_text
@@ -94,7 +95,7 @@ class PassThenEager:
         self.results: list[PassResult] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        self.results.append(LayerwiseAuxLossPass()(gm))
+        self.results.append(run_pass(LayerwiseAuxLossPass(), gm))
         return gm.forward
 
 
@@ -199,7 +200,7 @@ def rows_shapes(gm: fx.GraphModule) -> list[str]:
 def test_no_stacked_tensor_survives_and_golden(padded: bool, update_goldens: bool) -> None:
     gm = capture(make_model(0, layers=LAYERS), padded)
     assert rows_shapes(gm), "the unmodified graph must contain the stacked tensors (test premise)"
-    result = LayerwiseAuxLossPass()(gm)
+    result = run_pass(LayerwiseAuxLossPass(), gm)
     assert result.changed and not result.skipped, result.as_dict()
     assert rows_shapes(gm) == []
     aten = torch.ops.aten
@@ -210,7 +211,7 @@ def test_no_stacked_tensor_survives_and_golden(padded: bool, update_goldens: boo
 def test_partial_sums_sit_right_after_each_router() -> None:
     """Each layer's partial sums come before the next layer's router: logits die with their layer."""
     gm = capture(make_model(0), padded=True)
-    LayerwiseAuxLossPass()(gm)
+    run_pass(LayerwiseAuxLossPass(), gm)
     nodes = list(gm.graph.nodes)
     routers = list(find_routers(gm.graph).softmax.values())
     assert len(routers) == LAYERS
@@ -233,7 +234,7 @@ def test_backward_saves_no_stacked_tensor() -> None:
     def backend_for(kind: str) -> Callable[..., Any]:
         def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
             if kind == "rewritten":
-                LayerwiseAuxLossPass()(gm)
+                run_pass(LayerwiseAuxLossPass(), gm)
 
             def keep(g: fx.GraphModule, _: Any) -> Any:
                 graphs[kind].append(g)
@@ -286,7 +287,7 @@ def shifted_topk(logits: tuple[torch.Tensor, ...], mask: torch.Tensor | None = N
 def test_lookalike_losses_leave_the_whole_group_alone(z_loss: Callable[..., torch.Tensor], reason: str) -> None:
     gm = capture(make_model(0, z_loss=z_loss), padded=False)
     before = graph_text(gm)
-    result = LayerwiseAuxLossPass()(gm)
+    result = run_pass(LayerwiseAuxLossPass(), gm)
     assert not result.changed and graph_text(gm) == before, "the balancing loss must not be rewritten without its z-loss"
     assert len(result.skipped) == 1 and reason in result.skipped[0].reason, result.as_dict()
 
@@ -296,7 +297,7 @@ def test_stacked_logits_that_leave_the_graph_are_left_alone() -> None:
     model = make_model(0, return_stacked=True)
     gm = capture(model, padded=False)
     before = graph_text(gm)
-    result = LayerwiseAuxLossPass()(gm)
+    result = run_pass(LayerwiseAuxLossPass(), gm)
     assert not result.changed and graph_text(gm) == before
     assert len(result.skipped) == 1 and "output" in result.skipped[0].reason, result.as_dict()
 
@@ -329,7 +330,7 @@ def test_rejects_what_is_not_a_graph_module() -> None:
 def test_no_moe_graph_is_untouched() -> None:
     gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     before = graph_text(gm)
-    result = LayerwiseAuxLossPass()(gm)
+    result = run_pass(LayerwiseAuxLossPass(), gm)
     assert not result.changed and graph_text(gm) == before and result.matched == []
 
 
@@ -376,7 +377,7 @@ def test_loop_form_golden(update_goldens: bool) -> None:
     torch.manual_seed(5)
     model = LoopFormStack()
     gm = capture(model, padded=True)
-    result = LayerwiseAuxLossPass()(gm)
+    result = run_pass(LayerwiseAuxLossPass(), gm)
     assert result.changed and result.stats["loop_form_layers"] == LAYERS, result.as_dict()
     check_golden("aux_loop_form_padded.txt", emitted_trace(gm), update_goldens)
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from moe_passes.testing import run_pass
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass
 from moe_passes.ir.graph_text import normalize_text
@@ -87,7 +88,7 @@ def compiled() -> Iterator[Compiled]:
             canon = canonicalize(gm, example_inputs)  # as the backend does before an "aten" pass
             assert canon.canonical, canon.reason
             gm = canon.gm
-            DominoEPPass(config)(gm)
+            run_pass(DominoEPPass(config), gm)
             patch = {"post_grad_custom_post_pass": as_custom_pass(Recording(config)), "fx_graph_cache": False, **INDUCTOR_CONFIG}
             with torch._inductor.config.patch(patch), torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
                 compile_fx(gm, example_inputs)

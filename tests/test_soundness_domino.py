@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moe_passes.testing import run_pass
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass
 from moe_passes.ir.canonical import canonicalize_in_place
@@ -36,7 +37,7 @@ def decide(mutation: str, group: dist.ProcessGroup) -> Any:
     (gm,) = capture_without_running(lambda h: block(h), make_input(0, 0, TOKENS).requires_grad_())
     canonicalize_in_place(gm)  # where the re-trace is refused, the pass reports why (and changes nothing)
     before = gm.code
-    result = DominoEPPass(BackendConfig(num_chunks=CHUNKS))(gm)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=CHUNKS)), gm)
     return result, before, gm
 
 
@@ -65,7 +66,7 @@ def equivalence_worker(rank: int, world_size: int, mutations: list[str]) -> dict
         results: list[Any] = []
 
         def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-            results.append(DominoEPPass(BackendConfig(num_chunks=CHUNKS))(gm))
+            results.append(run_pass(DominoEPPass(BackendConfig(num_chunks=CHUNKS)), gm))
             return gm.forward
 
         torch._dynamo.reset()

@@ -54,6 +54,7 @@ from moe_passes.models.interns1_vl.moe import MoEOutput, SparseMoeBlock
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.ir.capture import capture_graphs
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
+from moe_passes.pipeline.manager import PassManager
 from moe_passes.stacks import MoEStack
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,8 @@ def measure(layers: int, hidden: int, ffn: int, num_experts: int, top_k: int, to
         if not aux:
             peaks["off"], seconds["off"] = _peak_and_time(gm, inputs, device)
             continue
-        rewritten = copy.deepcopy(gm)
-        result = LayerwiseAuxLossPass()(rewritten)
+        run = PassManager([LayerwiseAuxLossPass()], snapshot=False).apply(copy.deepcopy(gm), inputs)
+        rewritten, result = run.gm, run.records[0].result
         if not result.changed:
             raise RuntimeError(f"layerwise_aux_loss did not apply: {result.as_dict()}")
         stats = result.stats

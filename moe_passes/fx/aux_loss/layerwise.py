@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import logging
 import operator
-import traceback
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from moe_passes.errors import error_summary
 from moe_passes.fx.aux_loss import placement, recognise
 from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.fx.aux_loss.rewrite import TAG, Rewriter, Source, Unsupported
 from moe_passes.fx.aux_loss.stats import Statistics, reuse_router_ops
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
-from moe_passes.ir.canonical import canonicalize_in_place, is_canonical
+from moe_passes.ir.canonical import is_canonical
 from moe_passes.ir.facts import is_softmax, is_static_int, node_value
 
 log = logging.getLogger(__name__)
@@ -41,13 +39,6 @@ def _looks_aten(gm: fx.GraphModule) -> bool:
     return bool(calls) and all(n.op == "call_function" and (isinstance(n.target, torch._ops.OpOverload) or n.target is operator.getitem
                                                          or getattr(n.target, "__module__", "") in ("_operator", "torch.fx.experimental.sym_node"))
                                for n in calls)
-
-
-def _snapshot(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    return new
 
 
 def propagate_meta(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
@@ -93,27 +84,15 @@ class LayerwiseAuxLossPass(GraphPass):
         result = PassResult(self.name)
         stats: dict[str, Any] = {"groups_rewritten": 0, "layers": 0, "counts_without_onehot": 0,
                                  "logsumexp_grad_from_router_softmax": 0, "softmax_reused": 0, "topk_reused": 0,
-                                 "all_reduces_merged": 0, "loop_form_layers": 0, "nodes_hoisted": 0,
-                                 "retraced_by_pass": 0}
+                                 "all_reduces_merged": 0, "loop_form_layers": 0, "nodes_hoisted": 0}
         result.stats = stats
         if not (is_canonical(gm) or _looks_aten(gm)):
-            trig = self.trigger(gm)
-            why = canonicalize_in_place(gm)
-            if why is not None:
-                if trig is not None:
-                    result.skip(trig, f"the canonical ATen IR is unavailable for this graph ({why}); the pass reads only that IR")
-                return result
-            stats["retraced_by_pass"] = 1
-        snapshot = _snapshot(gm.graph)
-        try:
-            self._run(gm, result, stats)
-        except Exception as err:  # noqa: BLE001 - fail closed: the graph as it was, and why
-            gm.graph = snapshot
-            gm.recompile()
-            result.changed = False
-            result.skip("layerwise aux loss", f"internal error, graph restored unchanged: {error_summary(err)}")
-            log.warning("%s: internal error, graph restored:\n%s", self.name, traceback.format_exc())
-            return result
+            raise ValueError(f"{self.name} reads the canonical ATen IR; this graph is Dynamo's torch-level graph. "
+                             "Run it through moe_passes.pipeline.manager.PassManager (or moe_passes.testing.run_pass), "
+                             "which re-traces it first")
+        # Errors propagate: the pass manager is the one place that fails closed (restores the graph, reports
+        # the traceback in PassResult.error, raises under strict).
+        self._run(gm, result, stats)
         if result.changed:
             gm.graph.lint()
             gm.recompile()

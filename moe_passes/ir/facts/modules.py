@@ -1,0 +1,56 @@
+"""Module facts: which ``nn.Module`` a node came from (``nn_module_stack``), and graph-wide node utilities."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch.fx as fx
+
+# ---------------------------------------------------------------- modules
+
+
+def module_path(node: fx.Node, depth: int | None = None) -> str | None:
+    """Module path of a node from ``nn_module_stack``: innermost, or the entry at ``depth`` (0 = outermost)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    entries = list(stack.values())
+    if depth is not None:
+        if depth >= len(entries):
+            return None
+        entry = entries[depth]
+    else:
+        entry = entries[-1]
+    return entry[0] if isinstance(entry, tuple) else str(entry)
+
+
+def module_types(node: fx.Node) -> list[tuple[str, type | str]]:
+    """(path, module type) pairs of a node's ``nn_module_stack``, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(v[0], v[1]) if isinstance(v, tuple) else (str(v), "") for v in stack.values()]
+
+
+def type_name(t: type | str) -> str:
+    return t.__name__ if isinstance(t, type) else str(t).rsplit(".", 1)[-1].strip("'>")
+
+
+def nodes_in_order(nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    """``nodes`` sorted by their position in their graph."""
+    nodes = list(nodes)
+    if not nodes:
+        return []
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    return sorted(nodes, key=order.__getitem__)
+
+
+def copy_node_attributes(src: fx.Graph, dst: fx.Graph) -> None:
+    """Carry the attributes set on nodes outside ``meta`` (Dynamo's ``_dynamo_source`` on placeholders,
+    which AOT autograd requires) from ``src`` to the same-named nodes of ``dst``; ``Graph.__deepcopy__``
+    and ``graph_copy`` do not copy them."""
+    by_name = {n.name: n for n in dst.nodes}
+    for n in src.nodes:
+        extra = getattr(n, "__dict__", None)
+        if extra and n.name in by_name:
+            for key, value in extra.items():
+                if key.startswith("_dynamo"):
+                    setattr(by_name[n.name], key, value)
