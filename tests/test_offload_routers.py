@@ -381,6 +381,40 @@ def test_each_kind_of_expert_selection_alone_proves_routing_and_a_histogram_does
     assert labels == [None, "router_logits", "selected_experts"]
 
 
+@torch.library.custom_op("offload_routers_test::fused_experts", mutates_args=())
+def fused_experts(x: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """A fused MoE kernel as vendors ship them: tokens, expert weights, the router's choice in; combined rows out."""
+    return torch.einsum("tk,tkh->th", topk_weights, torch.einsum("th,tkhg->tkg", x, w[topk_ids]))
+
+
+@fused_experts.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+class FusedKernel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.route = nn.Linear(H, E, bias=False)
+        self.w = nn.Parameter(torch.randn(E, H, H) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x.reshape(-1, H)
+        logits = self.route(x)
+        weights, ids = torch.topk(logits.softmax(-1), K)
+        return fused_experts(x, self.w, ids, weights).pow(2).mean(), logits.detach(), ids
+
+
+@pytest.mark.parametrize("ir", ["torch", "aten"])
+def test_indices_handed_to_a_fused_expert_kernel_with_the_tokens_route(ir: str) -> None:
+    torch.manual_seed(0)
+    (captured,) = capture_graphs(FusedKernel(), _x(), canonical=ir == "aten")
+    (finding,) = analyse_routers(captured.gm.graph).topks
+    assert finding.routes and "opaque op offload_routers_test::fused_experts" in finding.evidence
+    _, result = run_pass(captured.gm)
+    assert result.stats["offloaded"] == 2 and not result.skipped
+
+
 def test_compiled_g_named_router_returns_host_copies_with_eager_values_and_gradients() -> None:
     """The whole backend (Inductor), the router named ``g``: host copies, eager's values, eager's gradients."""
     torch.manual_seed(0)

@@ -8,6 +8,8 @@ inside ``FooMoE.gate`` are found the same way, from what the ops compute.
 
   - is an operand of an all-to-all (tokens dispatched by expert, or the counts exchanged for it),
   - is the offsets of a grouped GEMM, or the sizes of a split,
+  - enters an opaque op (a custom op or higher-order op: a fused expert or dispatch kernel) together with a
+    tensor computed from the graph inputs that is neither computed from the indices nor the ranked scores,
   - or is the index of a gather / ``index`` / ``index_select`` / ``take`` / ``embedding`` (or of a
     ``scatter*`` / ``index_copy`` / ``index_add`` / ``index_put`` write) that moves a tensor computed from
     the graph's inputs (tokens, expert weights) which is itself neither computed from those indices nor the
@@ -276,6 +278,12 @@ def _selection(u: fx.Node, tainted: set[fx.Node], root: fx.Node | None, inputs: 
             return f"they give the grouped-GEMM offsets at {where}", None
     if m in _SPLIT_NAMES and any(a in tainted for a in _nodes_in(u.args[1:]) + _nodes_in(dict(u.kwargs))):
         return f"they give the split sizes at {where}", None
+    if _is_opaque(u):
+        partners = [a for a in _tensor_inputs(u) if a not in tainted and a in inputs
+                    and (root is None or chain_root(a)[0] is not root)]
+        if partners:
+            return (f"they enter the opaque op {_op_name(u)} at {where} with {partners[0].name} (computed from the "
+                    "graph inputs): a fused expert or dispatch kernel"), None
     data: Any = None
     index: Any = None
     if u.op == "call_function" and u.target is operator.getitem and tensor_value(u.args[0]) is not None:
@@ -296,6 +304,26 @@ def _selection(u: fx.Node, tainted: set[fx.Node], root: fx.Node | None, inputs: 
     if data not in inputs:
         return None, f"the {m} at {where} reads a tensor built from constants"
     return f"they index {data.name} (computed from the graph inputs) in the {m} at {where}", None
+
+
+#: Op namespaces whose ops are understood one by one (never opaque).
+_TRANSPARENT_NAMESPACES = frozenset({"aten", "prims", "moe_passes", "_c10d_functional", "_c10d_functional_autograd",
+                                     "c10d_functional", "c10d", "_operator", "profiler"})
+
+
+def _is_opaque(u: fx.Node) -> bool:
+    """A custom op or a higher-order op (its body unread here): a fused MoE / dispatch kernel, a custom Function."""
+    if u.op != "call_function":
+        return False
+    parsed = op_namespace_and_name(u.target)
+    if parsed is None:
+        return False
+    return parsed[0] == "higher_order" or parsed[0] not in _TRANSPARENT_NAMESPACES
+
+
+def _op_name(u: fx.Node) -> str:
+    parsed = op_namespace_and_name(u.target)
+    return f"{parsed[0]}::{parsed[1]}" if parsed else u.name
 
 
 def _judge(f: TopkFinding, inputs: set[fx.Node], order: dict[fx.Node, int]) -> None:
