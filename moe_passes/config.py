@@ -73,7 +73,11 @@ class BackendConfig:
                 raise ValueError(f"{name} must be a non-negative number or None (tolerance from the dtype), got {value!r}")
         if isinstance(self.passes, str):
             raise ValueError(f"passes must be a sequence of pass names, got the string {self.passes!r}")
-        object.__setattr__(self, "passes", tuple(self.passes))
+        try:
+            object.__setattr__(self, "passes", tuple(self.passes))
+        except TypeError:
+            raise ValueError(f"passes must be a sequence of pass names from {sorted(PRE_GRAD_PASSES)}, "
+                             f"got {self.passes!r}") from None
         unknown = [p for p in self.passes if p not in PRE_GRAD_PASSES]
         if unknown:
             post = [p for p in unknown if p in POST_GRAD_PASSES]

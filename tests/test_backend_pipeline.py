@@ -238,6 +238,7 @@ def test_registered_but_missing_pass_errors_only_when_requested(monkeypatch: pyt
     [
         ({"passes": ("no_such_pass",)}, "unknown pass"),
         ({"passes": "domino_ep"}, "sequence of pass names"),
+        ({"passes": None}, r"sequence of pass names from \['async_offload', 'domino_ep', 'layerwise_aux_loss'\]"),
         ({"passes": ("domino_ep", "domino_ep")}, "listed twice"),
         ({"num_chunks": 0}, "num_chunks must be a positive int"),
         ({"num_chunks": "four"}, "num_chunks must be a positive int"),
