@@ -256,6 +256,7 @@ def test_registered_but_missing_pass_errors_only_when_requested(monkeypatch: pyt
         ({"extra": {"x": []}}, "extra option 'x' must have a hashable value"),
         ({"extra": (("x",),)}, r"extra must be \(name, value\) pairs"),
         ({"chunks": 4}, "unknown backend option"),
+        ({"keep_graphs": "yes"}, "keep_graphs must be True or False"),
     ],
 )
 def test_config_errors_are_value_errors_naming_the_problem(kwargs: dict, message: str) -> None:

@@ -439,6 +439,8 @@ def make_backend(
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(f"unknown backend option(s) {unknown}; known options: {sorted(known | {'keep_graphs'})}")
+    if not isinstance(keep_graphs, bool):
+        raise ValueError(f"keep_graphs must be True or False, got {keep_graphs!r}")
     config = BackendConfig(num_chunks=num_chunks, passes=passes,  # type: ignore[arg-type]
                            strict=strict, verify=verify, **kwargs)
     return DominoBackend(config, keep_graphs=keep_graphs)
