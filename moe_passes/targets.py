@@ -281,7 +281,9 @@ def resolve_target(spec: str, layers: int | None = None, meta: bool | None = Non
             raise TargetError("--layers applies to presets only; a package.module:function target builds its own model")
         return _from_factory(spec, bool(meta))
     if _looks_like_path(spec):
-        functions = _public_functions(_load_file(spec)) if spec.endswith(".py") else []
+        if not spec.endswith(".py"):
+            raise TargetError(f"target {spec!r} looks like a path but names no .py file; a target is {FORM}")
+        functions = _public_functions(_load_file(spec))
         example = functions[0] if len(functions) == 1 else "make_model"
         listed = f"; its functions: {', '.join(functions[:8])}" if functions else ""
         raise TargetError(f"target {spec!r} is a file without a function: name the one that returns {CONTRACT}, "

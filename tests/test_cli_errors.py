@@ -46,6 +46,8 @@ def raises() -> None:
         # a package.module spec without its function, or a path that is no file: the accepted forms, named
         (["diff", "no_such_package.models"], "or give package.module:function or path/to/file.py:function"),
         (["diff", "/no/such/dir/target.py:build"], "target file '/no/such/dir/target.py' does not exist"),
+        (["diff", "models/my_model"], "looks like a path but names no .py file; a target is package.module:function, "
+                                      "path/to/file.py:function, or a preset name"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
