@@ -89,6 +89,26 @@ def test_a_wrong_scale_names_the_input_and_the_dtype_tolerance() -> None:
     assert "rtol 0.016" in message, message
 
 
+def test_a_detached_loss_is_not_mistaken_for_equal() -> None:
+    """Same value, but the rewritten loss no longer carries gradient: before, the empty gradient list
+    compared equal to the original's."""
+
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (torch.tanh(x @ w) * 2).sum()
+
+    (graph,) = capture_graphs(fn, torch.randn(4, 3), torch.randn(3, 5, requires_grad=True))
+    wrong = copy_graph_module(graph.gm)
+    out = wrong.graph.output_node()
+    (loss,) = [a for a in out.args[0]] if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    with wrong.graph.inserting_before(out):
+        detached = wrong.graph.call_function(torch.Tensor.detach, (loss,))
+    out.args = ((detached,),) if isinstance(out.args[0], (tuple, list)) else (detached,)
+    wrong.recompile()
+    with pytest.raises(VerificationError, match=r"0 input gradients instead of 1"):
+        verify_graphs(graph.gm, wrong, graph.example_inputs)
+    assert verify_graphs(graph.gm, copy_graph_module(graph.gm), graph.example_inputs) == "ok"
+
+
 @pytest.mark.parametrize("dtype, expected", [
     (torch.bfloat16, (1.6e-2, 1e-5, True)),
     (torch.float16, (1e-3, 1e-5, True)),

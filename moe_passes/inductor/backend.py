@@ -339,8 +339,11 @@ def _describe_tensor(t: torch.Tensor) -> str:
 
 def _compare(what: str, new: Any, ref: Any, rtol: float | None, atol: float | None) -> str | None:
     """Why ``new`` is not ``ref`` within verify's tolerances for its dtype (see ``verify_tolerances``), or None."""
-    if ref is None or new is None:
-        return None if ref is None and new is None else f"{what}: {'no' if new is None else 'a'} gradient where the original has {'one' if new is None else 'none'}"
+    if ref is None or new is None:  # autograd's None for an input no output depends on: a zero gradient
+        other = new if ref is None else ref
+        if other is None or not bool(other.detach().ne(0).any()):
+            return None
+        return f"{what}: {'no' if new is None else 'a'} gradient where the original has {'one' if new is None else 'none'}"
     if new.shape != ref.shape or new.dtype != ref.dtype:
         return f"{what}: {_describe_tensor(new)} instead of {_describe_tensor(ref)}"
     r_tol, a_tol, scaled = verify_tolerances(ref.dtype, rtol, atol)
@@ -393,6 +396,9 @@ def verify_graphs(
         problems.append(f"{len(new_out)} outputs instead of {len(ref_out)}")
     for i, (r, n) in enumerate(zip(ref_out, new_out)):
         problems.append(_compare(f"output {i}", n, r, rtol, atol) or "")
+    if len(ref_grads) != len(new_grads):  # no output of one graph requires grad
+        problems.append(f"{len(new_grads)} input gradients instead of {len(ref_grads)} (an output that required "
+                        "grad no longer does, or the other way round)")
     for (i, r), (_, n) in zip(ref_grads, new_grads):
         name = names[i] if i < len(names) else str(i)
         problems.append(_compare(f"gradient of input {name}", n, r, rtol, atol) or "")
