@@ -249,7 +249,7 @@ def test_with_only_a_decoy_topk_the_skip_says_what_was_looked_for_and_why_each_o
     (captured,) = capture_graphs(WithVocabTopk(with_router=False), _x(), canonical=ir == "aten")
     offload = AsyncOffloadPass(BackendConfig())
     assert offload.trigger(captured.gm) is None
-    gm, result = run_pass(captured.gm)
+    _, result = run_pass(captured.gm)
     assert not result.changed
     graph_skip = result.skipped[0]
     assert graph_skip.region == "graph"

@@ -41,8 +41,8 @@ every router output left alone, why.
 Stage: **pre-grad**, on the Dynamo graph or on its canonical pre-dispatch ATen
 re-trace (``moe_passes.ir.canonical``). Only there are the *user's* outputs
 exactly the graph outputs (after AOT partitioning, forward outputs mix user
-outputs with tensors saved for backward) and is ``nn_module_stack`` intact to
-tell the user's source lines apart. Router tensors are recognised from data flow, never from
+outputs with tensors saved for backward) and do nodes still carry the user's
+source lines (``stack_trace``) that skip reasons name. Router tensors are recognised from data flow, never from
 module or attribute names (``routers``): router logits are the values whose top-k (directly or after
 softmax/sigmoid, an expert bias, casts, normalisation) gives indices that select experts, i.e. a value
 computed from the indices feeds an all-to-all, grouped-GEMM offsets or split sizes, or indexes tokens or

@@ -93,9 +93,21 @@ _WRITES = {
 }
 
 
+_MEANING_BY_TARGET: dict[Any, str | None] = {}
+
+
 def meaning(node: fx.Node) -> str | None:
     """``op_meaning`` plus the torch-IR functions it leaves out (by identity with torch's own function of that
-    name) and custom ops by their op name; in-place spellings fold onto the functional one (``scatter_add_``)."""
+    name) and custom ops by their op name; in-place spellings fold onto the functional one (``scatter_add_``).
+    A call's meaning depends on its target only (cached per target)."""
+    if node.op == "call_function" and _cacheable(node.target):
+        if node.target not in _MEANING_BY_TARGET:
+            _MEANING_BY_TARGET[node.target] = _meaning(node)
+        return _MEANING_BY_TARGET[node.target]
+    return _meaning(node)
+
+
+def _meaning(node: fx.Node) -> str | None:
     name = op_meaning(node)
     if name is None and node.op == "call_function":
         target = node.target
@@ -113,6 +125,14 @@ def meaning(node: fx.Node) -> str | None:
     if name and name.endswith("_") and not name.endswith("__"):
         name = name[:-1]
     return name
+
+
+def _cacheable(target: Any) -> bool:
+    """Op overloads and torch's / operator's own functions (never a user's function: it would be kept alive)."""
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
+        return True
+    module = getattr(target, "__module__", None) or ""
+    return _hashable(target) and module.split(".", 1)[0] in ("torch", "_operator", "operator")
 
 
 def _hashable(x: Any) -> bool:
@@ -193,21 +213,6 @@ def _chain_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _descendants(start: fx.Node) -> set[fx.Node]:
-    """Values computed from ``start`` (the output node left out); the walk stops at a top-k (kept, not expanded)."""
-    seen: set[fx.Node] = set()
-    work = [start]
-    while work:
-        n = work.pop()
-        for u in n.users:
-            if u in seen or u.op == "output":
-                continue
-            seen.add(u)
-            if not is_topk(u):
-                work.append(u)
-    return seen
-
-
 def _from_inputs(graph: fx.Graph) -> set[fx.Node]:
     """Values computed from the graph's inputs or attributes (tokens, weights), as opposed to constants."""
     out: set[fx.Node] = set()
@@ -264,10 +269,20 @@ class RouterAnalysis:
     rejected: dict[fx.Node, tuple[str, TopkFinding]] = field(default_factory=dict)
 
 
+class _LazySource:
+    """``source_line(node)`` computed only when a message is formatted (most visited nodes prove nothing)."""
+
+    def __init__(self, node: fx.Node) -> None:
+        self.node = node
+
+    def __format__(self, spec: str) -> str:
+        return format(source_line(self.node), spec)
+
+
 def _selection(u: fx.Node, tainted: set[fx.Node], root: fx.Node | None, inputs: set[fx.Node]) -> tuple[str | None, str | None]:
     """Whether ``u`` (computed from the indices) selects experts: (evidence, None) or (None, why not) or (None, None)."""
     m = meaning(u)
-    where = source_line(u)
+    where = _LazySource(u)
     if is_all_to_all(u) or m in _ALL_TO_ALL_NAMES:
         return f"they feed the all-to-all at {where}", None
     if m in _GROUPED_MM_NAMES:
@@ -326,13 +341,18 @@ def _op_name(u: fx.Node) -> str:
     return f"{parsed[0]}::{parsed[1]}" if parsed else u.name
 
 
-def _judge(f: TopkFinding, inputs: set[fx.Node], order: dict[fx.Node, int]) -> None:
+def _judge(f: TopkFinding, inputs: set[fx.Node], nodes: list[fx.Node], order: dict[fx.Node, int]) -> None:
+    """Scan forward from the indices in graph order (topological), growing the set of values computed from them
+    (not through a later top-k), until one selects experts; usually within the same layer, so the scan is short."""
     if f.indices is None or not f.indices.users:
         f.reason = f"{f.describe()} has its values used, not its indices"
         return
-    tainted = _descendants(f.indices) | {f.indices}
+    tainted = {f.indices}
     notes: list[str] = []
-    for u in sorted(tainted, key=order.__getitem__):
+    for u in nodes[order[f.indices] + 1:]:
+        if u.op == "output" or not any(a in tainted and not is_topk(a) for a in u.all_input_nodes):
+            continue
+        tainted.add(u)
         evidence, note = _selection(u, tainted, f.root, inputs)
         if evidence is not None:
             f.evidence = f"{f.describe()} selects experts: {evidence}"
@@ -354,7 +374,8 @@ def _judge(f: TopkFinding, inputs: set[fx.Node], order: dict[fx.Node, int]) -> N
 
 def analyse(graph: fx.Graph) -> RouterAnalysis:
     """Find the top-ks that route, label their router tensors, and keep the others with why they do not route."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
     inputs = _from_inputs(graph)
     findings: list[TopkFinding] = []
     for node in graph.nodes:
@@ -366,7 +387,7 @@ def analyse(graph: fx.Graph) -> RouterAnalysis:
         root, chain = chain_root(ranked) if isinstance(ranked, fx.Node) else (None, [])
         values, indices = _topk_parts(node)
         finding = TopkFinding(node, ranked if isinstance(ranked, fx.Node) else None, root, chain, values, indices)
-        _judge(finding, inputs, order)
+        _judge(finding, inputs, nodes, order)
         findings.append(finding)
         log.debug("top-k %s: %s", node.name, finding.evidence or finding.reason)
 
