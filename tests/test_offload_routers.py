@@ -415,6 +415,23 @@ def test_indices_handed_to_a_fused_expert_kernel_with_the_tokens_route(ir: str) 
     assert result.stats["offloaded"] == 2 and not result.skipped
 
 
+def test_transformers_mixtral_as_installed_router_logits_are_found_and_its_loss_topk_is_not_a_router() -> None:
+    """transformers' own Mixtral (``output_router_logits=True``): the forward graph returns every layer's router
+    logits, found by what its top-k's indices do (``torch.where`` rows of the hidden states); the loss graph's
+    balancing-loss top-k routes nothing and is reported so, naming transformers' source line."""
+    pytest.importorskip("transformers")
+    from tests.test_aux_loss_transformers import LAYERS, _tiny
+
+    model = _tiny("mixtral")
+    ids = torch.randint(0, 59, (2, 6), generator=torch.Generator().manual_seed(3))
+    forward, loss = capture_graphs(lambda ids: model(input_ids=ids, output_router_logits=True), ids)
+    _, result = run_pass(forward.gm)
+    assert result.stats["offloaded"] == LAYERS and {r["kind"] for r in result.stats["outputs"]} == {"router_logits"}
+    _, result = run_pass(loss.gm)
+    assert not result.changed and "modeling_mixtral.py:" in result.skipped[0].reason
+    assert "routes nothing" in result.skipped[0].reason
+
+
 def test_compiled_g_named_router_returns_host_copies_with_eager_values_and_gradients() -> None:
     """The whole backend (Inductor), the router named ``g``: host copies, eager's values, eager's gradients."""
     torch.manual_seed(0)
