@@ -4,7 +4,7 @@
 the graph before the pass: ``graph.lint()``; no dangling users; the placeholders
 (the calling convention Dynamo fixed) are untouched; no node the pass created is
 dead; fake-tensor re-propagation of the whole graph **in the graph's own fake
-mode** (``moe_passes.ir.canonical.graph_fake_mode``: inside a real compile,
+mode** (``moe_passes.ir.fake_mode.repropagate``: inside a real compile,
 Dynamo's) succeeds and the outputs keep their dtypes and ranks. ``GraphState`` is
 also the roll-back point of a failed pass (``restore``).
 """
@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv, rebind_unbacked
 from torch.utils._pytree import tree_leaves
 
 from moe_passes.errors import error_summary
-from moe_passes.ir.canonical import graph_fake_mode, placeholder_fakes
 from moe_passes.ir.facts import copy_node_attributes, node_value
-from moe_passes.ir.fake_mode import enter_fake_rerun
+from moe_passes.ir.fake_mode import repropagate
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +46,6 @@ def _dead_nodes(graph: fx.Graph) -> set[str]:
         for n in graph.nodes
         if n.op not in ("placeholder", "output") and not n.users and not n.is_impure()
     }
-
-
-class _Repropagate(fx.Interpreter):
-    """Fake-tensor interpreter that records results without overwriting the graph's metadata."""
-
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode) -> None:
-        super().__init__(gm, garbage_collect_values=False)
-        self.mode = mode
-        self.vals: dict[fx.Node, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if self.mode.shape_env is not None and "unbacked_bindings" in n.meta:
-            # Reuse the symbols Dynamo bound for this node so later sizes still line up.
-            rebind_unbacked(self.mode.shape_env, n, result)
-        self.vals[n] = result
-        return result
-
-    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        value = super().get_attr(target, args, kwargs)
-        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
-            return self.mode.from_tensor(value, static_shapes=True)
-        return value
-
-
-def repropagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, Any]:
-    """Fake-tensor propagation of the whole graph; returns node -> fake value.
-
-    Runs in the graph's own fake mode (``moe_passes.ir.canonical.graph_fake_mode``: inside a
-    real compile, Dynamo's, so symbolic sizes keep their symbols); fresh unbacked symbols from
-    ``.item()``/``.tolist()`` are rebound to Dynamo's where the node has bindings and otherwise
-    tolerated. Without any fake mode (hand-built graphs) a fresh one with a ShapeEnv is used.
-    """
-    mode = graph_fake_mode(gm, example_inputs)
-    if mode is None:
-        mode = FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True), allow_non_fake_inputs=True)
-    interp = _Repropagate(gm, mode)
-    with ExitStack() as stack:
-        enter_fake_rerun(stack, mode)
-        interp.run(*placeholder_fakes(gm, example_inputs, mode, static_shapes=True), enable_io_processing=False)
-    return interp.vals
 
 
 def _output_signature(vals: Sequence[Any]) -> list[tuple[Any, ...]]:

@@ -27,6 +27,7 @@ from moe_passes.fx.aux_loss.rewrite import TAG, Rewriter, Source, Unsupported
 from moe_passes.fx.aux_loss.stats import Statistics, reuse_router_ops
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ir.canonical import is_canonical
+from moe_passes.ir.fake_mode import fake_eval
 from moe_passes.ir.facts import is_softmax, is_static_int, node_value
 
 log = logging.getLogger(__name__)
@@ -43,22 +44,14 @@ def _looks_aten(gm: fx.GraphModule) -> bool:
 
 def propagate_meta(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     """Fake values (``meta['val']``) for new nodes, in the graph's own fake mode."""
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode([node_value(n) for n in gm.graph.find_nodes(op="placeholder")])
-    if mode is None:
-        return
     live = set(nodes)
-    with mode:
-        for node in gm.graph.nodes:
-            if node not in live or "val" in node.meta or node.op != "call_function":
-                continue
-            args = fx.node.map_arg(node.args, node_value)
-            kwargs = fx.node.map_arg(node.kwargs, node_value)
-            try:
-                node.meta["val"] = node.target(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - metadata is a courtesy; the backend re-propagates
-                log.debug("layerwise_aux_loss: no metadata for %s: %s", node.name, err)
+    for node in gm.graph.nodes:
+        if node not in live or "val" in node.meta or node.op != "call_function":
+            continue
+        try:
+            fake_eval(node)
+        except Exception as err:  # noqa: BLE001 - metadata is a courtesy; the backend re-propagates
+            log.debug("layerwise_aux_loss: no metadata for %s: %s", node.name, err)
 
 
 class LayerwiseAuxLossPass(GraphPass):

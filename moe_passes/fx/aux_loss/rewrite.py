@@ -28,80 +28,36 @@ from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.fx as fx
 
 from moe_passes.errors import error_summary
 from moe_passes.ir.facts import (
-    is_pointwise, is_pure, is_static_int, known_equal, mutated_args, node_value, normalize_dim, normalize_dims, op_arg,
+    is_pointwise, is_pure, is_static_int, known_equal, mutated_args, op_arg,
     tensor_dtype, tensor_value,
 )
 from moe_passes.ir import rows
-from moe_passes.ir.rows import NotRowLocal, prod
+from moe_passes.ir.fake_mode import fake_eval
+from moe_passes.fx.aux_loss.blocks import ROW_SUMS, TAG, Rows, Source, TupleRows, Unsupported, _name, _shape
+from moe_passes.fx.aux_loss.reductions import RowReductions
+from moe_passes.ir.rows import prod
+
+if TYPE_CHECKING:  # stats calls back into the rewriter: types only, no import cycle
+    from moe_passes.fx.aux_loss.stats import Statistics
+
+__all__ = ["ROW_SUMS", "TAG", "Rewriter", "Rows", "Source", "TupleRows", "Unsupported"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-TAG = "layerwise_aux_loss"
 
 
-#: The loss region contains something the rewrite cannot prove equal: the one exception of the row analysis.
-Unsupported = NotRowLocal
-#: Reductions whose per-layer partials this interpreter emits (sums and means; what they mean for rows is
-#: ``moe_passes.ir.rows``'s to say: ``reduce`` over dim 0 with ``linear`` "sum"/"mean", or ``keep``).
-ROW_SUMS = frozenset({aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default})
-
-
-@dataclass
-class Rows:
-    """A tensor whose dim 0 runs over every layer's rows, layer-major (``rows[l]`` rows of layer ``l``)."""
-
-    rows: tuple[Any, ...]
-    emit: Callable[[int], fx.Node]
-    invariant: bool = False  # every layer's block is the same tensor (a mask broadcast over layers)
-    narrow: Callable[[int], fx.Node] | None = None  # the block with its broadcast (size-1) dims kept narrow
-    narrow_shape: tuple[Any, ...] = ()  # non-row dims of the narrow block
-    onehot: tuple["Rows", int, fx.Node] | None = None  # value == one_hot(idx, n) (maybe cast): (idx, n, node)
-    weighted: tuple["Rows", "Rows"] | None = None  # onehot * weight (weight with a narrow block)
-    logits: bool = False  # each block is that layer's logits (same values and dtype)
-    layer_src: tuple[fx.Node, ...] | None = None  # each block is a relayout of these per-layer tensors
-
-
-@dataclass
-class TupleRows:
-    """A tuple-returning row-local op (top-k, sort, max over a dim): per-layer tuple nodes."""
-
-    rows: tuple[Any, ...]
-    emit: Callable[[int], fx.Node]
-
-
-@dataclass
-class Source:
-    """Where the rows come from: a ``cat``/``stack`` of the layers' logits, or (loop form) one layer's logits."""
-
-    node: fx.Node
-    kind: str  # "cat" | "stack" | "layer"
-    inputs: tuple[fx.Node, ...]  # per-layer tensors as the source reads them
-
-
-def _shape(node: Any) -> tuple[Any, ...]:
-    v = tensor_value(node)
-    if v is None:
-        raise Unsupported(f"{getattr(node, 'name', node)} has no tensor metadata")
-    return tuple(v.shape)
-
-
-def _name(node: fx.Node) -> str:
-    return f"{node.name} ({node.target})"
-
-
-class Rewriter:
+class Rewriter(RowReductions):
     """Abstract interpretation of one group's loss region, emitting per-layer nodes as it goes."""
 
     def __init__(self, graph: fx.Graph, sources: list[Source], layers: int, scope: set[fx.Node] | None = None,
-                 stats: Any = None) -> None:
+                 stats: Statistics | None = None) -> None:
         self.graph = graph
         self.sources = sources
         self.layers = layers
@@ -116,7 +72,6 @@ class Rewriter:
         self.cursor: fx.Node | None = None
         self._memo: dict[Any, fx.Node] = {}
         self.counts_without_onehot = 0
-        self._mode: Any = False
 
     # -- emission ------------------------------------------------------------------
     def new(self, target: Any, args: tuple, kwargs: dict | None = None, layer: int | None = None) -> fx.Node:
@@ -134,17 +89,8 @@ class Rewriter:
 
     def _fake_value(self, node: fx.Node) -> None:
         """``meta['val']`` right away, in the graph's fake mode: later decisions read dtypes and shapes."""
-        if self._mode is False:
-            from torch._guards import detect_fake_mode
-
-            self._mode = detect_fake_mode([node_value(n) for n in self.graph.find_nodes(op="placeholder")])
-        if self._mode is None:
-            return
-        args = fx.node.map_arg(node.args, node_value)
-        kwargs = fx.node.map_arg(node.kwargs, node_value)
         try:
-            with self._mode:
-                node.meta["val"] = node.target(*args, **kwargs)
+            fake_eval(node)
         except Exception as err:  # noqa: BLE001 - a node we cannot evaluate: refuse the rewrite
             raise Unsupported(f"{node.name} ({node.target}) cannot be evaluated on fake tensors: {error_summary(err)}") from err
 
@@ -475,104 +421,3 @@ class Rewriter:
             elif vb.onehot is not None and va.narrow is not None and va.onehot is None:
                 weighted = (vb, va)
         return Rows(rows=rows, emit=emit, invariant=invariant, weighted=weighted)
-
-    # -- reductions over rows --------------------------------------------------------
-    def accumulate(self, node: fx.Node, partial: Callable[[int], fx.Node], acc_dtype: torch.dtype | None = None) -> fx.Node:
-        self.cursor = node
-        total: fx.Node | None = None
-        for layer in range(self.layers):
-            p = partial(layer)
-            total = p if total is None else self.new(aten.add.Tensor, (total, p), layer=layer)
-        assert total is not None
-        return total
-
-    def row_sum(self, node: fx.Node) -> fx.Node:
-        src = node.args[0]
-        a0 = self.need_rows(node, self.value(src))
-        shape = _shape(src)
-        rank = len(shape)
-        is_mean = node.target in (aten.mean.dim, aten.mean.default)
-        if node.target in (aten.sum.default, aten.mean.default):
-            dims, keepdim = tuple(range(rank)), False
-        else:
-            dims = normalize_dims(op_arg(node, 1, "dim"), rank)
-            keepdim = bool(op_arg(node, 2, "keepdim", False))
-        if dims is None:
-            raise Unsupported(f"{_name(node)}: dims not understood")
-        if 0 not in dims:
-            return self.unary(node, a0)
-        out_dtype = tensor_dtype(node)
-        out_shape = _shape(node)
-        low = out_dtype in (torch.float16, torch.bfloat16)
-        counts = None
-        if dims == (0,) and not keepdim and (a0.onehot is not None or a0.weighted is not None):
-            onehot, weight = (a0.onehot, None) if a0.onehot is not None else (a0.weighted[0].onehot, a0.weighted[1])
-            if self.stats is not None and self.stats.counts_apply(onehot, weight, out_shape, out_dtype):
-                counts = lambda layer: self.stats.counts(self, onehot, weight, out_shape, out_dtype, layer)
-        acc = torch.float32 if low else op_arg(node, 3 if node.target is aten.sum.dim_IntList or node.target is aten.mean.dim else 1, "dtype")
-        kwargs = {"dtype": acc} if acc is not None else {}
-        dim_list = list(dims)
-
-        def partial(layer: int) -> fx.Node:
-            if a0.invariant and a0.narrow is not None and dims == (0,) and not keepdim:
-                n = self.memo(("nsum", node), layer, True, lambda: self.new(aten.sum.dim_IntList, (a0.narrow(layer), [0]), kwargs))
-                return self.memo(("nsum_x", node), layer, True, lambda: self.new(aten.expand.default, (n, list(out_shape))))
-            return self.memo(("sum", node), layer, a0.invariant, lambda: self.new(aten.sum.dim_IntList, (a0.emit(layer), dim_list, keepdim), kwargs, None if a0.invariant else layer))
-
-        total = self.accumulate(node, counts or partial)
-        self.cursor = node
-        if is_mean:
-            other = prod(shape[d] for d in dims[1:]) if len(dims) > 1 else 1
-            count: Any = sum(a0.rows) * other
-            if not is_static_int(count):
-                if not is_static_int(other):
-                    raise Unsupported(f"{_name(node)}: mean over symbolic non-row dims")
-                # symbolic token count: the sum of each layer block's dim-0 size, read from the blocks
-                count = None
-                for layer in range(self.layers):
-                    size = self.new(aten.sym_size.int, (a0.emit(layer), 0))
-                    count = size if count is None else self.new(operator.add, (count, size))
-                if other != 1:
-                    count = self.new(operator.mul, (count, other))
-            total = self.new(aten.div.Tensor, (total, count))
-        if low:
-            total = self.new(aten.to.dtype, (total, out_dtype))
-        self.replace[node] = total
-        return None  # type: ignore[return-value]
-
-    def histc(self, node: fx.Node) -> None:
-        a0 = self.need_rows(node, self.value(node.args[0]))
-        lo, hi = op_arg(node, 2, "min", 0), op_arg(node, 3, "max", 0)
-        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo < hi):
-            raise Unsupported(f"{_name(node)}: histc with a data-dependent range (min >= max) is not a sum of per-layer histograms")
-        rest = node.args[1:]
-        self.replace[node] = self.accumulate(node, lambda layer: self.new(aten.histc.default, (a0.emit(layer), *rest), dict(node.kwargs), layer))
-        return None
-
-    def scatter_add(self, node: fx.Node, inplace: bool) -> None:
-        base, dim, index, src = node.args[:4]
-        vi = self.value(index)
-        if isinstance(base, fx.Node) and base in self.values or not isinstance(vi, Rows) or len(_shape(index)) != 1:
-            raise Unsupported(f"{_name(node)}: scatter_add that is not a histogram of per-row values")
-        if normalize_dim(dim, len(_shape(base))) != 0:
-            raise Unsupported(f"{_name(node)}: scatter_add along dim {dim}")
-        vs = self.value(src)
-        if not isinstance(vs, Rows):
-            vs = self.plain_operand(node, vi.rows, 1, src) if isinstance(src, fx.Node) else None
-            if vs is None:
-                raise Unsupported(f"{_name(node)}: scatter_add source not aligned with the rows")
-        if not self.same_rows(vi.rows, vs.rows):
-            raise Unsupported(f"{_name(node)}: index and source rows differ")
-        if inplace:
-            if base.op != "call_function" or base.target not in (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default, aten.full.default) \
-                    or set(base.users) != {node}:
-                raise Unsupported(f"{_name(node)}: in-place scatter_add into a buffer that is read elsewhere")
-            self.erase.append(node)
-
-        def partial(layer: int) -> fx.Node:
-            start = base if layer == 0 else self.new(aten.zeros_like.default, (base,), layer=layer)
-            return self.new(aten.scatter_add.default, (start, 0, vi.emit(layer), vs.emit(layer)), {}, layer)
-
-        self.replace[node] = self.accumulate(node, partial)
-        return None
-

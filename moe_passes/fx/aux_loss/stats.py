@@ -18,13 +18,16 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 
 from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.ir.facts import tensor_dtype, tensor_value, writes_between
+
+if TYPE_CHECKING:  # the rewriter calls into this module and is called back: types only, no import cycle
+    from moe_passes.fx.aux_loss.rewrite import Rewriter
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -61,7 +64,7 @@ class Statistics:
     logsumexp_grad_from_router_softmax: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def counts(self, rw: Any, onehot: tuple[Any, int, fx.Node], weight: Any, out_shape: tuple[Any, ...],
+    def counts(self, rw: Rewriter, onehot: tuple[Any, int, fx.Node], weight: Any, out_shape: tuple[Any, ...],
                out_dtype: torch.dtype, layer: int) -> fx.Node:
         idx_rows, n, node = onehot
         idx = idx_rows.emit(layer)
@@ -95,7 +98,7 @@ class Statistics:
             return bool(ns) and ns[-1] == 1 and len(ns) == idx_rank and all(d == 1 for d in ns)
         return True
 
-    def logsumexp(self, rw: Any, node: fx.Node, x: fx.Node, layer: int) -> fx.Node:
+    def logsumexp(self, rw: Rewriter, node: fx.Node, x: fx.Node, layer: int) -> fx.Node:
         """lse of one layer's logits whose gradient reuses the router's fp32 softmax:
         ``lse(x.detach()) + sum(p.detach() * (x - x.detach()), -1)`` -- the second term is 0 in value,
         its gradient is ``p``, which autograd already keeps for the router."""
