@@ -22,7 +22,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from moe_passes.errors import error_summary
 from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
-from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, repropagate, rewrite_region
+from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, repropagate, rewrite_region, size_values
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ir.canonical import canonicalize_in_place
 from moe_passes.ir.facts import copy_node_attributes, tensor_value
@@ -56,15 +56,33 @@ def _auto_chunks(region: MoERegion) -> tuple[int, str]:
             v = tensor_value(a)
             if a.op in ("placeholder", "get_attr") and v is not None and v.dim() == 3:
                 weights[a] = v
-    elems = sum(int(w.numel()) for w in weights.values())
+    elems = sum(w.numel() for w in weights.values())
+    if not isinstance(elems, int):  # symbolic weight shapes: decide without guarding on one rank's sizes
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        n = 4 if statically_known_true(elems >= (1 << 20)) else 2
+        return n, f"{elems} (symbolic) local expert weight elements -> {n} chunks"
     n = 2 if elems < (1 << 20) else 4
     return n, f"{elems} local expert weight elements -> {n} chunks"
 
 
 class DominoEPPass(GraphPass):
-    """Chunk every proven expert-parallel MoE region into ``config.num_chunks`` token chunks."""
+    """Chunk every proven expert-parallel MoE region into ``config.num_chunks`` token chunks.
+
+    Rank-invariant collectives (a hard rule): every rank must issue the same collectives in the same
+    order, so whether a region is chunked and into how many chunks depends only on what every rank
+    shares: the program, weight shapes (``num_chunks="auto"``) and the config, never on one rank's
+    token count, data or recompile history. A symbolic token count (``dynamic=True``,
+    ``mark_dynamic``, Dynamo's automatic-dynamic recompile) is chunked like a static one, with the
+    chunk sizes computed in the graph as SymInt expressions (``(T + N - 1 - k) // N``: the last
+    chunks may be smaller, or empty when ``T < N``; empty chunks still issue their collectives).
+    Where a decision could still differ between ranks the backend's rank check
+    (``moe_passes.inductor.rank_check``) fails fast instead of letting the collectives mismatch.
+    """
 
     name = "domino_ep"
+    #: The pass changes the graph's collective sequence (the backend's rank check agrees on it).
+    changes_collectives = True
     stage = "pre_grad"
     ir = "aten"
     # The aux-loss pass recognises each layer's router logits as one row-local tensor; after
@@ -130,6 +148,13 @@ class DominoEPPass(GraphPass):
             repropagate(gm)
             for sizes, reassembled in reassembled_all:
                 check_rows(reassembled, sizes)
+            for region, n, label in planned:
+                sizes = result.stats["chunks"][region.path]
+                if any(isinstance(c, fx.Node) for c in sizes):  # report the expressions the size nodes compute
+                    result.stats["chunks"][region.path] = [str(v) for v in size_values(sizes)]
+                    result.stats.setdefault("symbolic", {})[region.path] = (
+                        f"symbolic token count {region.num_tokens}: {n} chunks of SymInt sizes "
+                        f"{result.stats['chunks'][region.path]} computed in the graph")
             refresh_assert_messages(gm.graph)
             gm.recompile()
         except Exception as e:  # noqa: BLE001 - refuse the whole rewrite, keep the original graph
@@ -143,7 +168,7 @@ class DominoEPPass(GraphPass):
             result.stats["chunks"] = {}
             return result
         for region, n, label in planned:
-            log.info("domino_ep: %s: %d tokens split into chunks %s", label, region.num_tokens, result.stats["chunks"][region.path])
+            log.info("domino_ep: %s: %s tokens split into chunks %s", label, region.num_tokens, result.stats["chunks"][region.path])
         result.changed = True
         return result
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moe_passes.fx.domino.kinds import Kind, Unproven
 from moe_passes.fx.domino.row_analysis import RowAnalysis
@@ -60,7 +61,7 @@ class MoERegion:
     dispatch: fx.Node
     combine: fx.Node
     count_exchange: fx.Node | None
-    num_tokens: int
+    num_tokens: Any  # int, or a SymInt expression when the graph's token count is symbolic
     top_k: int
     nodes: list[fx.Node] = field(default_factory=list)  # graph order, X excluded
     outputs: list[fx.Node] = field(default_factory=list)  # nodes read outside the region
@@ -197,13 +198,14 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     X, topk, sort = _token_matrix(gather)
     K = topk.args[1] if len(topk.args) > 1 else None
     copies = tensor_value(sort.args[0]).shape[0]
-    if not isinstance(K, int) or not isinstance(copies, int) or isinstance(tensor_value(X).shape[0], torch.SymInt):
-        raise RegionError(f"token count of {X.name} / top-k {K} is symbolic; only static token counts are chunked")
-    if K <= 0 or copies % K:
-        raise RegionError(f"{copies} sorted expert ids are not a multiple of top-k {K}")
+    # The token count may be symbolic (dynamic shapes: ``dynamic=True``, ``mark_dynamic``, Dynamo's
+    # automatic-dynamic recompile): every test below is decided from the expressions, never guarded,
+    # so the decision does not depend on the length one rank happens to see.
+    if not isinstance(K, int):
+        raise RegionError(f"top-k {K} of {topk.name} is not a constant")
+    if K <= 0 or not statically_known_true(copies % K == 0):
+        raise RegionError(f"{copies} sorted expert ids are not provably a multiple of top-k {K}")
     T = copies // K
-    if T == 0:
-        raise RegionError("no tokens")
     count = _count_exchange(d)
     desc = _descendants(X)
     for required, what in ((d, "dispatch"), (c, "combine"), (topk, "router top-k")):

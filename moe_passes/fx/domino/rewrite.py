@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
+from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings, statically_known_true
 
 from moe_passes.fx.domino.kinds import Kind
 from moe_passes.fx.domino.regions import MoERegion
@@ -38,10 +38,41 @@ _COMPARISONS = (operator.le, operator.ge, operator.lt, operator.gt, operator.eq,
 ASSERT = torch.ops.aten._assert_scalar.default
 
 
-def chunk_sizes(num_tokens: int, num_chunks: int) -> list[int]:
-    """Row counts of ``torch.tensor_split(x, num_chunks)``: the first ``T % N`` chunks get one more row."""
-    q, r = divmod(num_tokens, num_chunks)
-    return [q + 1] * r + [q] * (num_chunks - r)
+def chunk_sizes(num_tokens: Any, num_chunks: int) -> list[Any]:
+    """Row counts of ``torch.tensor_split(x, num_chunks)``: the first ``T % N`` chunks get one more row.
+
+    Chunk k has ``(T + N - 1 - k) // N`` rows: the first is ``ceil(T / N)``, later ones may be one
+    smaller, and empty when ``T < N`` (every chunk still issues its collectives). For a symbolic T
+    (a SymInt) the same formula gives SymInt expressions, one per chunk.
+    """
+    if isinstance(num_tokens, int):
+        q, r = divmod(num_tokens, num_chunks)
+        return [q + 1] * r + [q] * (num_chunks - r)
+    return [(num_tokens + (num_chunks - 1 - k)) // num_chunks for k in range(num_chunks)]
+
+
+def is_symbolic(v: Any) -> bool:
+    return isinstance(v, torch.SymInt)
+
+
+def _value(a: Any) -> Any:
+    """An int argument, or the (Sym)Int value a node computes; None for anything else."""
+    if isinstance(a, bool):
+        return None
+    if isinstance(a, int):
+        return a
+    if isinstance(a, fx.Node):
+        v = node_value(a)
+        return v if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) else None
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` for ints / SymInts, decided without a guard (unknown: False)."""
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 - unknown means not equal
+        return False
 
 
 def _multiplicities(region: MoERegion) -> set[int]:
@@ -52,36 +83,84 @@ def _multiplicities(region: MoERegion) -> set[int]:
     return ms
 
 
-def _retarget(new: fx.Node, old: fx.Node, region: MoERegion, c: int) -> None:
+def _retarget(new: fx.Node, old: fx.Node, region: MoERegion, rows: dict[int, Any]) -> fx.Node:
+    """Token counts the copy reads from outside the region become the chunk's own: ``rows[m]`` is the
+    chunk's ``c * m`` (an int, or a SymInt-valued node when T is symbolic).
+
+    A size (literal int, or a node outside the region whose SymInt value is provably ``T * m``, e.g.
+    Dynamo's ``s0`` placeholder or ``2 * s0``) in dim 0 of a size list whose result is ``row(m)``, and
+    in comparisons that only feed runtime assertions, is replaced; nothing is guarded.
+
+    Returns the node that stands for the copy: ``new``, or, for a symbolic view/reshape to
+    ``[1, ..., c, rest...]``, ``new`` viewed to ``[c, rest...]`` and unsqueezed (torch 2.13's fake
+    ``view`` of ``[c, H]`` to ``[1, c, H]`` infers ``(c, c, H // c)`` when c's hint is 1).
+    """
     T = region.num_tokens
     kind = region.kinds.get(old)
     name = op_label(old)
+    members = set(region.nodes)
+    members.add(region.tokens)
+
+    def outside(a: Any) -> Any:  # the value of an argument computed outside the region, else None
+        return None if isinstance(a, fx.Node) and a in members else _value(a)
+
     if isinstance(kind, Kind) and kind.tag == "row" and name in _SIZE_ARG:
         pos = _SIZE_ARG[name]
-        if len(new.args) > pos and isinstance(new.args[pos], (list, tuple)) and len(new.args[pos]) >= kind.lead:
+        if len(new.args) > pos and isinstance(old.args[pos], (list, tuple)) and len(old.args[pos]) >= kind.lead:
             sizes = list(new.args[pos])
-            lead = sizes[:kind.lead]
-            if all(isinstance(s, int) for s in lead):
-                if -1 in lead:  # the -1 absorbs the chunk's rows; the other token dims collapse to 1
-                    sizes[:kind.lead] = [-1 if s == -1 else 1 for s in lead]
-                elif _prod(lead) == T * kind.m:
-                    sizes[:kind.lead] = [1] * (kind.lead - 1) + [c * kind.m]
+            lead = [outside(a) for a in old.args[pos][:kind.lead]]
+            if all(v is not None for v in lead):
+                if any(isinstance(v, int) and v == -1 for v in lead):  # -1 absorbs the chunk's rows; other token dims -> 1
+                    sizes[:kind.lead] = [-1 if isinstance(v, int) and v == -1 else 1 for v in lead]
+                elif _same(_prod(lead), T * kind.m):
+                    c = rows[kind.m]
+                    if isinstance(c, fx.Node) and kind.lead > 1 and name in _VIEWS:
+                        new.args = (*new.args[:pos], type(new.args[pos])([c, *sizes[kind.lead:]]), *new.args[pos + 1:])
+                        return _unsqueeze(new.graph, new, kind.lead - 1)
+                    sizes[:kind.lead] = [1] * (kind.lead - 1) + [c]
                 new.args = (*new.args[:pos], type(new.args[pos])(sizes), *new.args[pos + 1:])
     elif old.target in _COMPARISONS and old.users and all(u.target is ASSERT for u in old.users):
-        scale = {T * m: c * m for m in _multiplicities(region)}
-        new.args = tuple(scale.get(a, a) if isinstance(a, int) and not isinstance(a, bool) and a != 0 else a for a in new.args)
+        args = list(new.args)
+        for i, a in enumerate(old.args):
+            v = outside(a)
+            if v is None or (isinstance(v, int) and v == 0):
+                continue
+            for m in _multiplicities(region):
+                if _same(v, T * m):
+                    args[i] = rows[m]
+                    break
+        new.args = tuple(args)
+    return new
 
 
-def _prod(xs: list[int]) -> int:
+_VIEWS = ("aten.view", "aten.reshape", "aten._unsafe_view")
+
+
+def _unsqueeze(graph: fx.Graph, node: fx.Node, count: int) -> fx.Node:
+    """``node`` with ``count`` leading dims of size 1 added (inserted right after it)."""
+    out = node
+    with graph.inserting_after(node):
+        for _ in range(count):
+            out = graph.call_function(aten.unsqueeze.default, (out, 0))
+            out.meta.update({k: node.meta[k] for k in ("domino_chunk", "nn_module_stack") if k in node.meta})
+    return out
+
+
+def _prod(xs: list[Any]) -> Any:
     out = 1
     for x in xs:
         out *= x
     return out
 
 
-def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple[list[int], list[tuple[fx.Node, list[fx.Node], Any, Kind]]]:
-    """Insert the chunk copies after the region's last node; reroute outside readers; erase the original."""
-    sizes = chunk_sizes(region.num_tokens, num_chunks)
+def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple[list[Any], list[tuple[fx.Node, list[fx.Node], Any, Kind]]]:
+    """Insert the chunk copies after the region's last node; reroute outside readers; erase the original.
+
+    Returns the chunk sizes (ints for a static token count; for a symbolic one, the SymInt-valued
+    nodes ``(T + N - 1 - k) // N`` with ``T = sym_size(X_flat, 0)``, computed in the graph) and the
+    reassembled outputs for ``check_rows``.
+    """
+    symbolic = not isinstance(region.num_tokens, int)
     members = set(region.nodes)
     last = region.nodes[-1]
     outside_users = {out: [u for u in out.users if u not in members] for out in region.outputs}
@@ -91,24 +170,42 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
     with graph.inserting_before(last.next):
         xshape = tuple(tensor_value(region.tokens).shape)
         xkind = region.kinds[region.tokens]
+        rest = list(xshape[xkind.lead:])
+        if any(not isinstance(s, int) for s in rest):
+            raise RuntimeError(f"token matrix {region.tokens.name} has symbolic feature dims {rest}; not chunked")
         flat = region.tokens
         if xkind.lead > 1:  # [B, L, ...] tokens: split the flattened token dim, give each piece [1, c, ...]
-            flat = graph.call_function(aten.reshape.default, (region.tokens, [region.num_tokens, *xshape[xkind.lead:]]))
-        split = graph.call_function(aten.split_with_sizes.default, (flat, sizes, 0))
+            flat = graph.call_function(aten.reshape.default, (region.tokens, [-1 if symbolic else region.num_tokens, *rest]))
+        if symbolic:  # the chunk sizes are computed in the graph from the run's own token count
+            total = graph.call_function(aten.sym_size.int, (flat, 0))
+            sizes: list[Any] = []
+            for k in range(num_chunks):
+                bias = num_chunks - 1 - k
+                num = graph.call_function(operator.add, (total, bias)) if bias else total
+                sizes.append(graph.call_function(operator.floordiv, (num, num_chunks)))
+        else:
+            sizes = chunk_sizes(region.num_tokens, num_chunks)
+        split = graph.call_function(aten.split_with_sizes.default, (flat, list(sizes), 0))
         split.meta["nn_module_stack"] = stack
         for k, c in enumerate(sizes):
+            rows: dict[int, Any] = {}
+            for m in sorted(_multiplicities(region)):
+                rows[m] = c if m == 1 else (graph.call_function(operator.mul, (c, m)) if symbolic else c * m)
             piece = graph.call_function(operator.getitem, (split, k))
             if xkind.lead > 1:
-                piece = graph.call_function(aten.reshape.default, (piece, [1] * (xkind.lead - 1) + [c, *xshape[xkind.lead:]]))
+                piece = (_unsqueeze(graph, piece, xkind.lead - 1) if symbolic else
+                         graph.call_function(aten.reshape.default, (piece, [1] * (xkind.lead - 1) + [c, *rest])))
             piece.meta["nn_module_stack"] = stack
             env: dict[fx.Node, fx.Node] = {region.tokens: piece}
             for n in region.nodes:
                 new = graph.node_copy(n, lambda a: env.get(a, a))
                 new.meta.pop("unbacked_bindings", None)
                 new.meta["domino_chunk"] = k
-                _retarget(new, n, region, c)
-                env[n] = new
+                env[n] = _retarget(new, n, region, rows)
             copies.append(env)
+            for m, v in rows.items():  # a row count no copy reads
+                if isinstance(v, fx.Node) and v is not c and not v.users:
+                    graph.erase_node(v)
         for out, users in outside_users.items():
             kind = region.kinds[out]
             pieces = [env[out] for env in copies]
@@ -117,9 +214,18 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
             elif kind.tag == "row":  # [B, L, ...]: flatten the token dims of each piece, concatenate, restore
                 oshape = tuple(tensor_value(out).shape)
                 rest = list(oshape[kind.lead:])
-                flat_pieces = [graph.call_function(aten.reshape.default, (p, [c * kind.m, *rest])) for p, c in zip(pieces, sizes)]
-                cat = graph.call_function(aten.cat.default, (flat_pieces, 0))
-                new = graph.call_function(aten.reshape.default, (cat, list(oshape)))
+                if symbolic:  # the pieces are [1, ..., c*m, rest...]: squeeze, concatenate, unsqueeze
+                    ones = list(range(kind.lead - 1))
+                    flat_pieces = [graph.call_function(aten.squeeze.dims, (p, ones)) for p in pieces]
+                    cat = graph.call_function(aten.cat.default, (flat_pieces, 0))
+                    if all(isinstance(d, int) and d == 1 for d in oshape[:kind.lead - 1]):
+                        new = _unsqueeze(graph, cat, kind.lead - 1)
+                    else:
+                        new = graph.call_function(aten.reshape.default, (cat, _restore_shape(oshape, out)))
+                else:
+                    flat_pieces = [graph.call_function(aten.reshape.default, (p, [c * kind.m, *rest])) for p, c in zip(pieces, sizes)]
+                    cat = graph.call_function(aten.cat.default, (flat_pieces, 0))
+                    new = graph.call_function(aten.reshape.default, (cat, list(oshape)))
             else:  # per-expert counts: the sum of the chunks' counts
                 new = pieces[0]
                 for p in pieces[1:]:
@@ -128,6 +234,8 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
             reassembled.append((new, pieces, tuple(tensor_value(out).shape), kind))
             for u in users:
                 u.replace_input_with(out, new)
+    members.add(region.tokens)
+    outside_inputs = {a for n in region.nodes for a in n.all_input_nodes if a not in members}
     for n in reversed(region.nodes):
         graph.erase_node(n)
     # A copy nobody reads (e.g. the top-k values when only the indices are used, torchtitan's router)
@@ -137,7 +245,24 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
             new = env[n]
             if not new.users and not new.is_impure() and not is_mutation(new):
                 graph.erase_node(new)
+    # Values computed outside the region only for it (e.g. ``2 * s0`` compared with the routed counts)
+    # that every copy now reads from its own chunk: drop them once nothing reads them.
+    dead = [a for a in outside_inputs if a.op == "call_function"]
+    while dead:
+        a = dead.pop()
+        if a.graph is graph and not a.users and not a.is_impure() and not is_mutation(a):
+            inputs = [b for b in a.all_input_nodes if b.op == "call_function"]
+            graph.erase_node(a)
+            dead.extend(inputs)
     return sizes, reassembled
+
+
+def _restore_shape(shape: tuple, out: fx.Node) -> list[Any]:
+    """A size list for ``shape`` without SymInts: one symbolic dim becomes -1 (the rest are static)."""
+    symbolic = [i for i, s in enumerate(shape) if not isinstance(s, int)]
+    if len(symbolic) > 1:
+        raise RuntimeError(f"{out.name} has more than one symbolic dim {tuple(shape)}; cannot restore its shape")
+    return [-1 if i in symbolic else s for i, s in enumerate(shape)]
 
 
 def repropagate(gm: fx.GraphModule) -> None:
@@ -168,16 +293,29 @@ def repropagate(gm: fx.GraphModule) -> None:
         _Prop(gm).run(*fake_inputs)
 
 
-def check_rows(reassembled: list[tuple[fx.Node, list[fx.Node], Any, Kind]], sizes: list[int]) -> None:
-    """Each chunk's piece has its own rows (counts: the full shape), the reassembled value the original shape."""
+def size_values(sizes: list[Any]) -> list[Any]:
+    """Chunk sizes as values: ints, or the SymInts the size nodes compute (after ``repropagate``)."""
+    return [node_value(c) if isinstance(c, fx.Node) else c for c in sizes]
+
+
+def _shapes_equal(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def check_rows(reassembled: list[tuple[fx.Node, list[fx.Node], Any, Kind]], sizes: list[Any]) -> None:
+    """Each chunk's piece has its own rows (counts: the full shape), the reassembled value the original shape.
+
+    Symbolic sizes are compared as expressions (provably equal, no guard)."""
+    values = size_values(sizes)
     for new, pieces, shape, kind in reassembled:
         got = [tuple(tensor_value(p).shape) for p in pieces]
         if kind.tag == "row":
             got = [(_prod(list(g[:kind.lead])), *g[kind.lead:]) for g in got]
-            expected = [(c * kind.m, *shape[kind.lead:]) for c in sizes]
+            expected = [(c * kind.m, *shape[kind.lead:]) for c in values]
         else:
-            expected = [shape] * len(sizes)
-        if got != expected or tuple(tensor_value(new).shape) != shape:
+            expected = [tuple(shape)] * len(values)
+        ok = all(_shapes_equal(g, e) for g, e in zip(got, expected)) and _shapes_equal(tuple(tensor_value(new).shape), tuple(shape))
+        if not ok:
             raise RuntimeError(f"chunked {new.name} has pieces {got} (expected {expected}); refusing the rewrite")
 
 
