@@ -125,3 +125,75 @@ def test_domino_backend_with_default_passes_compiles_one_graph_for_all_layers() 
     ran = [r["name"] for r in backend.reports[0]["pre_grad"]]
     assert sorted(ran) == sorted(backend.config.passes)
     torch._dynamo.reset()
+
+
+class _AuxBackend:
+    """An eager AOT backend that looks like a DominoBackend carrying the aux-loss pass (``config.passes``)
+    and records the Dynamo graphs it is handed."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.config = SimpleNamespace(passes=("layerwise_aux_loss",))
+        self.graphs: list[torch.fx.GraphModule] = []
+        self._aot = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                                 bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        self.graphs.append(gm)
+        return self._aot(gm, example_inputs)
+
+
+class LossStack(Stack):
+    """``Stack`` whose forward finds its aux loss by attribute lookup on ``LOSSES`` (as a modeling module's
+    forward finds a module-level function)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = []
+        for layer in self.layers:
+            h, layer_logits = layer(h)
+            logits.append(layer_logits)
+        return h.square().mean() + 0.1 * LOSSES.aux(tuple(logits))
+
+
+def _aux(logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return load_balancing_loss(logits, EXPERTS, TOP_K)
+
+
+LOSSES = type("Losses", (), {"aux": staticmethod(_aux)})
+
+
+def test_functions_are_compiled_with_the_same_backend_and_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """``functions=`` compiles the aux-loss function where the model looks it up: the backend sees a graph
+    holding the stacked loss (the ``cat`` of every layer's logits), loss and grads equal eager's, no warning."""
+    torch._dynamo.reset()
+    eager = make_stack(3)
+    model = LossStack(3)
+    model.load_state_dict(eager.state_dict())
+    backend = _AuxBackend()
+    try:
+        with caplog.at_level("WARNING", logger="moe_passes.regional"):
+            names = compile_regions(model, backend, block_types=(Layer,), functions=[(LOSSES, "aux")], fullgraph=True)
+        assert names == ["layers.0", "layers.1", "layers.2", "Losses.aux"]
+        assert getattr(LOSSES.aux, "_torchdynamo_orig_callable", None) is not None
+        assert not [r for r in caplog.records if "layerwise_aux_loss" in r.getMessage()], caplog.text
+        assert_same(model, eager, torch.randn(1, 10, HIDDEN, requires_grad=True))
+        loss_graphs = [g for g in backend.graphs if any(n.target in (torch.cat, torch.ops.aten.cat.default) for n in g.graph.nodes)]
+        assert len(backend.graphs) == 2 and len(loss_graphs) == 1, [g.graph for g in backend.graphs]
+        again = compile_regions(model, backend, block_types=(Layer,), functions=[(LOSSES, "aux")], fullgraph=True)
+        assert again == names and LOSSES.aux._torchdynamo_orig_callable is _aux  # compiled once, not twice
+    finally:
+        LOSSES.aux = staticmethod(_aux)
+        torch._dynamo.reset()
+
+
+def test_aux_loss_backend_without_functions_warns_and_bad_function_is_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    backend = _AuxBackend()
+    with caplog.at_level("WARNING", logger="moe_passes.regional"):
+        compile_regions(make_stack(1), backend, block_types=(Layer,))
+    assert "aux loss stays stacked and eager" in caplog.text
+    with pytest.raises(ValueError, match="Losses.missing is not a function"):
+        compile_regions(make_stack(1), backend, block_types=(Layer,), functions=[(LOSSES, "missing")])
