@@ -170,6 +170,16 @@ def test_bench_whose_every_row_failed_exits_1(monkeypatch: pytest.MonkeyPatch, t
     assert data.get("failing", {}).get("failed_rows", 2) == 2
 
 
+@pytest.mark.slow
+def test_speed_bench_on_3_ranks_exits_1() -> None:
+    """The issue's command, as a user runs it: every variant fails (4 experts over 3 ranks), so the exit status is 1."""
+    proc = moe_passes_cli("bench", "--section", "speed", "--world-size", "3", "--quick", "--steps", "1", "--warmup", "1",
+                          "--device", "cpu", "-q", timeout=600)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "failed: ValueError: num_experts=4 is not divisible by the expert-parallel size 3" in proc.stdout
+    assert "moe-passes: bench speed: every 7 row(s) failed (nothing measured)" in proc.stderr, proc.stderr
+
+
 def test_meta_device_trace_gives_the_same_estimates_without_allocating(json_run: dict[str, Any], tmp_path: Path) -> None:
     """``--meta``: same graph, same static estimates as with real tensors (the real-shape presets rely on it)."""
     out = tmp_path / "meta.json"
