@@ -24,12 +24,16 @@ the log at WARNING. ``strict=True`` raises instead.
 e.g. the first graph of a model with a graph break).
 
 Before/after texts are snapshotted, logged under this module's logger and
-emitted as structured-trace artifacts (``TORCH_TRACE=dir`` + ``tlparse``).
+emitted as structured-trace artifacts (``TORCH_TRACE=dir`` + ``tlparse``):
+``moe_passes_<graph>_<pass>_before`` / ``_after`` (graph text) and, for every
+pass, pre- and post-grad, ``moe_passes_<graph>_<pass>_report`` (JSON: matched,
+changed, skipped with reasons, stats, validation notes, IR, trigger, error).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 import traceback
@@ -52,7 +56,7 @@ from moe_passes.pipeline.validation import (
     validate,
 )
 from moe_passes.ir.canonical import canonicalize, is_canonical
-from moe_passes.ir.facts import copy_node_attributes
+from moe_passes.ir.facts import copy_node_attributes, static_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ __all__ = [
     "load_pass",
     "repropagate",
     "run_post_grad",
+    "trace_json_artifact",
+    "trace_text_artifact",
     "validate",
 ]
 
@@ -94,6 +100,27 @@ def _trace_artifact(name: str, text: str) -> None:
     )
 
 
+def trace_json_artifact(name: str, payload: Callable[[], Any]) -> None:
+    """A structured-trace artifact (``TORCH_TRACE=dir``; ``tlparse`` shows it) holding JSON.
+
+    ``payload`` is called only when trace logging is on, so building a report costs nothing otherwise.
+    """
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": name, "encoding": "json"},
+        payload_fn=lambda: json.dumps(payload(), default=str, indent=1),
+    )
+
+
+def trace_text_artifact(name: str, text: Callable[[], str]) -> None:
+    """A structured-trace artifact holding text (a graph), built only when trace logging is on."""
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": name, "encoding": "string"},
+        payload_fn=text,
+    )
+
+
 @dataclass
 class PassRecord:
     """One pass on one graph: its result, the IR it ran on, validation outcome and before/after text."""
@@ -106,6 +133,9 @@ class PassRecord:
     after: str | None = None
     ir: str = "torch"
     trigger: str | None = None
+    #: Tensor values the pass removed from the graph (nodes before it that are gone after it): count and
+    #: bytes at their size hints. For ``layerwise_aux_loss`` these are the stacked ``[L*T, ...]`` tensors.
+    removed: dict[str, int] | None = None
 
     def as_dict(self, with_text: bool = False) -> dict[str, Any]:
         d = {
@@ -115,6 +145,8 @@ class PassRecord:
             "seconds": round(self.seconds, 4),
             "validation_notes": list(self.notes),
         }
+        if self.removed is not None:
+            d["removed_values"] = dict(self.removed)
         if with_text:
             d["before"], d["after"] = self.before, self.after
         return d
@@ -176,11 +208,23 @@ class PassManager:
                     canonical_error = canon.reason or "unknown reason"
             if graph_pass.ir == "aten" and ir != "aten":
                 records.append(self._skip_no_canonical(graph_pass, current, canonical_error or ""))
+                self._trace_report(records[-1], canonical_error)
                 continue
             record = self._run_one(graph_pass, current, example_inputs, text, ir)
             records.append(record)
+            self._trace_report(record, canonical_error)
             text = record.after
         return PipelineRun(current, records, ir, canonical_error)
+
+    def _trace_report(self, record: PassRecord, canonical_error: str | None) -> None:
+        """The pass's report as a structured-trace artifact beside its before/after graphs:
+        ``moe_passes_<graph>_<pass>_report`` (matched, changed, skipped with reasons, stats, validation
+        notes, the IR it ran on, its trigger, the error if it failed)."""
+        trace_json_artifact(
+            f"moe_passes_{self.graph_name}_{record.name}_report",
+            lambda: {"graph": self.graph_name, "stage": "pre_grad", **record.as_dict(),
+                     **({"canonical_error": canonical_error} if canonical_error else {})},
+        )
 
     def _skip_no_canonical(self, graph_pass: GraphPass, gm: fx.GraphModule, reason: str) -> PassRecord:
         result = PassResult(graph_pass.name)
@@ -260,7 +304,16 @@ class PassManager:
                     f"holding {trigger} ({reasons})"
                 )
             log.warning("%s changed nothing in %s although it holds %s: %s", name, self.graph_name, trigger, reasons)
-        return PassRecord(name, result, seconds, notes, before_text, after_text, ir, trigger)
+        removed = _removed_values(before.gm, gm) if result.changed else {"count": 0, "bytes": 0}
+        return PassRecord(name, result, seconds, notes, before_text, after_text, ir, trigger, removed)
+
+
+def _removed_values(before: fx.GraphModule, after: fx.GraphModule) -> dict[str, int]:
+    """Tensor values computed in ``before`` whose nodes ``after`` no longer has (count, bytes at size hints)."""
+    kept = {n.name for n in after.graph.nodes}
+    gone = [n for n in before.graph.nodes if n.op == "call_function" and n.name not in kept]
+    sizes = [static_nbytes(n.meta.get("val")) for n in gone]
+    return {"count": sum(1 for b in sizes if b), "bytes": sum(sizes)}
 
 
 def run_post_grad(
@@ -292,4 +345,11 @@ def run_post_grad(
             result.skip("graph", f"pass failed, graph restored: {first_line(e)}")
         log.info("%s (post-grad, %s): changed=%s stats=%s skipped=%d", graph_pass.name, graph_name, result.changed,
                  result.stats, len(result.skipped))
+        trace_json_artifact(f"moe_passes_{_artifact_stem(graph_name)}_{graph_pass.name}_report",
+                            lambda result=result: {"graph": graph_name, "stage": "post_grad", **result.as_dict()})
         on_result(result)
+
+
+def _artifact_stem(graph_name: str) -> str:
+    """``graph_0 (forward)`` -> ``graph_0_forward``: artifact names without spaces or brackets."""
+    return "_".join(part for part in graph_name.replace("(", " ").replace(")", " ").split())
