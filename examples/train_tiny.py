@@ -7,9 +7,17 @@
 Regional compile (the default) compiles each decoder layer / vision block on
 its own with ``moe_passes.regional.compile_regions``: every layer reuses the
 first layer's compiled graph, so compile time stays flat in the number of
-layers (what torchtitan does). Whole-model compile unrolls every layer into
-one graph (compile time grows with the layer count) but lets passes that need
-all layers at once apply (``layerwise_aux_loss`` rewrites the stacked aux loss).
+layers (what torchtitan does). The model's aux-loss functions
+(``load_balancing_loss``, ``router_z_loss``) are compiled with the same backend
+(``compile_regions(..., functions=...)``), so all three passes apply: Domino EP
+chunks the MoE region of the decoder-layer graph, ``async_offload`` sends its
+router logits and selected experts to the host, and ``layerwise_aux_loss``
+rewrites the loss graphs, whose inputs are every layer's router logits, into
+per-layer sums. Whole-model compile unrolls every layer into one graph
+(compile time grows with the layer count).
+
+With the domino backend the run ends with the backend's ``summary()`` (rank 0;
+the passes decide the same on every rank).
 
 Each rank owns half of every layer's experts and its own batch (text with an
 image); tokens travel to their experts through the dropless all-to-all. The
@@ -35,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict  # noqa: E402
 from moe_passes.models.interns1_vl.hf_loading import is_expert_key  # noqa: E402
+import moe_passes.models.interns1_vl.model as interns1_vl_model  # noqa: E402
 
 WORLD_SIZE = 2
 
@@ -50,30 +59,37 @@ def make_batch(config: InternS1VLConfig, rank: int) -> dict[str, torch.Tensor]:
     return dict(input_ids=input_ids, labels=labels, pixel_values=pixel_values, image_grid_thw=torch.tensor([[1, 4, 4]]))
 
 
-def compile_model(model: torch.nn.Module, backend: str, mode: str = "regional") -> torch.nn.Module:
-    if backend == "eager":
+#: The functions the model calls to compute its aux losses, compiled with the backend under regional compile.
+AUX_LOSS_FUNCTIONS = ((interns1_vl_model, "load_balancing_loss"), (interns1_vl_model, "router_z_loss"))
+
+
+def make_compiler(backend: str) -> Any:
+    """The torch.compile backend: a fresh ``DominoBackend`` (its reports are this model's alone) or "inductor"."""
+    if backend == "domino":
+        from moe_passes import make_backend
+
+        return make_backend()
+    return backend
+
+
+def compile_model(model: torch.nn.Module, compiler: Any, mode: str = "regional") -> torch.nn.Module:
+    if compiler == "eager":
         return model
     torch._dynamo.config.capture_scalar_outputs = True  # split sizes of the all-to-all are data dependent
-    if backend == "domino":
-        from moe_passes import domino_backend
-
-        compiler: Any = domino_backend
-    else:
-        compiler = "inductor"
     if mode == "regional":
         from moe_passes.regional import compile_regions
 
-        compile_regions(model, backend=compiler, fullgraph=True)  # in place; the top level (loss, embeddings) stays eager
+        # in place: the blocks, and the aux-loss functions the model's forward calls; embeddings stay eager
+        compile_regions(model, backend=compiler, functions=AUX_LOSS_FUNCTIONS, fullgraph=True)
         return model
     return torch.compile(model, backend=compiler, fullgraph=True)
 
 
 WHY = {
     "regional": "regional compile: each decoder layer and vision block is compiled once and every layer of its kind "
-                "reuses that graph, so compile time does not grow with the layer count (use --compile whole for "
-                "passes that need all layers in one graph, e.g. layerwise_aux_loss)",
-    "whole": "whole-model compile: one graph with every layer unrolled (compile time grows with the layer count; "
-             "cross-layer passes such as layerwise_aux_loss apply)",
+                "reuses that graph, so compile time does not grow with the layer count; the aux-loss functions are "
+                "compiled with the same backend, so the loss is rewritten layer-wise too",
+    "whole": "whole-model compile: one graph with every layer unrolled (compile time grows with the layer count)",
 }
 
 
@@ -96,7 +112,8 @@ def train(rank: int, world_size: int, port: int, backend: str, steps: int, mode:
         full_state = InternS1VLForConditionalGeneration(config).state_dict()  # same weights on every rank
         model = InternS1VLForConditionalGeneration(config, ep_group=dist.group.WORLD)
         load_hf_state_dict(model, full_state)
-        step_fn = compile_model(model, backend, mode)
+        compiler = make_compiler(backend)
+        step_fn = compile_model(model, compiler, mode)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         batch = make_batch(config, rank)
         for step in range(1, steps + 1):
@@ -112,6 +129,8 @@ def train(rank: int, world_size: int, port: int, backend: str, steps: int, mode:
             if rank == 0:
                 print(f"step {step}/{steps}  loss {stats[0]:.4f}  aux {stats[1]:.4f}  z {stats[2]:.4f}  "
                       f"({time.perf_counter() - start:.2f}s, backend={backend})", flush=True)
+        if rank == 0 and hasattr(compiler, "summary"):
+            print(compiler.summary(), flush=True)
     finally:
         dist.destroy_process_group()
 
