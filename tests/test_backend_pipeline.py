@@ -8,6 +8,7 @@ data-dependent offsets), captured once and copied per test.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 
 import pytest
@@ -220,8 +221,14 @@ def test_before_and_after_graphs_are_structured_trace_artifacts(monkeypatch: pyt
     assert [(k, m["name"]) for k, m, _ in emitted] == [
         ("artifact", "moe_passes_graph_t_scale_by_one_before"),
         ("artifact", "moe_passes_graph_t_scale_by_one_after"),
+        ("artifact", "moe_passes_graph_t_scale_by_one_report"),  # what the pass decided, beside its graphs
     ]
     assert emitted[0][2] == record.before and emitted[1][2] == record.after
+    assert emitted[2][1]["encoding"] == "json"
+    report = json.loads(emitted[2][2])
+    assert report["name"] == "t_scale_by_one" and report["stage"] == "pre_grad" and report["graph"] == "graph"
+    assert {k: report[k] for k in ("changed", "matched", "skipped")} == {
+        k: record.as_dict()[k] for k in ("changed", "matched", "skipped")}
 
 
 def test_registered_but_missing_pass_errors_only_when_requested(monkeypatch: pytest.MonkeyPatch, graph: CapturedGraph) -> None:
