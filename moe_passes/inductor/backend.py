@@ -168,7 +168,8 @@ def _schedule_moves(gm: fx.GraphModule, before_order: list[str]) -> dict[str, An
                 between = sum(1 for m in nodes[after[n.name] + 1: w]
                               if m.op == "call_function" and not is_wait(m) and not is_all_to_all(m))
                 windows.append({"all_to_all": n.name, "wait_at": w, "compute_nodes_between": between})
-    other = sum(1 for n in nodes if n.name in before and before[n.name] != after[n.name]) - len(moves)
+    comm_names = {n.name for n in comm}
+    other = sum(1 for n in nodes if n.name not in comm_names and n.name in before and before[n.name] != after[n.name])
     return {"collective_moves": moves, "other_nodes_moved": other, "all_to_all_windows": windows,
             "nodes": len(nodes)}
 
