@@ -409,7 +409,7 @@ def analyse(graph: fx.Graph) -> RouterAnalysis:
             rejected[node] = rejected_seeds[node]
         elif node.op in ("call_function", "call_method") and (is_shape_op(node) or meaning(node) in _JOIN_OPS):
             labels = [rejected.get(a) for a in _tensor_inputs(node)]
-            if labels and labels[0] is not None and (is_shape_op(node) or all(lab == labels[0] for lab in labels)):
+            if labels and labels[0] is not None and (is_shape_op(node) or all(lab is labels[0] for lab in labels)):
                 rejected[node] = labels[0]
     return RouterAnalysis(kinds, findings, rejected)
 
