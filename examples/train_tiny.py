@@ -41,9 +41,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import moe_passes.models.interns1_vl.model as interns1_vl_model  # noqa: E402
 from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict  # noqa: E402
 from moe_passes.models.interns1_vl.hf_loading import is_expert_key  # noqa: E402
-import moe_passes.models.interns1_vl.model as interns1_vl_model  # noqa: E402
 
 WORLD_SIZE = 2
 

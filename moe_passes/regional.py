@@ -119,7 +119,7 @@ def compile_regions(
         if not callable(fn):
             raise ValueError(f"compile_regions: {_owner_name(owner)}.{attr} is not a function to compile")
         targets.append((owner, attr, fn))
-    for name, block in regions:
+    for _, block in regions:
         block.compile(backend=backend, **compile_kwargs)
     compiled_functions = []
     for owner, attr, fn in targets:

@@ -16,7 +16,6 @@ import torch
 
 from moe_passes import BackendConfig, make_backend
 from moe_passes.config import DEFAULT_PASSES
-from moe_passes.pipeline.order import pipeline_names, post_grad_pass_names
 from moe_passes.ir.capture import CapturedGraph, capture_graphs
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.pipeline.manager import (
@@ -28,6 +27,7 @@ from moe_passes.pipeline.manager import (
     copy_graph_module,
     load_pass,
 )
+from moe_passes.pipeline.order import pipeline_names, post_grad_pass_names
 from moe_passes.targets import moe_stack
 from tests import backend_helpers as h
 

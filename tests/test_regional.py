@@ -88,8 +88,8 @@ def test_nothing_to_compile_is_an_error() -> None:
 
 def test_every_layer_reuses_one_graph_and_matches_eager() -> None:
     """4 layers, one Dynamo graph (AOT autograd, eager kernels): the later layers hit the first layer's cache entry."""
-    from torch._dynamo.backends.common import aot_autograd
     from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
 
     compiled_graphs: list[Any] = []
 

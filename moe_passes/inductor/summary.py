@@ -192,7 +192,7 @@ def summarize(reports: Iterable[dict[str, Any]]) -> BackendSummary:
             elif name == "async_offload":
                 out.router_tensors_offloaded += int(stats.get("offloaded", 0))
                 out.offloaded_bytes += int(stats.get("offloaded_bytes", 0))
-        for kind, results in (report.get("post_grad") or {}).items():
+        for results in (report.get("post_grad") or {}).values():
             for result in results:
                 name = result["name"]
                 _add(passes.setdefault(name, PassSummary(name, "post_grad")), result)

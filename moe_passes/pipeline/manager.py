@@ -45,9 +45,11 @@ import torch.fx as fx
 
 from moe_passes.config import BackendConfig
 from moe_passes.errors import error_summary, first_line
+from moe_passes.ir.canonical import canonicalize, is_canonical
+from moe_passes.ir.facts import copy_node_attributes, static_nbytes
 from moe_passes.ir.graph_text import graph_text
-from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.pipeline.order import PassUnavailableError, build_pipeline, load_pass
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.pipeline.validation import (
     REPROPAGATION_UNAVAILABLE,
     GraphState,
@@ -55,8 +57,6 @@ from moe_passes.pipeline.validation import (
     repropagate,
     validate,
 )
-from moe_passes.ir.canonical import canonicalize, is_canonical
-from moe_passes.ir.facts import copy_node_attributes, static_nbytes
 
 log = logging.getLogger(__name__)
 
