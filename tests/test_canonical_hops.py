@@ -372,3 +372,25 @@ def test_reference_model_with_checkpointed_layers_is_chunked_and_exact_on_two_ra
         assert r["grad_errors"][worst] < 1e-4, f"rank {rank}: gradient of {worst} off by {r['grad_errors'][worst]:.2e}"
         if r["backward"]:  # kept on a real compile (not an FX-graph-cache hit): the layers are recomputed
             assert r["backward"]["aten.topk"] >= 2, (rank, r["backward"])
+
+
+@pytest.mark.parametrize("checkpointing", ["ac", "sac"])
+def test_a_function_inside_a_checkpoint_body_stays_one_tagged_node_and_exact(checkpointing: str) -> None:
+    """The experts' activation is a custom Function inside each checkpointed block: kept opaque, tagged
+    with its checkpoint's ``ac_graph_id``; the aux loss is still rewritten; loss and grads exact."""
+
+    def block() -> nn.Module:
+        b = SparseMoeBlock(HIDDEN, INTER, EXPERTS, TOP_K)
+        b.experts.__class__ = FunctionExperts
+        return b
+
+    res = canonical_of(stack(checkpointing, block=block))
+    kept = [n for n in res.gm.graph.nodes if "autograd_function_apply" in str(n.target)]
+    assert len(kept) == LAYERS and len({n.meta.get("ac_graph_id") for n in kept}) == LAYERS, res.gm.code
+    assert all(n.meta["recompute"] == CheckpointPolicy.PREFER_RECOMPUTE for n in kept)
+    model = stack(checkpointing, block=block)
+    backend = make_backend(passes=("layerwise_aux_loss",))
+    torch._dynamo.reset()
+    assert_matches_eager(model, torch.compile(model, backend=backend, fullgraph=True))
+    torch._dynamo.reset()
+    assert backend.reports[0]["pre_grad"][0]["changed"], backend.reports
