@@ -43,6 +43,9 @@ class BackendConfig:
         ``async_offload`` knows (``OFFLOAD_TARGET_KINDS``: "router_logits", "selected_experts").
     strict: raise when a requested pass finds nothing it can safely apply.
     verify: run original and transformed graph on the example inputs; raise on mismatch.
+    rank_check: before every call of a graph whose collectives a pass changed, agree across the ranks
+        (one 32-byte all_gather) that every rank runs the same collective sequence; raise a clear
+        error on every rank instead of a gloo abort / NCCL hang (``moe_passes.inductor.rank_check``).
     verify_rtol, verify_atol: verify's tolerances; None (the default): per compared tensor from its dtype
         (``torch.testing.assert_close``'s table, never tighter than rtol 1e-4 / atol 1e-5), scaled by the
         tensor's largest reference value; a number: exactly ``assert_close(rtol=..., atol=...)``.
@@ -59,12 +62,13 @@ class BackendConfig:
     offload_targets: str | tuple[str, ...] = "auto"
     strict: bool = False
     verify: bool = False
+    rank_check: bool = True
     verify_rtol: float | None = None
     verify_atol: float | None = None
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        for name in ("schedule_overlap", "strict", "verify"):  # "yes" or 1 must not pass as a bool
+        for name in ("schedule_overlap", "strict", "verify", "rank_check"):  # "yes" or 1 must not pass as a bool
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("verify_rtol", "verify_atol"):
