@@ -39,9 +39,17 @@ from moe_passes.config import DEFAULT_PASSES, BackendConfig, NumChunks
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.cost.memory import estimate_graph
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
-from moe_passes.pipeline.manager import PassManager, PassRecord, copy_graph_module, run_post_grad
+from moe_passes.pipeline.manager import (
+    PassManager,
+    PassRecord,
+    copy_graph_module,
+    run_post_grad,
+    trace_json_artifact,
+    trace_text_artifact,
+)
+from moe_passes.inductor.summary import BackendSummary, summarize
 from moe_passes.pipeline.order import load_pass, post_grad_pass_names
-from moe_passes.ir.facts import collective_nodes
+from moe_passes.ir.facts import collective_nodes, is_all_to_all, is_wait
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +123,17 @@ class PostGradPipeline(CustomGraphPass):
         if self.keep_graphs:
             self._keep(kind, "before", gm)
         passes = [p for p in self.passes if kind == "unknown" or kind in p.graphs]
+        tracing = _tracing_enabled() and bool(passes)
+        stem = f"moe_passes_graph_{self.report.index}_{kind}_post_grad"
+        if tracing:
+            before_text, before_order = graph_text(gm), [n.name for n in gm.graph.nodes]
+            trace_text_artifact(f"{stem}_before", lambda: before_text)
         run_post_grad(passes, gm, self.report.post_grad.setdefault(kind, []).append, strict=self.strict,
                       graph_name=f"graph_{self.report.index} ({kind})")
+        if tracing:
+            after_text = graph_text(gm)
+            trace_text_artifact(f"{stem}_after", lambda: after_text)
+            trace_json_artifact(f"{stem}_moves", lambda: _schedule_moves(gm, before_order))
         if self.keep_graphs:
             self._keep(kind, "after", gm)
 
@@ -131,6 +148,30 @@ class PostGradPipeline(CustomGraphPass):
 
 def _tracing_enabled() -> bool:
     return bool(torch._logging._internal.trace_log.handlers)
+
+
+def _schedule_moves(gm: fx.GraphModule, before_order: list[str]) -> dict[str, Any]:
+    """What the post-grad passes moved: each collective / wait whose position changed, and how many
+    other nodes it now has between issue and wait (the structured-trace ``..._moves`` artifact)."""
+    nodes = list(gm.graph.nodes)
+    after = {n.name: i for i, n in enumerate(nodes)}
+    before = {name: i for i, name in enumerate(before_order)}
+    comm = [n for n in nodes if is_all_to_all(n) or is_wait(n)]
+    moves = [{"node": n.name, "op": str(n.target), "before": before.get(n.name), "after": after[n.name]}
+             for n in comm if before.get(n.name) != after[n.name]]
+    windows = []
+    for n in nodes:
+        if is_all_to_all(n):
+            waits = [u for u in n.users if is_wait(u)]
+            if waits:
+                w = min(after[u.name] for u in waits)
+                between = sum(1 for m in nodes[after[n.name] + 1: w]
+                              if m.op == "call_function" and not is_wait(m) and not is_all_to_all(m))
+                windows.append({"all_to_all": n.name, "wait_at": w, "compute_nodes_between": between})
+    comm_names = {n.name for n in comm}
+    other = sum(1 for n in nodes if n.name not in comm_names and n.name in before and before[n.name] != after[n.name])
+    return {"collective_moves": moves, "other_nodes_moved": other, "all_to_all_windows": windows,
+            "nodes": len(nodes)}
 
 
 class DominoBackend:
@@ -169,6 +210,16 @@ class DominoBackend:
     def reports(self) -> list[dict[str, Any]]:
         """Per compiled graph: per pass what it matched, changed and skipped; post-grad results fw/bw."""
         return [g.as_dict() for g in self.graphs]
+
+    def summary(self) -> BackendSummary:
+        """What every pass did over every graph this backend compiled (since ``clear_reports()``).
+
+        Modelled on ``torch._dynamo.explain``'s output: ``str(backend.summary())`` is the short per-pass
+        text (regions chunked, aux-loss layers rewritten and stacked bytes gone, router tensors moved
+        to host, all-to-alls overlapped), ``backend.summary().as_dict()`` the same as a dict with, per
+        pass, applied/skipped/failed graph counts, what it matched, skip reasons and summed stats.
+        """
+        return summarize(self.reports)
 
     def clear_reports(self) -> None:
         """Forget the reports of the graphs compiled so far (later graphs count from 0 again)."""
