@@ -119,10 +119,11 @@ def _reference_model_preset(name: str, layers: int | None = None, meta: bool | N
     """
     try:
         ref = importlib.import_module("moe_passes.models.interns1_vl")
-        preset = getattr(ref, "preset")
-        presets = sorted(getattr(ref, "PRESETS"))
+        preset = ref.preset
+        presets = sorted(ref.PRESETS)
     except (ImportError, AttributeError) as e:
-        raise TargetError(f"unknown preset {name!r}: built-in presets are {list(BUILTIN_PRESETS)} and the reference model is not importable ({e})") from e
+        raise TargetError(f"unknown preset {name!r}: built-in presets are {list(BUILTIN_PRESETS)} and the reference model "
+                          f"is not importable ({e})") from e
     if name not in presets:
         raise TargetError(f"unknown preset {name!r}; choose one of {sorted([*BUILTIN_PRESETS, *presets])}, "
                           "or give package.module:function or path/to/file.py:function")
@@ -171,7 +172,8 @@ def _reference_model_preset(name: str, layers: int | None = None, meta: bool | N
 
 def _describe(value: Any) -> str:
     if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__} of {len(value)}: ({', '.join(type(v).__name__ for v in value[:4])}{', ...' if len(value) > 4 else ''})"
+        shown = ", ".join(type(v).__name__ for v in value[:4])
+        return f"{type(value).__name__} of {len(value)}: ({shown}{', ...' if len(value) > 4 else ''})"
     return type(value).__name__
 
 

@@ -51,7 +51,8 @@ def test_json_has_one_section_per_pass_with_diff_summary_and_estimates(json_run:
         assert section["estimate_before"]["peak_live_bytes"] > 0
         # Counts come from the graph: they agree with the estimator's own walk of the same graphs.
         summary = section["summary"]
-        assert _pair(summary["collectives"]) == (section["estimate_before"]["num_collectives"], section["estimate_after"]["num_collectives"])
+        assert _pair(summary["collectives"]) == (section["estimate_before"]["num_collectives"],
+                                                 section["estimate_after"]["num_collectives"])
         assert _pair(summary["waits"]) == (section["estimate_before"]["num_waits"], section["estimate_after"]["num_waits"])
     # Domino chunks the layers it matched: more collectives, one chunk list per matched layer.
     assert domino["summary"]["changed"] is True and domino["diff"].startswith("--- ") and domino["summary"]["nodes_added"] > 0
@@ -107,10 +108,12 @@ def test_output_code_stage(tmp_path: Path) -> None:
 
 def run(options: BenchOptions) -> BenchSection:
     """A bench section for the renderer test (the CLI imports it by module name)."""
-    return BenchSection("fake speed", ["config", "step_ms", "ratio"], [{"config": "inductor", "step_ms": 12.5, "ratio": 1.0}], ["quick" if options.quick else "full"])
+    return BenchSection("fake speed", ["config", "step_ms", "ratio"], [{"config": "inductor", "step_ms": 12.5, "ratio": 1.0}],
+                        ["quick" if options.quick else "full"])
 
 
-def test_bench_renders_sections_and_keeps_going_after_a_broken_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_renders_sections_and_keeps_going_after_a_broken_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from moe_passes import bench
     from moe_passes.cli import main
 

@@ -37,9 +37,11 @@ def raises() -> None:
         (["diff", "no_such_package.models:build"], "cannot import target module 'no_such_package.models'"),
         (["diff", "moe_passes.targets:no_such_function"], "has no callable 'no_such_function'"),
         (["diff", "bogus-preset"], "unknown preset 'bogus-preset'"),
-        (["diff", "tests.test_cli_errors:sequential"], "must return (model, example_inputs): a callable and the list or tuple of its positional inputs; got Sequential"),
+        (["diff", "tests.test_cli_errors:sequential"],
+         "must return (model, example_inputs): a callable and the list or tuple of its positional inputs; got Sequential"),
         (["diff", "tests.test_cli_errors:model_and_tensor"], "example_inputs is a Tensor (wrap a single input as [x])"),
-        (["diff", "tests.test_cli_errors:too_many_inputs"], "calling the model with its 2 example input(s) fails: too many positional arguments"),
+        (["diff", "tests.test_cli_errors:too_many_inputs"],
+         "calling the model with its 2 example input(s) fails: too many positional arguments"),
         (["diff", "tests.test_cli_errors:raises"], "raises() raised RuntimeError: no weights here"),
         (["diff", "interns1-pro", "--stage", "forward"], "only --stage pre_grad"),
         (["bench", "--section", "nope"], "unknown bench section"),
@@ -123,7 +125,8 @@ def test_target_with_a_syntax_error_exits_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["diff", "moe_stack", "--output", "/no/such/dir/out.html"], "--output /no/such/dir/out.html: directory '/no/such/dir' does not exist"),
+        (["diff", "moe_stack", "--output", "/no/such/dir/out.html"],
+         "--output /no/such/dir/out.html: directory '/no/such/dir' does not exist"),
         (["diff", "moe_stack", "--output", "/proc/out.txt"], "--output /proc/out.txt: cannot write there"),
         (["bench", "--json", "/no/such/dir/b.json"], "--json /no/such/dir/b.json: directory '/no/such/dir' does not exist"),
     ],

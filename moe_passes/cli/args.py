@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-
 from typing import Any, Callable
 
 from moe_passes.cli.textdiff import DIFF_MODES
@@ -127,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("target", help="a preset name (see below), package.module:function or path/to/file.py:function "
                       "returning (model, example_inputs)")
     diff.add_argument("--stage", choices=STAGES, default="pre_grad",
-                      help="pre_grad: passes on the Dynamo graph, no Inductor; forward/backward/output_code: compile twice with Inductor and compare")
+                      help="pre_grad: passes on the Dynamo graph, no Inductor; "
+                      "forward/backward/output_code: compile twice with Inductor and compare")
     diff.add_argument("--pass", dest="passes", nargs="+", action="append", metavar="NAME",
                       help="passes to run, in order (--pass a b or --pass a --pass b; default: the default pre-grad passes)")
     diff.add_argument("--format", choices=FORMATS, default="text",

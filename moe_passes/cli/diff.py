@@ -136,8 +136,8 @@ def pre_grad_sections(target: Any, pass_names: Sequence[str], num_chunks: Any, p
     canonical re-trace; the re-trace itself is not shown as the pass's change).
     """
     from moe_passes.config import BackendConfig
-    from moe_passes.ir.graph_text import graph_text
     from moe_passes.cost.memory import estimate_graph
+    from moe_passes.ir.graph_text import graph_text
     from moe_passes.pipeline.manager import PassManager
 
     config = BackendConfig(passes=tuple(pass_names), num_chunks=num_chunks)
@@ -253,15 +253,18 @@ def output_code_sections(base_codes: list[tuple[str, str]], new_codes: list[tupl
         base = [c for k, c in base_codes if k == kind]
         new = [c for k, c in new_codes if k == kind]
         if len(base) != len(new):
-            log.warning("%d %s output codes without passes, %d with: comparing the first %d", len(base), kind, len(new), min(len(base), len(new)))
+            log.warning("%d %s output codes without passes, %d with: comparing the first %d", len(base), kind, len(new),
+                        min(len(base), len(new)))
         for i, (a, b) in enumerate(zip(base, new)):
-            section = Section(i, f"graph {i} / {kind} output code", None, normalize_output_code(a), normalize_output_code(b), diff_mode=diff_mode)
+            section = Section(i, f"graph {i} / {kind} output code", None, normalize_output_code(a), normalize_output_code(b),
+                              diff_mode=diff_mode)
             section.summary = summarize(section, output_code_counts(a), output_code_counts(b))
             sections.append(section)
     return sorted(sections, key=lambda s: s.graph)
 
 
-def compiled_sections(target: Any, pass_names: Sequence[str], num_chunks: Any, stage: str, progress: Progress, diff_mode: str) -> list[Section]:
+def compiled_sections(target: Any, pass_names: Sequence[str], num_chunks: Any, stage: str, progress: Progress,
+                      diff_mode: str) -> list[Section]:
     """Baseline (no passes) vs transformed at a post-grad stage or in the output code."""
     from moe_passes.config import BackendConfig
 

@@ -65,8 +65,9 @@ def render_html(sections: Sequence[Section], header: dict[str, Any]) -> str:
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="meta">passes: {html.escape(", ".join(header.get("pipeline") or header["passes"]) or "-")} &middot; diff: {html.escape(header["diff"])} '
-        f'&middot; world size {header["world_size"]}{" &middot; " + html.escape(header["description"]) if header.get("description") else ""}</p>',
+        f'<p class="meta">passes: {html.escape(", ".join(header.get("pipeline") or header["passes"]) or "-")} '
+        f'&middot; diff: {html.escape(header["diff"])} &middot; world size {header["world_size"]}'
+        f'{" &middot; " + html.escape(header["description"]) if header.get("description") else ""}</p>',
         '<h2 id="summary">Summary</h2>',
     ]
     if not sections:

@@ -139,7 +139,8 @@ def real_shape_lines(header: dict[str, Any], sections: Sequence[Section]) -> lis
 
 def render_text(stream: IO[str], sections: Sequence[Section], header: dict[str, Any], width: int | None, colour: bool) -> None:
     w = Writer(stream, width, colour)
-    w.para(f"moe-passes diff {header['target']}: stage {header['stage']}, passes {', '.join(header.get('pipeline') or header['passes']) or '-'}, "
+    w.para(f"moe-passes diff {header['target']}: stage {header['stage']}, "
+           f"passes {', '.join(header.get('pipeline') or header['passes']) or '-'}, "
            f"diff {header['diff']}, world size {header['world_size']}", style="bold")
     if header.get("description"):
         w.para(header["description"])

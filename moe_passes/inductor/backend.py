@@ -408,8 +408,9 @@ def _compare(what: str, new: Any, ref: Any, rtol: float | None, atol: float | No
         return None
     wide = torch.complex128 if ref.is_complex() else torch.float64  # on the tensor's device: no host copy of it
     n64, r64 = new.detach().to(device=ref.device, dtype=wide), ref.detach().to(wide)
-    both_nan = torch.isnan(n64) & torch.isnan(r64) if ref.is_floating_point() or ref.is_complex() else torch.zeros_like(r64, dtype=torch.bool)
-    finite_ref = r64[torch.isfinite(r64)] if ref.is_floating_point() or ref.is_complex() else r64
+    inexact = ref.is_floating_point() or ref.is_complex()
+    both_nan = torch.isnan(n64) & torch.isnan(r64) if inexact else torch.zeros_like(r64, dtype=torch.bool)
+    finite_ref = r64[torch.isfinite(r64)] if inexact else r64
     scale = float(finite_ref.abs().max()) if scaled and finite_ref.numel() else 0.0
     allowed = a_tol + r_tol * (scale if scaled else r64.abs())
     diff = (n64 - r64).abs()
