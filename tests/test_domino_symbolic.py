@@ -15,6 +15,7 @@ chunked graph must compute what the unchunked one does.
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass, chunk_sizes
+from moe_passes.inductor.rank_check import collective_sequence, fingerprint
 from moe_passes.ir.facts import is_all_to_all
 from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.testing import run_pass
@@ -149,3 +151,8 @@ def test_automatic_dynamic_recompile_stays_chunked(ep_group: dist.ProcessGroup) 
     assert "symbolic" not in static.stats
     assert symbolic.changed and not symbolic.skipped, symbolic.as_dict()
     assert _evaluate(_symbolic_sizes(symbolic), 13) == [7, 6]
+    # What the backend's rank check agrees on is the same for both graphs: a rank still on the static
+    # graph and a rank that recompiled issue the same collectives (sizes are not part of it).
+    digests = [fingerprint(gm, [SimpleNamespace(name="domino_ep", result=r)])[0] for gm, r in zip(rec.graphs, rec.results)]
+    assert digests[0] == digests[1]
+    assert collective_sequence(rec.graphs[0]) == collective_sequence(rec.graphs[1])
