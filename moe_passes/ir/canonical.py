@@ -62,13 +62,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from moe_passes.errors import error_summary
 from moe_passes.ir.autograd import changed_gradient_inputs
 from moe_passes.ir.facts import is_wait, node_value, op_namespace_and_name
+from moe_passes.ir.fake_mode import graph_fake_mode, placeholder_fakes
 
 log = logging.getLogger(__name__)
 
@@ -86,28 +86,6 @@ class Canonicalized:
 
 def is_canonical(gm: fx.GraphModule) -> bool:
     return bool(getattr(gm, "meta", {}).get(CANONICAL_META_KEY))
-
-
-def graph_fake_mode(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> FakeTensorMode | None:
-    """The fake mode the graph was traced in: its placeholders' values, else the example inputs'."""
-    vals = [node_value(n) for n in gm.graph.find_nodes(op="placeholder")]
-    return detect_fake_mode(vals) or detect_fake_mode(list(example_inputs))
-
-
-def placeholder_fakes(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], mode: FakeTensorMode, static_shapes: bool = False
-) -> list[Any]:
-    """The graph's input values as fakes of ``mode``: Dynamo's own fakes where it recorded them in
-    ``mode`` (symbols kept), else the example input, converted (``static_shapes`` as given)."""
-    out: list[Any] = []
-    for i, ph in enumerate(gm.graph.find_nodes(op="placeholder")):
-        val = node_value(ph)
-        if val is None and i < len(example_inputs):
-            val = example_inputs[i]
-        if isinstance(val, torch.Tensor) and not (isinstance(val, FakeTensor) and val.fake_mode is mode):
-            val = mode.from_tensor(val, static_shapes=static_shapes)
-        out.append(val)
-    return out
 
 
 def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonicalized:
