@@ -11,10 +11,8 @@ order a user lists gives the same pipeline.
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import Any
 
-log = logging.getLogger(__name__)
 
 PRE_GRAD_PASSES: dict[str, str] = {
     "layerwise_aux_loss": "moe_passes.fx.aux_loss:LayerwiseAuxLossPass",

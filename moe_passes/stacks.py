@@ -20,7 +20,6 @@ the offload bench); the tests configure ``MoEStack`` directly.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import torch
@@ -30,7 +29,6 @@ from torch import nn
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
 from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 
-log = logging.getLogger(__name__)
 
 #: Main loss on the last hidden state ``h``: ``mse`` = ``mse_loss(h, target)``, ``square_mean`` =
 #: ``h.square().mean()``, ``pow2_mean`` = ``h.pow(2).mean()`` (same value, different graph op).

@@ -34,7 +34,6 @@ import tempfile
 import time
 from typing import Any
 
-log = logging.getLogger(__name__)
 progress = logging.getLogger("moe_passes.progress")  # printed as progress lines by the CLI
 
 HIDDEN, FFN, TOP_K, TOKENS = 32, 32, 2, 64

@@ -41,7 +41,6 @@ Both rows also give the step time and the aux loss's share of it
 from __future__ import annotations
 
 import copy
-import logging
 import statistics
 import time
 from typing import Any, Callable
@@ -57,7 +56,6 @@ from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
 from moe_passes.pipeline.manager import PassManager
 from moe_passes.stacks import MoEStack
 
-log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 

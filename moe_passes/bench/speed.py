@@ -33,7 +33,6 @@ from typing import Any, Callable
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.errors import error_summary
 
-log = logging.getLogger(__name__)
 progress = logging.getLogger("moe_passes.progress")  # printed as progress lines by the CLI
 
 COLUMNS = ["variant", "step_ms", "exposed_comm_ms", "compile_s", "step_vs_inductor", "exposed_vs_inductor", "note"]

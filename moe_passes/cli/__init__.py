@@ -16,14 +16,12 @@ error", traceback with --verbose); 2 bad input, one line saying the fix
 
 from __future__ import annotations
 
-import logging
 import sys
 import traceback
 from typing import Sequence
 
 from moe_passes.cli.errors import CLIError
 
-log = logging.getLogger(__name__)
 
 __all__ = ["CLIError", "main"]
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any, Callable
 
 from moe_passes.cli.textdiff import DIFF_MODES
 
-log = logging.getLogger(__name__)
 
 FORMATS = ("text", "json", "html")
 STAGES = ("pre_grad", "forward", "backward", "output_code")

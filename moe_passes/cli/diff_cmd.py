@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,6 @@ from typing import Any
 from moe_passes.cli.diff import check_passes, compiled_sections, pipeline_order, pre_grad_sections
 from moe_passes.cli.errors import CLIError, check_writable
 from moe_passes.cli.progress import Progress
-
-log = logging.getLogger(__name__)
 
 
 def init_fake_process_group(world_size: int, meta: bool = False) -> None:

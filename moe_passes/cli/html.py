@@ -7,14 +7,12 @@ are GitHub-like light backgrounds with dark text, readable on white.
 from __future__ import annotations
 
 import html
-import logging
 from typing import Any, Sequence
 
 from moe_passes.cli.diff import Section
 from moe_passes.cli.render import ESTIMATE_COLUMNS, SUMMARY_COLUMNS, details, estimate_rows, real_shape_lines, summary_rows
 from moe_passes.cli.tables import cell
 
-log = logging.getLogger(__name__)
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em 2em; color: #1f2328; background: #ffffff; }

@@ -12,8 +12,6 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-log = logging.getLogger(__name__)
-
 
 class _Handler(logging.Handler):
     def __init__(self, verbose: bool) -> None:

@@ -11,14 +11,11 @@ back to Python, the message says so.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
-
-log = logging.getLogger(__name__)
 
 
 def _concrete(value: Any, shape_env: Any) -> int:

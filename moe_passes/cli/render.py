@@ -7,7 +7,6 @@ not fit (see ``tables``). Nothing is cut with "…".
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import textwrap
@@ -16,7 +15,6 @@ from typing import IO, Any, Sequence
 from moe_passes.cli.diff import Section, short_region
 from moe_passes.cli.tables import table_lines, wrap
 
-log = logging.getLogger(__name__)
 
 _COLOURS = {"+": "\033[32m", "-": "\033[31m", "@": "\033[36m", "bold": "\033[1m", "dim": "\033[2m", "title": "\033[1;36m"}
 _RESET = "\033[0m"

@@ -7,11 +7,9 @@ values wrapped at spaces), which reads well at 80 columns.
 
 from __future__ import annotations
 
-import logging
 import textwrap
 from typing import Any, Sequence
 
-log = logging.getLogger(__name__)
 
 GAP = "  "
 

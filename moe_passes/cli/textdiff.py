@@ -14,10 +14,8 @@ still masked).
 from __future__ import annotations
 
 import difflib
-import logging
 import re
 
-log = logging.getLogger(__name__)
 
 DIFF_MODES = ("semantic", "full")
 

@@ -19,7 +19,6 @@ were guessed (``unhinted_sizes``), so nobody mistakes a guess for a fact.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,7 +31,6 @@ from torch.utils._pytree import tree_leaves
 
 from moe_passes.ir.facts import all_to_all_split_args, collective_kind, is_collective, is_wait, node_value
 
-log = logging.getLogger(__name__)
 
 UNBACKED_FALLBACK = 8192  # same default as torch._inductor.config.unbacked_symint_fallback
 

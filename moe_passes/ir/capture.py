@@ -6,14 +6,11 @@ these graphs, so they can be exercised without running Inductor.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

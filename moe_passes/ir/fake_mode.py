@@ -11,7 +11,6 @@ enter it here, in one way: the re-run may create fresh unbacked symbols (``.item
 
 from __future__ import annotations
 
-import logging
 from contextlib import ExitStack
 from typing import Any, Iterable, Sequence
 
@@ -21,8 +20,6 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from moe_passes.ir.facts import node_value
-
-log = logging.getLogger(__name__)
 
 
 def single_fake_mode(values: Iterable[Any]) -> FakeTensorMode | None:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from moe_passes.errors import error_summary
 from moe_passes.ir.facts import is_wait, op_namespace_and_name
-
-log = logging.getLogger(__name__)
 
 
 def _compute_nodes(body: fx.GraphModule) -> list[fx.Node]:

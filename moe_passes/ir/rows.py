@@ -40,7 +40,6 @@ grouped GEMMs, per-expert counters) and the layer-wise aux loss
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -49,7 +48,6 @@ import torch.fx as fx
 
 from moe_passes.ir.facts import normalize_dim, normalize_dims, op_arg, tensor_ndim, tensor_value
 
-log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 

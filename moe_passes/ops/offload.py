@@ -65,14 +65,12 @@ work. The registry is not thread-safe: graphs run single-threaded.
 from __future__ import annotations
 
 import itertools
-import logging
 import weakref
 from collections.abc import Sequence
 
 import torch
 from torch.fx.node import has_side_effect
 
-log = logging.getLogger(__name__)
 
 NAMESPACE = "moe_passes"
 

@@ -10,7 +10,6 @@ silent.
 
 from __future__ import annotations
 
-import logging
 import operator
 from typing import Callable
 
@@ -18,8 +17,6 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from moe_passes.ir.facts import is_all_to_all, is_softmax, is_topk, tensor_value
-
-log = logging.getLogger(__name__)
 
 
 def all_to_all_trigger(gm: fx.GraphModule) -> str | None:

@@ -12,7 +12,6 @@ also the roll-back point of a failed pass (``restore``).
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -23,8 +22,6 @@ from torch.utils._pytree import tree_leaves
 from moe_passes.errors import error_summary
 from moe_passes.ir.facts import copy_node_attributes, node_value
 from moe_passes.ir.fake_mode import repropagate
-
-log = logging.getLogger(__name__)
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -14,15 +14,12 @@ reshapes) move with it.
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
 import torch.fx as fx
 
 from moe_passes.ir.facts import is_pure, writes_between
-
-log = logging.getLogger(__name__)
 
 
 def _movable(node: fx.Node) -> bool:

@@ -20,7 +20,6 @@ by ``rewrite.Rewriter``; recognition only proposes candidates.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +29,6 @@ from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.fx.aux_loss.rewrite import Source
 from moe_passes.ir.facts import normalize_dim, op_arg, tensor_ndim, tensor_value
 
-log = logging.getLogger(__name__)
 aten = torch.ops.aten
 LOSS_ENTRY_OPS = frozenset({aten.softmax.int, aten._softmax.default, aten.logsumexp.default, aten.log_softmax.int,
                             aten._log_softmax.default})

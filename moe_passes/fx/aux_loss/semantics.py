@@ -8,7 +8,6 @@ pre-dispatch ATen IR (``moe_passes.ir.canonical``), by schema and normalised dim
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -17,7 +16,6 @@ import torch.fx as fx
 from moe_passes.ir.facts import normalize_dim, op_arg, tensor_dtype, tensor_ndim, tensor_value
 from moe_passes.ir.rows import family_of
 
-log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import logging
 import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,6 @@ from moe_passes.ir.facts import tensor_dtype, tensor_value, writes_between
 if TYPE_CHECKING:  # the rewriter calls into this module and is called back: types only, no import cycle
     from moe_passes.fx.aux_loss.rewrite import Rewriter
 
-log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 

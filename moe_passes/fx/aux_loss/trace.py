@@ -9,7 +9,6 @@ same when node numbering or unrelated parts of the graph change.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -19,7 +18,6 @@ from moe_passes.fx.aux_loss.recognise import find_routers
 from moe_passes.fx.aux_loss.rewrite import TAG
 from moe_passes.ir.facts import node_value
 
-log = logging.getLogger(__name__)
 _DT = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16", torch.int64: "i64",
        torch.int32: "i32", torch.bool: "b8"}
 

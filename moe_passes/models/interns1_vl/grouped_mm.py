@@ -21,12 +21,10 @@ otherwise (the loop is inside the op, invisible to the compiler).
 
 from __future__ import annotations
 
-import logging
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
 
 OP_NAMESPACE = "moe_models"
 

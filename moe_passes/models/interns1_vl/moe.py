@@ -13,7 +13,6 @@ experts (rank r owns experts ``[r*E_local, (r+1)*E_local)``).
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 import torch
@@ -26,8 +25,6 @@ from torch.distributed._functional_collectives import (
 )
 
 from .grouped_mm import grouped_mm
-
-log = logging.getLogger(__name__)
 
 
 class MoEOutput(NamedTuple):
