@@ -203,7 +203,7 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
                 new.meta["domino_chunk"] = k
                 env[n] = _retarget(new, n, region, rows)
             copies.append(env)
-            for m, v in rows.items():  # a row count no copy reads
+            for v in rows.values():  # a row count no copy reads
                 if isinstance(v, fx.Node) and v is not c and not v.users:
                     graph.erase_node(v)
         for out, users in outside_users.items():
