@@ -291,3 +291,34 @@ def test_stacked_forms_apply_and_keep_values(form: str, dtype: torch.dtype) -> N
     assert result["stats"]["groups_rewritten"] == 1 and result["stats"]["layers"] == LAYERS, result
     tol_loss, tol_grad = EAGER_TOL[dtype]
     assert d[0] <= tol_loss and d[1] <= tol_grad, (form, dtype, d)
+
+
+def test_a_sigmoid_router_with_a_per_layer_loss_is_recognised_and_exact() -> None:
+    """transformers 5.24's MiniMax-M2 routes with sigmoid scores plus an expert bias (top-k of
+    ``sigmoid(logits) + e_score_correction_bias``) and accumulates its balancing loss layer by layer
+    (``histc`` and sums in a loop). Its router logits are recognised through the sigmoid and the bias, and
+    the per-layer loss is re-emitted in its layer (the loop form): reported, loss and every gradient equal.
+    On main at 8ffe8f9 the pass said nothing at all for this model."""
+    from moe_passes import make_backend
+
+    cfg = transformers.MiniMaxM2Config(vocab_size=64, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=2,
+                                       num_key_value_heads=1, head_dim=8, output_router_logits=True,
+                                       router_aux_loss_coef=0.05, intermediate_size=8, num_local_experts=E,
+                                       num_experts_per_tok=K, bos_token_id=None, eos_token_id=None)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.MiniMaxM2ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    step = _hf_step(model, padded=True)
+    ref = loss_and_grads(model, lambda: step(model))
+    backend = make_backend(passes=("layerwise_aux_loss",))
+    compiled = torch.compile(model, backend=backend)
+    new = loss_and_grads(model, lambda: step(compiled))
+    d_loss, d_grad = distance(ref, new)
+    assert d_loss < 1e-5 and d_grad < 1e-4, (d_loss, d_grad)
+    (graph,) = backend.reports
+    (aux,) = graph["pre_grad"]
+    assert aux["changed"] and aux["stats"]["loop_form_layers"] == LAYERS, aux
+    assert any(f"per-layer loss over {LAYERS} layers" in m for m in aux["matched"]), aux["matched"]

@@ -21,6 +21,7 @@ by ``rewrite.Rewriter``; recognition only proposes candidates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -62,6 +63,8 @@ def find_routers(graph: fx.Graph) -> Routers:
         if isinstance(x, fx.Node) and sem.softmax_key(x) is not None:
             soft = x
             x = sem.softmax_key(x)[0]
+        else:
+            x = _through_sigmoid_scores(x)
         if not isinstance(x, fx.Node) or x.target in (aten.cat.default, aten.stack.default) or x in out.topk:
             continue
         if x.op == "placeholder":
@@ -73,6 +76,23 @@ def find_routers(graph: fx.Graph) -> Routers:
         if soft is not None:
             out.softmax[x] = soft
     return out
+
+
+def _through_sigmoid_scores(x: Any) -> Any:
+    """The router logits behind sigmoid routing scores (MiniMax-M2, DeepSeek-V3): ``sigmoid(logits)`` and
+    ``sigmoid(logits) + bias`` with a bias that broadcasts over the token rows (a parameter or buffer, not a
+    value of this graph's rows). Anything else is returned as it is."""
+    if isinstance(x, fx.Node) and x.target is aten.add.Tensor and len(x.args) == 2:
+        a, b = x.args
+        for scores, bias in ((a, b), (b, a)):
+            bv, sv = tensor_value(bias), tensor_value(scores)
+            if isinstance(bias, fx.Node) and bias.op in ("placeholder", "get_attr") and bv is not None \
+                    and sv is not None and bv.dim() < sv.dim():
+                x = sem.through_exact_casts(scores)
+                break
+    if isinstance(x, fx.Node) and x.target is aten.sigmoid.default:
+        return sem.through_exact_casts(x.args[0])
+    return x
 
 
 def _has_loss_entry_below(node: fx.Node, limit: int = 400) -> bool:
