@@ -32,12 +32,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from filelock import FileLock
 
-from moe_passes.ir.fake_group import FakeGroupUnusable, fake_process_group
+from moe_passes.harness.fake_group import FakeGroupUnusable, fake_process_group
 
 
 @contextlib.contextmanager
 def fake_group(world_size: int = 2, *, values_matter: bool = True) -> Iterator[dist.ProcessGroup]:
-    """One process as rank 0 of a fake ``world_size``-rank group (``moe_passes.ir.fake_group``), destroyed
+    """One process as rank 0 of a fake ``world_size``-rank group (``moe_passes.harness.fake_group``), destroyed
     afterwards. A test that runs code sized by collective outputs (``values_matter``) is skipped, with
     the reason, on a torch whose fake all-to-all leaves its output unwritten (torch 2.11)."""
     with contextlib.ExitStack() as stack:

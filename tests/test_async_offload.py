@@ -33,10 +33,10 @@ from moe_passes.fx.async_offload import (
     AsyncOffloadPass,
     classify,
 )
-from moe_passes.ir.capture import capture_graphs
+from moe_passes.harness.capture import capture_graphs
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.pipeline.manager import copy_graph_module
-from moe_passes.stacks import MoEStack, router_stack
+from moe_passes.models.stacks import MoEStack, router_stack
 from moe_passes.ir.facts import module_path
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
 from tests.golden import check_golden

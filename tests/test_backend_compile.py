@@ -21,7 +21,7 @@ from moe_passes.pipeline.manager import StrictModeError
 from moe_passes.pipeline.order import pipeline_names
 from moe_passes.registry import PRE_GRAD_PASSES, pass_class
 from moe_passes.inductor.backend import PostGradPipeline, VerificationError
-from moe_passes.stacks import MoEStack, preset_stack
+from moe_passes.models.stacks import MoEStack, preset_stack
 from tests import backend_helpers as h
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ def _rank_fn(rank: int, world_size: int) -> dict[str, Any]:
     from torch._inductor.utils import fresh_cache
 
     from moe_passes import make_backend
-    from moe_passes.stacks import preset_stack
+    from moe_passes.models.stacks import preset_stack
 
     torch._dynamo.config.capture_scalar_outputs = True
     torch.manual_seed(0)  # same weights on every rank before slicing experts

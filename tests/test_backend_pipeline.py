@@ -16,7 +16,7 @@ import torch
 
 from moe_passes import BackendConfig, make_backend
 from moe_passes.config import DEFAULT_PASSES
-from moe_passes.ir.capture import CapturedGraph, capture_graphs
+from moe_passes.harness.capture import CapturedGraph, capture_graphs
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.pipeline.manager import (
     PassFailedError,
@@ -28,7 +28,7 @@ from moe_passes.pipeline.manager import (
     load_pass,
 )
 from moe_passes.pipeline.order import pipeline_names, post_grad_pass_names
-from moe_passes.targets import moe_stack
+from moe_passes.cli.targets import moe_stack
 from tests import backend_helpers as h
 
 

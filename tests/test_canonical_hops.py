@@ -36,7 +36,7 @@ from moe_passes.fx.domino import DominoEPPass
 from moe_passes.ir.canonical import Canonicalized, canonicalize
 from moe_passes.models.interns1_vl import moe as moe_module
 from moe_passes.models.interns1_vl.moe import GroupedExperts, SparseMoeBlock
-from moe_passes.stacks import MoEStack
+from moe_passes.models.stacks import MoEStack
 from moe_passes.testing import run_pass
 from tests.distributed import fake_group
 from tests.test_domino_model import HIDDEN, INTER, capture_without_running

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_passes.ir.canonical as canonical
 from moe_passes.ir.canonical import canonicalize
-from moe_passes.stacks import preset_stack
+from moe_passes.models.stacks import preset_stack
 
 
 class TimesTwo(torch.autograd.Function):

@@ -65,7 +65,7 @@ def test_json_has_one_section_per_pass_with_diff_summary_and_estimates(json_run:
 
 def one_layer_target() -> Any:
     """A ``package.module:function`` target: the smallest EP MoE model (halves the compile time)."""
-    from moe_passes.targets import moe_stack
+    from moe_passes.cli.targets import moe_stack
 
     return moe_stack(num_layers=1)
 

@@ -35,7 +35,7 @@ def raises() -> None:
     [
         (["diff", "moe_stack", "--pass", "nope"], "unknown pass(es) ['nope']; known passes:"),
         (["diff", "no_such_package.models:build"], "cannot import target module 'no_such_package.models'"),
-        (["diff", "moe_passes.targets:no_such_function"], "has no callable 'no_such_function'"),
+        (["diff", "moe_passes.cli.targets:no_such_function"], "has no callable 'no_such_function'"),
         (["diff", "bogus-preset"], "unknown preset 'bogus-preset'"),
         (["diff", "tests.test_cli_errors:sequential"],
          "must return (model, example_inputs): a callable and the list or tuple of its positional inputs; got Sequential"),
@@ -254,7 +254,7 @@ def test_fake_group_that_hallucinates_split_sizes_is_a_clear_error(monkeypatch: 
     where it does not, the command exits 2 naming the way out, and leaves no process group behind."""
     import torch.distributed as dist
 
-    import moe_passes.ir.fake_group as fake_group
+    import moe_passes.harness.fake_group as fake_group
 
     with fake_group.fake_process_group(2):
         assert fake_group.fake_all_to_all_fills_outputs()

@@ -16,7 +16,7 @@ from torch import nn
 
 from moe_passes.testing import run_pass
 from moe_passes.config import BackendConfig
-from moe_passes.stacks import MoEStack
+from moe_passes.models.stacks import MoEStack
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch.distributed as dist
 
-import moe_passes.ir.fake_group as fake_group
-from moe_passes.ir.fake_group import FakeGroupUnusable, fake_process_group
+import moe_passes.harness.fake_group as fake_group
+from moe_passes.harness.fake_group import FakeGroupUnusable, fake_process_group
 
 
 def test_a_group_whose_all_to_all_leaves_outputs_unwritten_is_refused_where_values_matter(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_passes.ir.capture import capture_graphs
+from moe_passes.harness.capture import capture_graphs
 from moe_passes.ir.graph_text import graph_text, normalize_output_code, normalize_text
 from moe_passes.pipeline.manager import PassManager
-from moe_passes.targets import moe_stack
+from moe_passes.cli.targets import moe_stack
 from tests import golden
 from tests import backend_helpers as h
 
@@ -89,9 +89,9 @@ def test_graph_text_is_stable_across_captures() -> None:
 
 
 _SUBPROCESS = """
-from moe_passes.ir.capture import capture_graphs
+from moe_passes.harness.capture import capture_graphs
 from moe_passes.ir.graph_text import graph_text
-from moe_passes.targets import moe_stack
+from moe_passes.cli.targets import moe_stack
 import sys
 t = moe_stack(seed=3, num_layers=1)
 sys.stdout.write(graph_text(capture_graphs(t.fn, *t.example_inputs)[0].gm))

@@ -21,13 +21,13 @@ from torch import nn
 
 from moe_passes.testing import run_pass
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from moe_passes.ir.capture import capture_graphs
+from moe_passes.harness.capture import capture_graphs
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
 from moe_passes.fx.aux_loss.recognise import find_routers
 from moe_passes.fx.aux_loss.trace import emitted_trace
 from moe_passes.pipeline.pass_base import PassResult
-from moe_passes.stacks import MoEStack
+from moe_passes.models.stacks import MoEStack
 from tests.distributed import run_distributed
 from tests.golden import check_golden
 

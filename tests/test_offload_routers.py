@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 import moe_passes
 from moe_passes.config import BackendConfig
 from moe_passes.fx.async_offload import AsyncOffloadPass, analyse_routers, classify
-from moe_passes.ir.capture import capture_graphs
+from moe_passes.harness.capture import capture_graphs
 from moe_passes.ops.offload import OFFLOAD_WAIT
 from moe_passes.pipeline.manager import copy_graph_module
 
@@ -263,7 +263,7 @@ def test_with_only_a_decoy_topk_the_skip_says_what_was_looked_for_and_why_each_o
 def test_balancing_loss_topk_is_not_a_router_and_the_layers_routers_are() -> None:
     """The stacked balancing loss top-k's its own softmax of every layer's logits and one-hots the indices:
     counting alone routes nothing, so it is reported as such and never labelled."""
-    from moe_passes.stacks import MoEStack
+    from moe_passes.models.stacks import MoEStack
 
     torch.manual_seed(0)
     (captured,) = capture_graphs(MoEStack(2, H, 16, E, K, returns="router", aux_coef=0.01), _x())
@@ -275,7 +275,7 @@ def test_balancing_loss_topk_is_not_a_router_and_the_layers_routers_are() -> Non
 
 
 def test_routers_whose_tensors_are_not_returned_are_named_in_the_skip() -> None:
-    from moe_passes.stacks import MoEStack
+    from moe_passes.models.stacks import MoEStack
 
     torch.manual_seed(0)
     (captured,) = capture_graphs(MoEStack(2, H, 16, E, K, returns="loss"), _x())

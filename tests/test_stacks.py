@@ -1,4 +1,4 @@
-"""``moe_passes.stacks.MoEStack``: each named configuration against a hand-written forward on the same weights.
+"""``moe_passes.models.stacks.MoEStack``: each named configuration against a hand-written forward on the same weights.
 
 The references below call the blocks and the loss functions of ``moe_passes/models/interns1_vl`` directly and
 spell out each stack's residual loop and loss, so a wrong option (a missing norm, a dropped or
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_passes.bench.memory import bench_stack
-from moe_passes.ir.capture import capture_graphs
+from moe_passes.harness.capture import capture_graphs
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from moe_passes.stacks import MoEStack, preset_stack, router_stack, speed_stack
+from moe_passes.models.stacks import MoEStack, preset_stack, router_stack, speed_stack
 from tests.test_domino_model import TinyMoEStack, init_biased, make_inputs as tiny_inputs
 from tests.test_layerwise_aux_loss import make_model as aux_model
 

@@ -199,7 +199,7 @@ def test_torchtitan_block_captures_as_documented() -> None:
     graph with the pieces the Domino proof is about (the findings for the pass are written against it)."""
     import warnings
 
-    from moe_passes.ir.capture import capture_graphs
+    from moe_passes.harness.capture import capture_graphs
     from moe_passes.ir.facts import collective_nodes
     from tests import titan_fixtures as tf
     from tests.distributed import fake_group

@@ -51,7 +51,7 @@ import logging
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.ir.facts import node_value, static_nbytes
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
-from moe_passes.stacks import router_stack
+from moe_passes.models.stacks import router_stack
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def reference_workload(quick: bool, device: torch.device) -> tuple[Any, tuple[to
 
 def _capture(fn: Any, args: tuple[torch.Tensor, ...], passes: tuple[str, ...], targets: Any) -> tuple[fx.GraphModule, dict[str, Any]]:
     from moe_passes.config import BackendConfig
-    from moe_passes.ir.capture import capture_graphs
+    from moe_passes.harness.capture import capture_graphs
     from moe_passes.registry import pass_class
 
     gm = capture_graphs(fn, *args)[0].gm

@@ -50,7 +50,7 @@ def shape(options: BenchOptions) -> dict[str, int]:
 def _build_model(dims: dict[str, int], group: Any, device: str) -> Any:
     import torch
 
-    from moe_passes.stacks import speed_stack
+    from moe_passes.models.stacks import speed_stack
 
     torch.manual_seed(0)
     return speed_stack(dims["layers"], dims["hidden"], dims["intermediate"], dims["experts"], dims["top_k"], group).to(device)

@@ -150,7 +150,7 @@ def pre_grad_sections(target: Any, pass_names: Sequence[str], num_chunks: Any, p
 
             graphs = capture_graphs_meta(target.fn, *target.example_inputs)
         else:
-            from moe_passes.ir.capture import capture_graphs
+            from moe_passes.harness.capture import capture_graphs
 
             graphs = capture_graphs(target.fn, *target.example_inputs)
     progress(f"captured {len(graphs)} graph(s): {', '.join(str(len(g.gm.graph.nodes)) + ' nodes' for g in graphs)}")

@@ -19,8 +19,8 @@ def init_fake_process_group(world_size: int, meta: bool = False) -> None:
     ``meta``: meta tensors never reach it)."""
     import torch.distributed as dist
 
-    from moe_passes.ir.fake_group import FakeGroupUnusable
-    from moe_passes.ir.fake_group import init_fake_process_group as init_group
+    from moe_passes.harness.fake_group import FakeGroupUnusable
+    from moe_passes.harness.fake_group import init_fake_process_group as init_group
 
     if world_size > 1 and not dist.is_initialized():
         try:
@@ -33,7 +33,7 @@ def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
     check_writable(args.output, "--output")
     progress("importing torch and the passes")
     from moe_passes.config import DEFAULT_PASSES
-    from moe_passes.targets import META_PRESETS, TargetError, resolve_target
+    from moe_passes.cli.targets import META_PRESETS, TargetError, resolve_target
 
     pass_names = tuple(args.passes) if args.passes else DEFAULT_PASSES
     num_chunks = args.num_chunks if args.num_chunks is not None else "auto"

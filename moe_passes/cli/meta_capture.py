@@ -1,6 +1,6 @@
 """Capture Dynamo graphs of a target built on the meta device: real shapes, nothing allocated.
 
-``moe_passes.ir.capture.capture_graphs`` runs each captured graph eagerly so
+``moe_passes.harness.capture.capture_graphs`` runs each captured graph eagerly so
 the Python around it can go on; on the meta device that fails at the first
 ``.tolist()`` (EP split sizes). Here the recorder does not run the graph: it
 returns meta tensors shaped like the graph's outputs (their fake values),
@@ -41,7 +41,7 @@ def _meta_like(value: Any) -> Any:
 
 def capture_graphs_meta(fn: Callable[..., Any], *args: Any) -> list[Any]:
     """Every graph Dynamo captures from ``fn(*args)`` (meta inputs), without executing any of them."""
-    from moe_passes.ir.capture import CapturedGraph
+    from moe_passes.harness.capture import CapturedGraph
 
     graphs: list[CapturedGraph] = []
 

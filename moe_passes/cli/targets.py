@@ -58,7 +58,7 @@ def moe_stack(seed: int = 0, batch: int = 2, seq: int = 4, **kwargs: Any) -> Tar
     torch.manual_seed(seed)
     group = ep_group_or_none()
     check_expert_parallel("moe_stack", kwargs.get("num_experts", MOE_STACK_EXPERTS))
-    from moe_passes.stacks import preset_stack  # imports the reference model: only when the preset is built
+    from moe_passes.models.stacks import preset_stack  # imports the reference model: only when the preset is built
 
     model = preset_stack(ep_group=group, **kwargs)
     hidden = model.layers[0].hidden_size
@@ -73,7 +73,7 @@ class TargetError(ValueError):
     """The target cannot be resolved: unknown preset, unimportable module, factory breaking the contract."""
 
 
-#: Experts of the ``moe_stack`` preset (``moe_passes.stacks.preset_stack``'s default).
+#: Experts of the ``moe_stack`` preset (``moe_passes.models.stacks.preset_stack``'s default).
 MOE_STACK_EXPERTS = 4
 
 
