@@ -56,3 +56,13 @@ def _small_cpu_footprint() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def trace_group():  # type: ignore[no-untyped-def]
+    """A fake 2-rank expert-parallel group (``tests.distributed.fake_group``) for tests that capture graphs
+    and never run them; one per test module."""
+    from tests.distributed import fake_group
+
+    with fake_group(2, values_matter=False) as group:
+        yield group

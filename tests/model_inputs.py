@@ -32,3 +32,11 @@ def make_batch(
         out["attention_mask"] = mask
     out["labels"] = labels
     return out
+
+
+def compile_config() -> InternS1VLConfig:
+    """Every component (vision tower, deepstack, M-RoPE, 2 MoE layers, stacked losses), kept small:
+    Inductor's C++ kernel compilation dominates this test's time."""
+    return InternS1VLConfig.tiny(
+        router_z_loss_coef=0.01, text={"num_experts": 4}, vision={"depth": 1, "deepstack_visual_indexes": (0,)}
+    )

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_aux_loss_transformers import FORMS, _hf_step, _stack_inputs, _stack_model, _tiny, distance, loss_and_grads, report_row
+from tests.aux_helpers import FORMS, _hf_step, _stack_inputs, _stack_model, _tiny, distance, loss_and_grads, report_row
 
 log = logging.getLogger(__name__)
 transformers = pytest.importorskip("transformers")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import functools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,8 +38,7 @@ from moe_passes.models.interns1_vl import moe as moe_module
 from moe_passes.models.interns1_vl.moe import GroupedExperts, SparseMoeBlock
 from moe_passes.models.stacks import MoEStack
 from moe_passes.testing import run_pass
-from tests.distributed import fake_group
-from tests.test_domino_model import HIDDEN, INTER, capture_without_running
+from tests.domino_helpers import HIDDEN, INTER, capture_without_running
 
 LAYERS, EXPERTS, TOP_K = 2, 4, 2
 MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
@@ -285,16 +284,10 @@ class FunctionExperts(GroupedExperts):
         return moe_module.grouped_mm(SiLU.apply(gate) * up, self.down_proj.transpose(-2, -1), offsets)
 
 
-@pytest.fixture(scope="module")
-def ep_group() -> Iterator[dist.ProcessGroup]:
-    with fake_group(2, values_matter=False) as group:  # graphs are captured, never run
-        yield group
-
-
 @pytest.mark.parametrize("where", ["before_the_block", "inside_the_region"])
-def test_domino_declines_only_a_region_that_crosses_a_function(ep_group: dist.ProcessGroup, where: str) -> None:
+def test_domino_declines_only_a_region_that_crosses_a_function(trace_group: dist.ProcessGroup, where: str) -> None:
     torch.manual_seed(0)
-    block = SparseMoeBlock(HIDDEN, INTER, 4, 2, ep_group=ep_group)
+    block = SparseMoeBlock(HIDDEN, INTER, 4, 2, ep_group=trace_group)
     qkv = nn.Linear(HIDDEN, 3 * HIDDEN)
     if where == "inside_the_region":
         block.experts.__class__ = FunctionExperts
@@ -325,7 +318,7 @@ def checkpointed_reference_vs_eager(rank: int, world_size: int) -> dict[str, Any
     on every decoder layer, compiled with Domino (2 chunks) vs the same checkpointed model run eagerly."""
     from moe_passes.models.interns1_vl import InternS1VLForConditionalGeneration, load_hf_state_dict
     from tests.model_inputs import make_batch
-    from tests.test_model_compile import compile_config
+    from tests.model_inputs import compile_config
 
     torch._dynamo.config.capture_scalar_outputs = True
     config = compile_config()

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from moe_passes.fx.domino import chunk_sizes
 from tests.distributed import run_distributed
-from tests.test_domino_model import EXPERTS, TinyMoEStack, domino_backend, init_biased, make_inputs
+from tests.domino_helpers import EXPERTS, TinyMoEStack, domino_backend, init_biased, make_inputs
 
 STEPS = 10
 # (num_chunks, tokens per rank): T divisible and not, T < N (empty chunks).

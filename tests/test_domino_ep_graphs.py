@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -16,20 +15,13 @@ from moe_passes.ir.canonical import canonicalize_in_place
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.ir.facts import is_collective, is_wait, op_namespace_and_name
 from tests.golden import check_golden
-from tests.distributed import fake_group
-from tests.test_domino_model import HIDDEN, INTER, capture_without_running
+from tests.domino_helpers import HIDDEN, INTER, capture_without_running
 
 aten = torch.ops.aten
 
 #: Ops whose order per chunk the golden event trace records (names stable across torch versions).
 _EVENT_OPS = {"linear", "softmax", "topk", "argsort", "index", "scatter_add", "item", "grouped_mm", "_grouped_mm",
               "index_copy", "split_with_sizes", "cat", "add"}
-
-
-@pytest.fixture(scope="module")
-def ep_group() -> Iterator[dist.ProcessGroup]:
-    with fake_group(2, values_matter=False) as group:  # graphs are captured, never run
-        yield group
 
 
 def _block_graph(group: dist.ProcessGroup | None, tokens: int = 5, root: bool = False) -> torch.fx.GraphModule:
@@ -71,8 +63,8 @@ def test_chunk_sizes_follow_tensor_split() -> None:
             assert chunk_sizes(tokens, n) == expected
 
 
-def test_rewritten_graph_golden(ep_group: dist.ProcessGroup, update_goldens: bool) -> None:
-    gm = _block_graph(ep_group, tokens=5)
+def test_rewritten_graph_golden(trace_group: dist.ProcessGroup, update_goldens: bool) -> None:
+    gm = _block_graph(trace_group, tokens=5)
     result = run_pass(DominoEPPass(BackendConfig(num_chunks=3)), gm)
     assert result.changed and list(result.stats["chunks"].values()) == [[2, 2, 1]]
     a2a = [n for n in gm.graph.nodes if is_collective(n)]
@@ -81,27 +73,27 @@ def test_rewritten_graph_golden(ep_group: dist.ProcessGroup, update_goldens: boo
     check_golden("domino_pre_grad_block_n3.txt", event_trace(gm), update_goldens)
 
 
-def test_block_as_compiled_root_is_chunked(ep_group: dist.ProcessGroup) -> None:
+def test_block_as_compiled_root_is_chunked(trace_group: dist.ProcessGroup) -> None:
     """Regional compile: the block is the root, its own nodes carry no nn_module_stack; regions come from data flow."""
-    gm = _block_graph(ep_group, tokens=6, root=True)
+    gm = _block_graph(trace_group, tokens=6, root=True)
     result = run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm)
     assert result.changed and list(result.stats["chunks"].values()) == [[3, 3]], result.as_dict()
 
 
-def test_trigger_describes_the_all_to_alls(ep_group: dist.ProcessGroup) -> None:
-    assert DominoEPPass().trigger(_block_graph(ep_group)) == "3 x _c10d_functional.all_to_all_single"
+def test_trigger_describes_the_all_to_alls(trace_group: dist.ProcessGroup) -> None:
+    assert DominoEPPass().trigger(_block_graph(trace_group)) == "3 x _c10d_functional.all_to_all_single"
     assert DominoEPPass().trigger(_block_graph(None)) is None
 
 
-def test_fewer_tokens_than_chunks(ep_group: dist.ProcessGroup) -> None:
-    gm = _block_graph(ep_group, tokens=2)
+def test_fewer_tokens_than_chunks(trace_group: dist.ProcessGroup) -> None:
+    gm = _block_graph(trace_group, tokens=2)
     result = run_pass(DominoEPPass(BackendConfig(num_chunks=4)), gm)
     assert list(result.stats["chunks"].values()) == [[1, 1, 0, 0]]
     gm.graph.lint()
 
 
-def test_auto_reports_its_choice(ep_group: dist.ProcessGroup) -> None:
-    gm = _block_graph(ep_group)
+def test_auto_reports_its_choice(trace_group: dist.ProcessGroup) -> None:
+    gm = _block_graph(trace_group)
     result = run_pass(DominoEPPass(BackendConfig(num_chunks="auto")), gm)
     (why,) = result.stats["auto"].values()
     assert "-> 2 chunks" in why and list(result.stats["chunks"].values()) == [[3, 2]]
@@ -115,8 +107,8 @@ def test_no_expert_parallelism_is_left_alone() -> None:
     assert graph_text(gm) == before
 
 
-def test_region_with_in_place_update_is_skipped(ep_group: dist.ProcessGroup) -> None:
-    gm = _block_graph(ep_group)
+def test_region_with_in_place_update_is_skipped(trace_group: dist.ProcessGroup) -> None:
+    gm = _block_graph(trace_group)
     softmax = next(n for n in gm.graph.nodes if n.target is aten.softmax.int)
     with gm.graph.inserting_after(softmax):
         mutation = gm.graph.call_function(aten.mul_.Tensor, (softmax, 1.0))
@@ -129,9 +121,9 @@ def test_region_with_in_place_update_is_skipped(ep_group: dist.ProcessGroup) -> 
     assert graph_text(gm) == before
 
 
-def test_region_output_mutated_outside_is_skipped(ep_group: dist.ProcessGroup) -> None:
+def test_region_output_mutated_outside_is_skipped(trace_group: dist.ProcessGroup) -> None:
     """The top-k ids (read by the region and returned) written in place after the region: refused, not chunked."""
-    gm = _block_graph(ep_group)
+    gm = _block_graph(trace_group)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     selected = out.args[0][2]
     with gm.graph.inserting_before(out):
@@ -145,17 +137,17 @@ def test_region_output_mutated_outside_is_skipped(ep_group: dist.ProcessGroup) -
     assert graph_text(gm) == before
 
 
-def test_num_chunks_one_changes_nothing(ep_group: dist.ProcessGroup) -> None:
-    gm = _block_graph(ep_group)
+def test_num_chunks_one_changes_nothing(trace_group: dist.ProcessGroup) -> None:
+    gm = _block_graph(trace_group)
     before = graph_text(gm)
     result = run_pass(DominoEPPass(BackendConfig(num_chunks=1)), gm)
     assert not result.changed and "num_chunks=1" in result.skipped[0].reason
     assert graph_text(gm) == before
 
 
-def test_outside_reader_placed_inside_the_region_reads_the_concatenation(ep_group: dist.ProcessGroup) -> None:
+def test_outside_reader_placed_inside_the_region_reads_the_concatenation(trace_group: dist.ProcessGroup) -> None:
     """A reader of the router logits that is not row-local stays outside and reads the reassembled logits."""
-    gm = _block_graph(ep_group, tokens=6)
+    gm = _block_graph(trace_group, tokens=6)
     logits = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
     with gm.graph.inserting_after(logits):
         reader = gm.graph.call_function(aten.cumsum.default, (logits, 0))  # crosses tokens: cannot join the region
@@ -171,9 +163,9 @@ def test_outside_reader_placed_inside_the_region_reads_the_concatenation(ep_grou
     assert cat.target is aten.cat.default
 
 
-def test_autograd_all_to_all_spelling_is_recognised(ep_group: dist.ProcessGroup) -> None:
+def test_autograd_all_to_all_spelling_is_recognised(trace_group: dist.ProcessGroup) -> None:
     """torch 2.11 may leave the token all-to-alls as ``_c10d_functional_autograd.all_to_all_single``: same meaning."""
-    gm = _block_graph(ep_group, tokens=4)
+    gm = _block_graph(trace_group, tokens=4)
     autograd_a2a = torch.ops._c10d_functional_autograd.all_to_all_single.default
     token = [n for n in gm.graph.nodes if is_collective(n) and not isinstance(n.args[1], (list, tuple)) or
              (is_collective(n) and any(isinstance(a, torch.fx.Node) for a in n.args[1]))]
@@ -187,10 +179,10 @@ def test_autograd_all_to_all_spelling_is_recognised(ep_group: dist.ProcessGroup)
     assert sum(n.target is autograd_a2a for n in gm.graph.nodes) == 4
 
 
-def test_dynamic_token_count_is_chunked(ep_group: dist.ProcessGroup) -> None:
+def test_dynamic_token_count_is_chunked(trace_group: dist.ProcessGroup) -> None:
     """``dynamic=True``: the token count is a symbol; the region is chunked with SymInt chunk sizes
     (issue 19; more in ``test_domino_symbolic``)."""
-    block = SparseMoeBlock(HIDDEN, INTER, 4, 2, ep_group=ep_group)
+    block = SparseMoeBlock(HIDDEN, INTER, 4, 2, ep_group=trace_group)
     results = []
 
     class _Stop(Exception):

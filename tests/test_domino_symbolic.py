@@ -29,7 +29,7 @@ from moe_passes.ir.facts import is_all_to_all
 from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.testing import run_pass
 from tests.distributed import fake_group
-from tests.test_domino_model import HIDDEN, INTER
+from tests.domino_helpers import HIDDEN, INTER
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict
+from moe_passes.models.interns1_vl import InternS1VLForConditionalGeneration, load_hf_state_dict
 from tests.distributed import run_distributed
-from tests.model_inputs import make_batch
+from tests.model_inputs import compile_config, make_batch
 
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-4  # max |compiled - eager| / max |eager|, per parameter
-
-
-def compile_config() -> InternS1VLConfig:
-    """Every component (vision tower, deepstack, M-RoPE, 2 MoE layers, stacked losses), kept small:
-    Inductor's C++ kernel compilation dominates this test's time."""
-    return InternS1VLConfig.tiny(
-        router_z_loss_coef=0.01, text={"num_experts": 4}, vision={"depth": 1, "deepstack_visual_indexes": (0,)}
-    )
 
 
 def compiled_vs_eager(rank: int, world_size: int) -> dict:

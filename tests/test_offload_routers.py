@@ -420,7 +420,7 @@ def test_transformers_mixtral_as_installed_router_logits_are_found_and_its_loss_
     logits, found by what its top-k's indices do (``torch.where`` rows of the hidden states); the loss graph's
     balancing-loss top-k routes nothing and is reported so, naming transformers' source line."""
     pytest.importorskip("transformers")
-    from tests.test_aux_loss_transformers import LAYERS, _tiny
+    from tests.aux_helpers import LAYERS, _tiny
 
     model = _tiny("mixtral")
     ids = torch.randint(0, 59, (2, 6), generator=torch.Generator().manual_seed(3))

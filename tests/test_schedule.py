@@ -35,7 +35,7 @@ from moe_passes.ir.canonical import canonicalize
 from moe_passes.ir.facts import is_all_to_all as is_a2a, is_wait
 from tests.golden import check_golden
 from tests.distributed import fake_group
-from tests.test_domino_model import TinyMoEStack, capture_without_running, init_biased, make_inputs
+from tests.domino_helpers import TinyMoEStack, capture_without_running, init_biased, make_inputs
 
 _A2A = re.compile(r"(\w+) = torch\.ops\._c10d_functional\.all_to_all_single\.default\((\w+), \[([^\]]*)\], \[([^\]]*)\]")
 _WAIT = re.compile(r"torch\.ops\._c10d_functional\.wait_tensor\.default\((\w+)\)")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from tests.test_aux_loss_transformers import E, H, K, LAYERS, PassThenEager, distance, loss_and_grads, report_row
+from tests.aux_helpers import E, H, K, LAYERS, PassThenEager, distance, loss_and_grads, report_row
 
 log = logging.getLogger(__name__)
 

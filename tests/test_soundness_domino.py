@@ -8,7 +8,7 @@ unmodified block: loss and every gradient.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -18,18 +18,12 @@ from moe_passes.testing import run_pass
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass
 from moe_passes.ir.canonical import canonicalize_in_place
-from tests.distributed import fake_group, run_distributed
+from tests.distributed import run_distributed
 from tests.mutants_domino import EXPECTED, MutantBlock, make_input
-from tests.test_domino_model import capture_without_running
+from tests.domino_helpers import capture_without_running
 
 TOKENS = 7  # not divisible by the chunk count
 CHUNKS = 3
-
-
-@pytest.fixture(scope="module")
-def trace_group() -> Iterator[dist.ProcessGroup]:
-    with fake_group(2, values_matter=False) as group:  # graphs are captured, never run
-        yield group
 
 
 def decide(mutation: str, group: dist.ProcessGroup) -> Any:

@@ -24,7 +24,7 @@ SCRIPT = r'''
 import torch, torch.distributed as dist
 from moe_passes import make_backend
 from tests.distributed import fake_group
-from tests.test_domino_model import TinyMoEStack, capture_without_running, init_biased, make_inputs
+from tests.domino_helpers import TinyMoEStack, capture_without_running, init_biased, make_inputs
 
 backend = make_backend(num_chunks=2)  # all three pre-grad passes; the overlap scheduler post-grad
 
