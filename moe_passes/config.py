@@ -20,14 +20,14 @@ DEFAULT_PASSES: tuple[str, ...] = ("layerwise_aux_loss", "domino_ep", "async_off
 NumChunks = int | Literal["auto"]
 
 
+#: The router tensors ``async_offload`` moves to the host, by kind: what ``offload_targets`` may list.
+#: Declared here, below the passes (the pass imports it), so validating a config imports no pass.
+OFFLOAD_TARGET_KINDS: tuple[str, ...] = ("router_logits", "selected_experts")
+
+
 def offload_target_kinds() -> tuple[str, ...]:
-    """The kinds ``offload_targets`` may list: what the ``async_offload`` pass recognises.
-
-    Imported from the pass when a config names kinds (not at import: this module sits below the
-    passes, which import it; ``"auto"`` needs nothing)."""
-    from moe_passes.fx.async_offload import TARGET_KINDS
-
-    return tuple(TARGET_KINDS)
+    """The kinds ``offload_targets`` may list: what the ``async_offload`` pass recognises."""
+    return OFFLOAD_TARGET_KINDS
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from moe_passes.config import OFFLOAD_TARGET_KINDS
 from moe_passes.ir.facts import (
     is_all_to_all,
     is_softmax,
@@ -55,7 +56,7 @@ from moe_passes.ir.facts import (
 
 log = logging.getLogger(__name__)
 
-TARGET_KINDS: tuple[str, ...] = ("router_logits", "selected_experts")
+TARGET_KINDS: tuple[str, ...] = OFFLOAD_TARGET_KINDS  # the kinds users may name (moe_passes.config)
 _SCORES = "routing_scores"  # softmax/sigmoid/bias of router logits on the way to the top-k: internal label
 
 #: What the pass looks for, in the words of its skip reasons.

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.fx as fx
@@ -63,3 +63,15 @@ def _shape(node: Any) -> tuple[Any, ...]:
 
 def _name(node: fx.Node) -> str:
     return f"{node.name} ({node.target})"
+
+
+class Emitter(Protocol):
+    """What the per-layer statistics builder (``stats``) asks of the interpreter that calls it
+    (``rewrite.Rewriter``): emit a node before the cursor. A protocol, so neither imports the other."""
+
+    graph: fx.Graph
+    cursor: fx.Node | None
+    new_nodes: list[fx.Node]
+
+    def new(self, target: Any, args: tuple, kwargs: dict | None = None, layer: int | None = None) -> fx.Node: ...
+

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -25,8 +25,7 @@ import torch.fx as fx
 from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.ir.facts import tensor_dtype, tensor_value, writes_between
 
-if TYPE_CHECKING:  # the rewriter calls into this module and is called back: types only, no import cycle
-    from moe_passes.fx.aux_loss.rewrite import Rewriter
+from moe_passes.fx.aux_loss.blocks import Emitter
 
 aten = torch.ops.aten
 
@@ -62,7 +61,7 @@ class Statistics:
     logsumexp_grad_from_router_softmax: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def counts(self, rw: Rewriter, onehot: tuple[Any, int, fx.Node], weight: Any, out_shape: tuple[Any, ...],
+    def counts(self, rw: Emitter, onehot: tuple[Any, int, fx.Node], weight: Any, out_shape: tuple[Any, ...],
                out_dtype: torch.dtype, layer: int) -> fx.Node:
         idx_rows, n, node = onehot
         idx = idx_rows.emit(layer)
@@ -96,7 +95,7 @@ class Statistics:
             return bool(ns) and ns[-1] == 1 and len(ns) == idx_rank and all(d == 1 for d in ns)
         return True
 
-    def logsumexp(self, rw: Rewriter, node: fx.Node, x: fx.Node, layer: int) -> fx.Node:
+    def logsumexp(self, rw: Emitter, node: fx.Node, x: fx.Node, layer: int) -> fx.Node:
         """lse of one layer's logits whose gradient reuses the router's fp32 softmax:
         ``lse(x.detach()) + sum(p.detach() * (x - x.detach()), -1)`` -- the second term is 0 in value,
         its gradient is ``p``, which autograd already keeps for the router."""
