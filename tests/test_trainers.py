@@ -10,6 +10,15 @@
   process (no all-to-all: Domino's trigger is absent; transformers 5's aux loss is already a
   per-layer loop: nothing stacked to rewrite, skipped with that reason; the router logits the
   forward returns go to the host).
+* torchtitan 0.3.0's own compile hook, ``torchtitan.distributed.compile.apply_compile`` with
+  ``CompileConfig(backend="domino")`` (each ``TransformerBlock`` compiled on its own,
+  ``fullgraph=True``), on torchtitan's Qwen3-MoE model (a tiny config built here with its own
+  ``_build_qwen3_moe_layers``; attention swapped to SDPA with torchtitan's own test helper
+  ``build_decoder_config_for_backend(..., "sdpa")``: its flex and varlen attention cannot run a
+  backward on CPU), experts sharded over 2 gloo ranks and wired by ``RoutedExperts.parallelize``
+  as in ``tests/titan_fixtures.py``: loss and every gradient equal its eager run, and Domino
+  chunks the MoE region of the (one, shared) block graph. torchtitan's trainer itself does not
+  run on CPU (see the README's "Trainers").
 """
 
 from __future__ import annotations
@@ -17,9 +26,12 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+
+from tests.distributed import run_distributed
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -72,3 +84,97 @@ def test_hf_trainer_domino_equals_eager() -> None:
     assert d["schedule_overlap"]["all_to_alls"] == 0
     # offload: the router logits of both layers the forward returns
     assert d["async_offload"]["router_tensors_offloaded"] == hf_trainer.LAYERS
+
+
+# torchtitan Qwen3-MoE, tiny: experts, dim, head dim, vocab, layers, batch, sequence
+T_E, T_DIM, T_HD, T_V, T_L, T_B, T_S = 4, 16, 8, 64, 2, 2, 8
+# eager vs compiled: the experts' bf16 grouped GEMMs round differently once Inductor fuses around
+# them (tests/test_torchtitan_domino.py measures eager vs plain Inductor at up to 0.022 of the
+# tensor's scale); the bound is theirs, eight bf16 ulps of the scale.
+T_GRAD_RTOL = 2.0**-5
+
+
+def _titan_qwen3_config(ep: int) -> Any:
+    from torchtitan.experiments.graph_trainer.common_utils import build_decoder_config_for_backend
+    from torchtitan.models.common import Embedding, Linear
+    from torchtitan.models.common.rope import CosSinRoPE
+    from torchtitan.models.qwen3 import _EMBEDDING_INIT, _LINEAR_INIT, _build_qwen3_moe_layers, _qwen3_norm
+    from torchtitan.models.qwen3.model import Qwen3Model
+
+    def builder(attn_backend: str) -> Any:
+        return Qwen3Model.Config(
+            vocab_size=T_V, dim=T_DIM, norm=_qwen3_norm(T_DIM),
+            tok_embeddings=Embedding.Config(num_embeddings=T_V, embedding_dim=T_DIM, param_init=_EMBEDDING_INIT),
+            lm_head=Linear.Config(in_features=T_DIM, out_features=T_V, param_init=_LINEAR_INIT),
+            layers=_build_qwen3_moe_layers(
+                n_layers=T_L, dim=T_DIM, n_heads=2, n_kv_heads=1, head_dim=T_HD, moe_hidden_dim=8, num_experts=T_E,
+                top_k=2, attn_backend=attn_backend, moe_comm_backend="standard",
+                rope=CosSinRoPE.Config(dim=T_HD, max_seq_len=64, theta=1e6)),
+        )
+
+    cfg = build_decoder_config_for_backend(builder, "sdpa")
+    for layer in cfg.layers:  # each rank builds only its experts (as tests/titan_fixtures.py does)
+        layer.moe.routed_experts.inner_experts.num_experts = T_E // ep
+    return cfg
+
+
+def _titan_rank(rank: int, world: int) -> dict[str, Any]:
+    from torchtitan.config import CompileConfig
+    from torchtitan.distributed.compile import apply_compile
+    from torchtitan.distributed.parallel_dims import ParallelDims
+    from torchtitan.distributed.utils import set_spmd_backend
+
+    from moe_passes.inductor.backend import domino_backend
+
+    set_spmd_backend("partial_dtensor")
+    torch.manual_seed(0)
+    full = _titan_qwen3_config(1).build()  # the same global weights on every rank
+    model = _titan_qwen3_config(world).build()
+    el = T_E // world
+    model.load_state_dict({k: v[rank * el:(rank + 1) * el].clone() if ".inner_experts." in k else v
+                           for k, v in full.state_dict().items()})
+    pd = ParallelDims(dp_replicate=1, dp_shard=world, cp=1, tp=1, pp=1, ep=world, world_size=world,
+                      spmd_backend="partial_dtensor")
+    for layer in model.layers.children():
+        layer.moe.routed_experts.parallelize(pd)
+    model.train()
+    g = torch.Generator().manual_seed(100 + rank)
+    ids, labels = torch.randint(0, T_V, (T_B, T_S), generator=g), torch.randint(0, T_V, (T_B, T_S), generator=g)
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1).float(), labels.flatten())
+        loss.backward()
+        return loss.detach().clone(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager = step()
+    domino_backend.clear_reports()
+    apply_compile(model, compile_config=CompileConfig(enable=True, backend="domino"), parallel_dims=pd)
+    compiled = [step(), step()]  # the second step reuses the graph
+    return {"eager": eager, "compiled": compiled, "summary": domino_backend.summary().as_dict(),
+            "text": str(domino_backend.summary()), "params": [n for n, _ in model.named_parameters()]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_torchtitan_apply_compile_domino_two_ranks() -> None:
+    pytest.importorskip("torchtitan")
+    per_rank = run_distributed(_titan_rank, 2, timeout_s=1200)
+    print(per_rank[0]["text"])
+    for rank, out in enumerate(per_rank):
+        (l0, g0) = out["eager"]
+        assert set(g0) == set(out["params"]), "eager: a parameter without a gradient"
+        for l1, g1 in out["compiled"]:
+            assert abs(float(l1) - float(l0)) <= 1e-5 * abs(float(l0)), f"rank {rank}: loss {float(l1)} vs eager {float(l0)}"
+            assert set(g1) == set(g0)
+            for n, r in g0.items():
+                err = float((g1[n] - r).abs().max()) / max(float(r.abs().max()), 1e-6)
+                assert err <= T_GRAD_RTOL, f"rank {rank}: gradient of {n}: {err:.3g} of its scale vs eager"
+        d = out["summary"]
+        # apply_compile compiles each block; both blocks share one graph (params are graph inputs)
+        assert d["graphs"] == 1, out["text"]
+        assert not d["canonical_errors"] and all(p["failed"] == 0 for p in d["passes"].values()), out["text"]
+        assert d["domino_ep"]["regions_chunked"] == 1 and d["passes"]["domino_ep"]["applied"] == 1, out["text"]
+        # torchtitan balances experts with a bias update outside the loss: no aux loss in the graph
+        assert d["layerwise_aux_loss"]["layers_rewritten"] == 0
+        assert d["schedule_overlap"]["all_to_alls"] > 0
