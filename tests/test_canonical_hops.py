@@ -310,6 +310,30 @@ def test_domino_declines_only_a_region_that_crosses_a_function(trace_group: dist
         assert "autograd_function_apply" in skip.reason and "inside the region" in skip.reason, skip
 
 
+def test_domino_inside_a_checkpoint_body_tags_every_node_it_adds(trace_group: dist.ProcessGroup) -> None:
+    """A chunked region inside a checkpoint body: the chunk copies and the glue around them (split, getitem,
+    cat, reshape, chunk sizes) all carry the body's recompute tags, so the partitioner recomputes them with
+    the body instead of saving them."""
+    torch.manual_seed(0)
+    block = SparseMoeBlock(HIDDEN, INTER, 4, 2, ep_group=trace_group)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return out.hidden_states.sum()
+
+    (gm,) = capture_without_running(fn, torch.randn(1, 5, HIDDEN, requires_grad=True))
+    before = set(gm.graph.nodes)
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm)
+    assert result.changed, result.skipped
+    tagged = {n.meta.get("ac_graph_id") for n in gm.graph.nodes if n.meta.get("ac_graph_id") is not None}
+    assert len(tagged) == 1, tagged
+    added = [n for n in gm.graph.nodes if n.op == "call_function" and n not in before
+             and any(u.meta.get("domino_chunk") is not None for u in n.users)]
+    assert added, "the rewrite feeds its chunk copies through new nodes"
+    untagged = [n.name for n in added if n.meta.get("ac_graph_id") is None or n.meta.get("recompute") is None]
+    assert not untagged, untagged
+
+
 # ------------------------------------------------------------------ the reference model, 2 gloo ranks
 
 

@@ -201,3 +201,20 @@ def test_dynamic_token_count_is_chunked(trace_group: dist.ProcessGroup) -> None:
     assert result.changed and not result.skipped, result.as_dict()
     (sizes,) = result.stats["chunks"].values()
     assert len(sizes) == 2 and all(isinstance(s, str) for s in sizes) and result.stats["symbolic"]
+
+
+@pytest.mark.parametrize("experts, top_k, groups", [(8, 4, 2), (8, 8, 4)])
+def test_grouped_router_is_chunked(trace_group: dist.ProcessGroup, experts: int, top_k: int, groups: int) -> None:
+    """Intern-S1-Pro's grouped router: top-(K/G) inside each of G groups of a ``[T, G, E/G]`` view, then
+    ``reshape(T, K)``. The token count comes from the token matrix, not from the top-k's k (K/G): on main
+    at 8ffe8f9 every grouped layer was declined ("its leading dims do not flatten to the ... tokens")."""
+    torch.manual_seed(0)
+    block = SparseMoeBlock(HIDDEN, INTER, experts, top_k, group_routing=True, ep_group=trace_group, num_groups=groups)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return block(x).hidden_states.sum()
+
+    (gm,) = capture_without_running(fn, torch.randn(1, 5, HIDDEN, requires_grad=True))
+    result = run_pass(DominoEPPass(BackendConfig(num_chunks=2)), gm)
+    assert result.changed and not result.skipped, result.as_dict()
+    assert list(result.stats["chunks"].values()) == [[3, 2]]

@@ -13,19 +13,19 @@ Regions come from data flow (``regions``), safety from op meaning
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from pathlib import Path
 
 import torch.fx as fx
 from torch._inductor.pattern_matcher import stable_topological_sort
 
 from moe_passes.errors import error_summary
 from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
-from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, repropagate, rewrite_region, size_values
+from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, rewrite_region, size_values
+from moe_passes.ir.fake_mode import repropagate
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
-from moe_passes.ir.canonical import canonicalize_in_place
+from moe_passes.ir.canonical import is_canonical
 from moe_passes.ir.facts import copy_node_attributes, tensor_value
+from moe_passes.ir.rows import NotRowLocal
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +93,16 @@ class DominoEPPass(GraphPass):
         """The all-to-alls the graph holds (any spelling), or None."""
         return describe_trigger(gm.graph)
 
-    def uuid(self) -> str:
-        src = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
-        return hashlib.sha256(f"{self.name}|{src}|{self.config.digest()}".encode()).hexdigest()
-
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         result = PassResult(self.name)
         result.stats["regions"] = 0
         result.stats["chunks"] = {}
         if describe_trigger(gm.graph) is None:
             return result
-        why = canonicalize_in_place(gm)
-        if why is not None:
-            result.skip("graph", f"canonical ATen IR unavailable: {why}")
-            return result
+        if not is_canonical(gm):
+            raise ValueError(f"{self.name} reads the canonical ATen IR; this graph is Dynamo's torch-level graph. "
+                             "Run it through moe_passes.pipeline.manager.PassManager (or moe_passes.testing.run_pass), "
+                             "which re-traces it first")
         regions = find_regions(gm, result)
         result.stats["regions"] = len(regions)
         if not regions:
@@ -140,12 +136,16 @@ class DominoEPPass(GraphPass):
             result.matched.append(region.path)
             result.stats["chunks"][region.path] = sizes
         old_graph = gm.graph
+        # A chunk whose rows do not check out after re-propagation is a refusal (NotRowLocal: the original
+        # graph stays, every planned region is skipped with the reason). Any other exception is a bug: it
+        # propagates to the pass manager, the one place that fails closed (graph restored, traceback in
+        # PassResult.error, raised under strict).
         try:
             stable_topological_sort(new_graph)
             new_graph.lint()
             gm.graph = new_graph
             gm.recompile()
-            repropagate(gm)
+            repropagate(gm, record=True)  # fresh unbacked symbols per chunk, bound on their nodes
             for sizes, reassembled in reassembled_all:
                 check_rows(reassembled, sizes)
             for region, n, label in planned:
@@ -157,7 +157,7 @@ class DominoEPPass(GraphPass):
                         f"{result.stats['chunks'][region.path]} computed in the graph")
             refresh_assert_messages(gm.graph)
             gm.recompile()
-        except Exception as e:  # noqa: BLE001 - refuse the whole rewrite, keep the original graph
+        except NotRowLocal as e:
             gm.graph = old_graph
             gm.recompile()
             reason = f"rewrite failed its own check ({error_summary(e)})"

@@ -86,13 +86,13 @@ def token_prefix(shape: Any, T: Any) -> tuple[int, int] | None:
     prod: Any = 1
     for i, s in enumerate(shape):
         prod = prod * s
-        m = _positive_quotient(prod, T)
+        m = positive_quotient(prod, T)
         if m is not None:
             return i + 1, m
     return None
 
 
-def _positive_quotient(prod: Any, T: Any) -> int | None:
+def positive_quotient(prod: Any, T: Any) -> int | None:
     """``prod / T`` when it is provably a positive integer (ints or SymInts), else None."""
     if type(prod) is int and type(T) is int:
         return prod // T if T > 0 and prod > 0 and prod % T == 0 else None

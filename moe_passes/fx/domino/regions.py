@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from moe_passes.fx.domino.kinds import Kind, Unproven
+from moe_passes.fx.domino.kinds import Kind, Unproven, positive_quotient
+from moe_passes.ir.rows import prod
 from moe_passes.fx.domino.row_analysis import RowAnalysis
 from moe_passes.ir.facts import (
     all_to_all_split_args,
@@ -203,9 +203,18 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     # so the decision does not depend on the length one rank happens to see.
     if not isinstance(K, int):
         raise RegionError(f"top-k {K} of {topk.name} is not a constant")
-    if K <= 0 or not statically_known_true(copies % K == 0):
-        raise RegionError(f"{copies} sorted expert ids are not provably a multiple of top-k {K}")
-    T = copies // K
+    # Tokens are the rows of the token matrix (every dim but the hidden one); each token sends
+    # ``copies / T`` copies. That is top-k's k for a plain router, and G * (K/G) for a grouped one
+    # (Intern-S1-Pro: top-(K/G) inside each of G groups of a ``[T, G, E/G]`` view), whatever k says.
+    xv = tensor_value(X)
+    T = prod(xv.shape[:-1]) if xv is not None and xv.dim() >= 2 else None
+    per_token = positive_quotient(copies, T) if T is not None else None
+    if per_token is None:
+        raise RegionError(f"{copies} sorted expert ids are not provably a whole number of copies per token "
+                          f"of the token matrix {X.name}")
+    if per_token % K != 0:
+        raise RegionError(f"{per_token} expert copies per token are not a multiple of top-k {K} of {topk.name}")
+    K = per_token
     count = _count_exchange(d)
     desc = _descendants(X)
     for required, what in ((d, "dispatch"), (c, "combine"), (topk, "router top-k")):

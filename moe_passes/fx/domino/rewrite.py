@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moe_passes.fx.domino.kinds import Kind
 from moe_passes.fx.domino.regions import MoERegion
+from moe_passes.ir.rows import NotRowLocal
 from moe_passes.ir.facts import is_mutation, node_value, op_label, tensor_value
-from moe_passes.ir.fake_mode import single_fake_mode
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
     copies: list[dict[fx.Node, fx.Node]] = []
     reassembled: list[tuple[fx.Node, list[fx.Node], Any, Kind]] = []
     stack = dict(region.tokens.meta.get("nn_module_stack") or {})
+    before = set(graph.nodes)
     with graph.inserting_before(last.next):
         xshape = tuple(tensor_value(region.tokens).shape)
         xkind = region.kinds[region.tokens]
@@ -254,7 +255,23 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
             inputs = [b for b in a.all_input_nodes if b.op == "call_function"]
             graph.erase_node(a)
             dead.extend(inputs)
+    _tag_glue(region, [n for n in graph.nodes if n not in before], stack)
     return sizes, reassembled
+
+
+_CHECKPOINT_META = ("ac_graph_id", "recompute")
+
+
+def _tag_glue(region: MoERegion, created: list[fx.Node], stack: dict[str, Any]) -> None:
+    """The nodes the rewrite adds around the chunk copies (split, getitem, cat, reshape, sizes) carry the
+    region's activation-checkpoint tags when the whole region sits in one checkpoint body, so the
+    partitioner recomputes them with the body instead of saving them; and a module stack for reports."""
+    tags = {tuple(n.meta.get(k) for k in _CHECKPOINT_META) for n in region.nodes}
+    shared = next(iter(tags)) if len(tags) == 1 and None not in next(iter(tags)) else None
+    for n in created:
+        if shared is not None and "ac_graph_id" not in n.meta:
+            n.meta.update(zip(_CHECKPOINT_META, shared))
+        n.meta.setdefault("nn_module_stack", stack)
 
 
 def _restore_shape(shape: tuple, out: fx.Node) -> list[Any]:
@@ -263,34 +280,6 @@ def _restore_shape(shape: tuple, out: fx.Node) -> list[Any]:
     if len(symbolic) > 1:
         raise RuntimeError(f"{out.name} has more than one symbolic dim {tuple(shape)}; cannot restore its shape")
     return [-1 if i in symbolic else s for i, s in enumerate(shape)]
-
-
-def repropagate(gm: fx.GraphModule) -> None:
-    """Recompute every node's fake value in the graph's own fake mode (fresh unbacked symbols per chunk)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    fake_inputs = [node_value(p) for p in placeholders]
-    fake_mode = single_fake_mode(fake_inputs)
-    if fake_mode is None:
-        raise RuntimeError("graph placeholders do not carry fake tensors of one fake mode; cannot re-propagate shapes")
-    shape_env = fake_mode.shape_env
-
-    class _Prop(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            result = super().run_node(n)
-            if n.op in ("placeholder", "output"):
-                return result
-            if shape_env is not None:
-                bindings = compute_unbacked_bindings(shape_env, result)
-                if bindings:
-                    n.meta["unbacked_bindings"] = bindings
-            if result is not None:
-                n.meta["val"] = result
-                if "example_value" in n.meta:
-                    n.meta["example_value"] = result
-            return result
-
-    with fake_mode:
-        _Prop(gm).run(*fake_inputs)
 
 
 def size_values(sizes: list[Any]) -> list[Any]:
@@ -316,7 +305,7 @@ def check_rows(reassembled: list[tuple[fx.Node, list[fx.Node], Any, Kind]], size
             expected = [tuple(shape)] * len(values)
         ok = all(_shapes_equal(g, e) for g, e in zip(got, expected)) and _shapes_equal(tuple(tensor_value(new).shape), tuple(shape))
         if not ok:
-            raise RuntimeError(f"chunked {new.name} has pieces {got} (expected {expected}); refusing the rewrite")
+            raise NotRowLocal(f"chunked {new.name} has pieces {got} (expected {expected}); refusing the rewrite")
 
 
 def refresh_assert_messages(graph: fx.Graph) -> None:
