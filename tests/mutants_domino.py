@@ -49,8 +49,8 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "norm_tokens": ("skipped", "reduces over the token dim 0"),
     "norm_experts": ("rewritten", None),
     "var_tokens_correction": ("skipped", "reduces over the token dim 0"),
-    # Megatron-style: the combine all-to-all inside a custom torch.autograd.Function. The ATen re-trace
-    # would inline it under no_grad and cut every gradient before it (expert and router weights).
+    # Megatron-style: the combine all-to-all inside a custom torch.autograd.Function. The canonical IR keeps
+    # the Function as one opaque node (its own backward survives); Domino does not look inside it.
     "autograd_function_combine": ("skipped", "autograd_function_apply"),
     # torch 2.11's spelling of all_to_all_single_autograd on any torch: the autograd all-to-all op, then
     # its wait inside a Function whose backward is the identity (_FromTorchTensor). Means wait_tensor.

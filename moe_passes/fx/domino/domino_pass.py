@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 def find_regions(gm: fx.GraphModule, result: PassResult) -> list[MoERegion]:
     """Every EP region proven safe to chunk; every other candidate is reported with its reason."""
     for hop in hop_all_to_alls(gm.graph):
-        result.skip(f"{hop.name}", "all-to-all inside a higher-order op (e.g. torch 2.11's autograd_function_apply "
-                    "around all_to_all_single_autograd's wait): not analysed")
+        kind = getattr(hop.target, "__name__", None) or str(hop.target)
+        result.skip(f"{hop.name}", f"an all-to-all inside {kind} (a custom autograd Function or other "
+                    "higher-order op, kept opaque so its own backward survives): its rows are not analysed, the "
+                    "region it belongs to is left alone")
     pairs, unpaired = pair_all_to_alls(gm.graph)
     regions: list[MoERegion] = []
     for d, c in pairs:
