@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-
 PRE_GRAD_PASSES: dict[str, str] = {
     "layerwise_aux_loss": "moe_passes.fx.aux_loss:LayerwiseAuxLossPass",
     "domino_ep": "moe_passes.fx.domino:DominoEPPass",

@@ -1,4 +1,5 @@
-"""Helpers shared by the aux-loss test files (moved out of test_aux_loss_transformers.py: tests import helpers, never other test modules)."""
+"""Helpers shared by the aux-loss test files (moved out of test_aux_loss_transformers.py: tests import
+helpers, never other test modules)."""
 
 from __future__ import annotations
 
@@ -52,19 +53,36 @@ def distance(ref: tuple[torch.Tensor, dict], new: tuple[torch.Tensor, dict]) -> 
 
 
 def report_row(what: str, result: dict[str, Any], d: tuple[float, float], dtype: torch.dtype) -> str:
-    line = (f"AUXROW | {what} | {'applied' if result['changed'] else 'skipped: ' + '; '.join(s['reason'] for s in result['skipped'])} "
-            f"| {d[0]:.2e} | {d[1]:.2e} | {str(dtype).replace('torch.', '')}")
+    line = (
+        f"AUXROW | {what} | {'applied' if result['changed'] else 'skipped: ' + '; '.join(s['reason'] for s in result['skipped'])} "
+        f"| {d[0]:.2e} | {d[1]:.2e} | {str(dtype).replace('torch.', '')}"
+    )
     print(line)
     log.info(line)
     return line
 
 
 def _tiny(kind: str) -> nn.Module:
-    common = dict(vocab_size=64, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-                  head_dim=8, output_router_logits=True, router_aux_loss_coef=0.05)
+    common = dict(
+        vocab_size=64,
+        hidden_size=H,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        output_router_logits=True,
+        router_aux_loss_coef=0.05,
+    )
     if kind == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=32, moe_intermediate_size=8, num_experts=E, num_experts_per_tok=K,
-                                          decoder_sparse_step=1, mlp_only_layers=[], **common)
+        cfg = transformers.Qwen3MoeConfig(
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            num_experts=E,
+            num_experts_per_tok=K,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            **common,
+        )
         cls = transformers.Qwen3MoeForCausalLM
     elif kind == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=8, num_local_experts=E, num_experts_per_tok=K, **common)
@@ -103,8 +121,9 @@ def _hf_step(model: nn.Module, padded: bool) -> Callable[[nn.Module], torch.Tens
     return step
 
 
-def load_balancing_loss_func_4x(gate_logits: Any, num_experts: int | None = None, top_k: int = 2,
-                                attention_mask: torch.Tensor | None = None) -> Any:
+def load_balancing_loss_func_4x(
+    gate_logits: Any, num_experts: int | None = None, top_k: int = 2, attention_mask: torch.Tensor | None = None
+) -> Any:
     """transformers 4.x ``load_balancing_loss_func`` (Mixtral / Qwen2-MoE / Qwen3-MoE), its public form."""
     if gate_logits is None or not isinstance(gate_logits, tuple):
         return 0
@@ -126,9 +145,7 @@ def load_balancing_loss_func_4x(gate_logits: Any, num_experts: int | None = None
             .reshape(-1, top_k, num_experts)
             .to(compute_device)
         )
-        tokens_per_expert = torch.sum(expert_mask.float() * expert_attention_mask, dim=0) / torch.sum(
-            expert_attention_mask, dim=0
-        )
+        tokens_per_expert = torch.sum(expert_mask.float() * expert_attention_mask, dim=0) / torch.sum(expert_attention_mask, dim=0)
         router_per_expert_attention_mask = (
             attention_mask[None, :, :, None]
             .expand((num_hidden_layers, batch_size, sequence_length, num_experts))

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_passes.testing import run_pass
 from moe_passes.config import BackendConfig
 from moe_passes.models.stacks import MoEStack
+from moe_passes.testing import run_pass
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,11 @@ def local_backend(config: BackendConfig, results: list[Any] | None = None) -> Ca
             result = run_pass(DominoEPPass(config), gm)
             if results is not None:
                 results.append(result)
-        patch = {"post_grad_custom_post_pass": as_custom_pass(ScheduleOverlapPass(config)), **INDUCTOR_CONFIG} if config.schedule_overlap else {}
+        patch = (
+            {"post_grad_custom_post_pass": as_custom_pass(ScheduleOverlapPass(config)), **INDUCTOR_CONFIG}
+            if config.schedule_overlap
+            else {}
+        )
         with torch._inductor.config.patch(patch):
             return compile_fx(gm, example_inputs)
 
@@ -85,7 +89,9 @@ class _StopAfterCapture(Exception):
     """Raised by the capturing backend: fake process groups cannot run dropless EP, only trace it."""
 
 
-def capture_without_running(fn: Callable[..., Any], *args: Any, compile_with: Callable[..., Any] | None = None) -> list[torch.fx.GraphModule]:
+def capture_without_running(
+    fn: Callable[..., Any], *args: Any, compile_with: Callable[..., Any] | None = None
+) -> list[torch.fx.GraphModule]:
     """Dynamo graphs of ``fn`` (optionally compiled by ``compile_with``), never executed."""
     graphs: list[torch.fx.GraphModule] = []
 
@@ -104,5 +110,3 @@ def capture_without_running(fn: Callable[..., Any], *args: Any, compile_with: Ca
                 raise
     torch._dynamo.reset()
     return graphs
-
-

@@ -23,7 +23,6 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import moe_passes
-from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.bench.offload import device_liveness
 from moe_passes.config import BackendConfig
 from moe_passes.fx.async_offload import (
@@ -34,11 +33,12 @@ from moe_passes.fx.async_offload import (
     classify,
 )
 from moe_passes.harness.capture import capture_graphs
-from moe_passes.ir.graph_text import graph_text
-from moe_passes.pipeline.manager import copy_graph_module
-from moe_passes.models.stacks import MoEStack, router_stack
 from moe_passes.ir.facts import module_path
+from moe_passes.ir.graph_text import graph_text
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.stacks import MoEStack, router_stack
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
+from moe_passes.pipeline.manager import copy_graph_module
 from tests.golden import check_golden
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def test_reference_model_as_users_run_it_offloads_live_logits_with_their_gradien
     waits = offload_ops(gm)[1]
     edges = {w: w.args[4] for w in waits}
     assert sum(e is not None for e in edges.values()) == layers  # one gradient edge per live logits output
-    for wait, edge in edges.items():
+    for edge in edges.values():
         if edge is not None:
             assert classify(gm.graph).get(edge) == "router_logits"
 

@@ -13,15 +13,15 @@ import logging
 
 import pytest
 import torch
+from torch._inductor.utils import fresh_cache
 
 import moe_passes
-from torch._inductor.utils import fresh_cache
 from moe_passes import BackendConfig, DominoBackend, domino_backend, make_backend
+from moe_passes.inductor.backend import PostGradPipeline, VerificationError
+from moe_passes.models.stacks import MoEStack, preset_stack
 from moe_passes.pipeline.manager import StrictModeError
 from moe_passes.pipeline.order import pipeline_names
 from moe_passes.registry import PRE_GRAD_PASSES, pass_class
-from moe_passes.inductor.backend import PostGradPipeline, VerificationError
-from moe_passes.models.stacks import MoEStack, preset_stack
 from tests import backend_helpers as h
 
 log = logging.getLogger(__name__)

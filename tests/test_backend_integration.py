@@ -12,12 +12,12 @@ from typing import Iterator
 import pytest
 
 from moe_passes import BackendConfig
+from moe_passes.cli.targets import moe_stack
 from moe_passes.config import DEFAULT_PASSES
-from moe_passes.pipeline.order import pipeline_names
 from moe_passes.harness.capture import CapturedGraph, capture_graphs
 from moe_passes.ir.facts import collective_nodes
 from moe_passes.pipeline.manager import PassManager, copy_graph_module
-from moe_passes.cli.targets import moe_stack
+from moe_passes.pipeline.order import pipeline_names
 from tests.distributed import fake_group
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.fx as fx
 
+from moe_passes.cli.targets import moe_stack
+from moe_passes.cost.memory import estimate_graph
 from moe_passes.harness.capture import CapturedGraph, capture_graphs
 from moe_passes.ir.facts import (
     collective_kind,
@@ -18,9 +20,7 @@ from moe_passes.ir.facts import (
     wait_nodes,
     waits_of,
 )
-from moe_passes.cost.memory import estimate_graph
 from moe_passes.testing import find_module_regions, group_by_module
-from moe_passes.cli.targets import moe_stack
 from tests.distributed import fake_group
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moe_passes import BackendConfig, make_backend
+from moe_passes.cli.targets import moe_stack
 from moe_passes.config import DEFAULT_PASSES
 from moe_passes.harness.capture import CapturedGraph, capture_graphs
 from moe_passes.ir.graph_text import graph_text
@@ -28,7 +29,6 @@ from moe_passes.pipeline.manager import (
     load_pass,
 )
 from moe_passes.pipeline.order import pipeline_names, post_grad_pass_names
-from moe_passes.cli.targets import moe_stack
 from tests import backend_helpers as h
 
 

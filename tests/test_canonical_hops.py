@@ -341,8 +341,7 @@ def checkpointed_reference_vs_eager(rank: int, world_size: int) -> dict[str, Any
     """The reference model (``compile_config``: images, padding, 2 MoE layers) with ``checkpoint_wrapper``
     on every decoder layer, compiled with Domino (2 chunks) vs the same checkpointed model run eagerly."""
     from moe_passes.models.interns1_vl import InternS1VLForConditionalGeneration, load_hf_state_dict
-    from tests.model_inputs import make_batch
-    from tests.model_inputs import compile_config
+    from tests.model_inputs import compile_config, make_batch
 
     torch._dynamo.config.capture_scalar_outputs = True
     config = compile_config()

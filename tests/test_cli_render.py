@@ -44,11 +44,14 @@ def test_semantic_diff_shows_the_change_and_hides_annotation_and_liveness_churn(
     changed = [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("---", "+++"))]
     assert changed == ['-        mul: "f32[8, 4]" = l_x_ * 2', '+        mul: "f32[8, 4]" = l_x_ * 3']
     full = unified_diff(BEFORE, AFTER, "a", "b", mode="full")
-    assert '+        getitem_3: "i64[]" = sum_2[0]' in full and "-        topk = torch.topk(routing_weights, 2, dim = -1);  routing_weights = None" in full
+    assert (
+        '+        getitem_3: "i64[]" = sum_2[0]' in full
+        and "-        topk = torch.topk(routing_weights, 2, dim = -1);  routing_weights = None" in full
+    )
     assert "u7" not in "".join(line for line in full.splitlines() if line.startswith("+"))  # renumbered symbols match too
 
 
-OUTPUT_CODE = '''
+OUTPUT_CODE = """
 def call(args):
     arg0_1, = args
     buf0 = torch.ops._c10d_functional.all_to_all_single.default(arg0_1, [2, 2], [2, 2], '0')
@@ -58,7 +61,7 @@ def call(args):
     assert_size_stride(buf1, (4, 4), (4, 1), 'torch.ops._c10d_functional.wait_tensor.default')
     del buf0
     return (buf1, )
-'''
+"""
 
 
 def test_output_code_counts_calls_not_the_strings_that_name_them() -> None:
@@ -113,8 +116,20 @@ class _Page(HTMLParser):
 @pytest.fixture(scope="module")
 def cli_html(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str]:
     out = tmp_path_factory.mktemp("html") / "diff.html"
-    proc = moe_passes_cli("diff", "moe_stack", "--pass", "layerwise_aux_loss", "domino_ep", "--num-chunks", "2",
-                          "--format", "html", "--output", str(out), columns=None)
+    proc = moe_passes_cli(
+        "diff",
+        "moe_stack",
+        "--pass",
+        "layerwise_aux_loss",
+        "domino_ep",
+        "--num-chunks",
+        "2",
+        "--format",
+        "html",
+        "--output",
+        str(out),
+        columns=None,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc, out.read_text()
 
@@ -138,9 +153,16 @@ def test_progress_lines_on_stderr_when_piped(cli_html: tuple[Any, str]) -> None:
     lines = proc.stderr.splitlines()
     stamped = [line for line in lines if re.match(r"^\[\s*\d+\.\d+s\] ", line)]
     text = "\n".join(stamped)
-    for phase in ("importing torch and the passes", "building target moe_stack", "capturing graphs (Dynamo)",
-                  "capturing graphs (Dynamo): done in", "graph 1/1: pass 1/2 layerwise_aux_loss", "graph 1/1: pass 2/2 domino_ep",
-                  "rendering 2 section(s) as html", "wrote "):
+    for phase in (
+        "importing torch and the passes",
+        "building target moe_stack",
+        "capturing graphs (Dynamo)",
+        "capturing graphs (Dynamo): done in",
+        "graph 1/1: pass 1/2 layerwise_aux_loss",
+        "graph 1/1: pass 2/2 domino_ep",
+        "rendering 2 section(s) as html",
+        "wrote ",
+    ):
         assert phase in text, proc.stderr
     times = [float(re.match(r"^\[\s*(\d+\.\d+)s\]", line).group(1)) for line in stamped]  # type: ignore[union-attr]
     assert times == sorted(times)

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
 
-from moe_passes.testing import run_pass
-from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass, chunk_sizes
 from moe_passes.ir.canonical import canonicalize_in_place
-from moe_passes.ir.graph_text import graph_text
 from moe_passes.ir.facts import is_collective, is_wait, op_namespace_and_name
-from tests.golden import check_golden
+from moe_passes.ir.graph_text import graph_text
+from moe_passes.models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.testing import run_pass
 from tests.domino_helpers import HIDDEN, INTER, capture_without_running
+from tests.golden import check_golden
 
 aten = torch.ops.aten
 

@@ -27,7 +27,13 @@ def test_rows_take_the_slowest_rank_and_ratios_to_inductor() -> None:
 def test_a_failed_variant_keeps_its_error_in_the_row() -> None:
     cells = [_cell(v, 100.0, 40.0) for v in VARIANTS]
     i = VARIANTS.index("inductor_overlap_scheduler")
-    cells[i] = {"variant": VARIANTS[i], "step_ms": None, "exposed_comm_ms": None, "compile_s": None, "note": "failed: No module named 'triton'"}
+    cells[i] = {
+        "variant": VARIANTS[i],
+        "step_ms": None,
+        "exposed_comm_ms": None,
+        "compile_s": None,
+        "note": "failed: No module named 'triton'",
+    }
     row = combine([cells, cells])[i]
     assert row["note"] == "failed: No module named 'triton'" and row["step_vs_inductor"] is None
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_passes.cli.targets import moe_stack
 from moe_passes.harness.capture import capture_graphs
 from moe_passes.ir.graph_text import graph_text, normalize_output_code, normalize_text
 from moe_passes.pipeline.manager import PassManager
-from moe_passes.cli.targets import moe_stack
-from tests import golden
 from tests import backend_helpers as h
+from tests import golden
 
 
 @pytest.fixture()

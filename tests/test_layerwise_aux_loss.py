@@ -497,7 +497,8 @@ def test_regional_compile_loss_graph_is_rewritten_without_stacked_tensors() -> N
     def aux(logits: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
         return 0.1 * load_balancing_loss(logits, EXPERTS, TOP_K, mask) + 0.01 * router_z_loss(logits, mask)
 
-    def forward(layers: list[Callable[..., Any]], loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(layers: list[Callable[..., Any]], loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
         logits = []
         for layer in layers:
             out = layer(x)
@@ -543,11 +544,16 @@ def test_regional_compile_loss_graph_has_no_stacked_tensor_and_costs_less_memory
     rewritten = copy.deepcopy(gm)
     result = LayerwiseAuxLossPass()(rewritten)
     assert result.changed, result.as_dict()
-    stacked = [n.name for n in rewritten.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
-               and n.meta["val"].dim() >= 1 and n.meta["val"].shape[0] == layers * tokens]
+    stacked = [
+        n.name
+        for n in rewritten.graph.nodes
+        if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 1 and n.meta["val"].shape[0] == layers * tokens
+    ]
     assert stacked == [], stacked
     before = step_peak_bytes(gm, inputs, torch.device("cpu"))
     after = step_peak_bytes(rewritten, inputs, torch.device("cpu"))
-    print(f"regional loss graph peak (fwd+bwd, L={layers}, T={tokens}, E={experts}, k={k}): "
-          f"stacked {before / 2**20:.2f} MiB -> layer-wise {after / 2**20:.2f} MiB")
+    print(
+        f"regional loss graph peak (fwd+bwd, L={layers}, T={tokens}, E={experts}, k={k}): "
+        f"stacked {before / 2**20:.2f} MiB -> layer-wise {after / 2**20:.2f} MiB"
+    )
     assert after < 0.6 * before, (before, after)

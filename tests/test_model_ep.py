@@ -131,7 +131,9 @@ def test_ep_loss_and_every_gradient_match_ep1(ep_results, case: str) -> None:
         print(f"ep{world_size} {case} rank {rank}: loss diff {r['loss_diff']:.1e}, worst grad {worst} {r['grad_errors'][worst]:.1e}")
         assert r["grad_errors"][worst] < GRAD_TOL, f"rank {rank}: gradient of {worst} off by {r['grad_errors'][worst]:.2e} (relative)"
         num_text_params = sum(1 for name in r["grad_errors"] if "visual" not in name)
-        assert num_text_params == len(InternS1VLForConditionalGeneration(case_config(case, world_size)).model.language_model.state_dict()) + 1
+        assert (
+            num_text_params == len(InternS1VLForConditionalGeneration(case_config(case, world_size)).model.language_model.state_dict()) + 1
+        )
         if case == "images_and_padding":
             assert any("visual" in name for name in r["grad_errors"])
 

@@ -82,14 +82,28 @@ def test_grid_must_describe_the_pixel_values(model, image_batch) -> None:
     [
         ({"input_ids": torch.zeros(8, dtype=torch.long)}, r"input_ids must be an integer tensor \[batch, seq\]"),
         ({"input_ids": torch.zeros(2, 8)}, r"input_ids must be an integer tensor"),
-        ({"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(8)}, "attention_mask must have the shape of input_ids"),
-        ({"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 7, dtype=torch.long)}, "labels must have the shape of input_ids"),
         (
-            {"input_ids": torch.zeros(2, 8, dtype=torch.long), "pixel_values": torch.zeros(16, 3, 8), "image_grid_thw": torch.tensor([[1, 4, 4]])},
+            {"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(8)},
+            "attention_mask must have the shape of input_ids",
+        ),
+        (
+            {"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 7, dtype=torch.long)},
+            "labels must have the shape of input_ids",
+        ),
+        (
+            {
+                "input_ids": torch.zeros(2, 8, dtype=torch.long),
+                "pixel_values": torch.zeros(16, 3, 8),
+                "image_grid_thw": torch.tensor([[1, 4, 4]]),
+            },
             r"pixel_values must be \[num_patches, 24\]",
         ),
         (
-            {"input_ids": torch.zeros(2, 8, dtype=torch.long), "pixel_values": torch.zeros(16, 24), "image_grid_thw": torch.tensor([1, 4, 4])},
+            {
+                "input_ids": torch.zeros(2, 8, dtype=torch.long),
+                "pixel_values": torch.zeros(16, 24),
+                "image_grid_thw": torch.tensor([1, 4, 4]),
+            },
             r"image_grid_thw must be \[num_images, 3\]",
         ),
     ],
@@ -110,16 +124,32 @@ def test_config_top_level_keys_missing(missing: str) -> None:
 
 @pytest.mark.parametrize("missing", ["hidden_size", "num_experts_per_tok", "moe_intermediate_size"])
 def test_config_text_keys_missing(missing: str) -> None:
-    text = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, moe_intermediate_size=16,
-                num_experts=8, num_experts_per_tok=2, rope_parameters={"rope_theta": 1e4, "mrope_section": [2, 1, 1]})
+    text = dict(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_theta": 1e4, "mrope_section": [2, 1, 1]},
+    )
     del text[missing]
     with pytest.raises(ValueError, match=f"config key missing: text_config.{missing}"):
         InternS1VLConfig.from_hf_dict({"text_config": text, "vision_config": {}, "image_token_id": 5})
 
 
 def test_config_vision_key_missing() -> None:
-    text = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, moe_intermediate_size=16,
-                num_experts=8, num_experts_per_tok=2, rope_parameters={"rope_theta": 1e4, "mrope_section": [2, 1, 1]})
+    text = dict(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_theta": 1e4, "mrope_section": [2, 1, 1]},
+    )
     with pytest.raises(ValueError, match="config key missing: vision_config.depth"):
         InternS1VLConfig.from_hf_dict({"text_config": text, "vision_config": {"hidden_size": 16}, "image_token_id": 5})
 

@@ -46,7 +46,9 @@ def test_custom_ops_pass_opcheck() -> None:
     torch.library.opcheck(grouped_mm_weight_grad, (x.detach(), torch.randn(9, 7, generator=g), offsets))
 
 
-def _aot_graphs(experts: int, dtype: torch.dtype = torch.float32) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, torch.Tensor, torch.Tensor]:
+def _aot_graphs(
+    experts: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, torch.Tensor, torch.Tensor]:
     """Forward and backward ATen graphs of one SparseMoeBlock (no EP), plus compiled and eager outputs."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -57,6 +59,7 @@ def _aot_graphs(experts: int, dtype: torch.dtype = torch.float32) -> tuple[torch
         def compiler(gm: torch.fx.GraphModule, _: Any) -> Any:
             graphs[kind] = gm
             return make_boxed_func(gm.forward)
+
         return compiler
 
     torch.manual_seed(0)

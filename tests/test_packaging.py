@@ -3,8 +3,9 @@ subpackage, ``moe_passes.models.interns1_vl``, with no path tricks."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,10 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from moe_passes.testing import run_pass
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass
-from moe_passes.ir.graph_text import normalize_text
 from moe_passes.inductor.schedule import (
     INDUCTOR_CONFIG,
     ScheduleOverlapPass,
@@ -32,10 +30,13 @@ from moe_passes.inductor.schedule import (
     overlap_stats,
 )
 from moe_passes.ir.canonical import canonicalize
-from moe_passes.ir.facts import is_all_to_all as is_a2a, is_wait
-from tests.golden import check_golden
+from moe_passes.ir.facts import is_all_to_all as is_a2a
+from moe_passes.ir.facts import is_wait
+from moe_passes.ir.graph_text import normalize_text
+from moe_passes.testing import run_pass
 from tests.distributed import fake_group
 from tests.domino_helpers import TinyMoEStack, capture_without_running, init_biased, make_inputs
+from tests.golden import check_golden
 
 _A2A = re.compile(r"(\w+) = torch\.ops\._c10d_functional\.all_to_all_single\.default\((\w+), \[([^\]]*)\], \[([^\]]*)\]")
 _WAIT = re.compile(r"torch\.ops\._c10d_functional\.wait_tensor\.default\((\w+)\)")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
-from tests.aux_helpers import E, H, K, LAYERS, PassThenEager, distance, loss_and_grads, report_row
+from tests.aux_helpers import LAYERS, E, H, K, PassThenEager, distance, loss_and_grads, report_row
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,20 @@ def loop_form_after_clamp(logits: tuple[torch.Tensor, ...], mask: torch.Tensor |
 # (name, router, loss, padded, expected): "exact" = must rewrite and match; "skip" = must leave alone
 # with a reason containing the given text.
 MUTANTS: list[tuple[str, Any, Any, bool, tuple[str, str]]] = [
-    ("in-place clamp_ of router logits after softmax", clamp_after_softmax, reference_losses, True, ("exact", "writes the router logits in place")),
-    ("in-place mul_ of router logits after softmax", mul_after_softmax, reference_losses, False, ("exact", "writes the router logits in place")),
+    (
+        "in-place clamp_ of router logits after softmax",
+        clamp_after_softmax,
+        reference_losses,
+        True,
+        ("exact", "writes the router logits in place"),
+    ),
+    (
+        "in-place mul_ of router logits after softmax",
+        mul_after_softmax,
+        reference_losses,
+        False,
+        ("exact", "writes the router logits in place"),
+    ),
     ("router softmax over tokens (dim 0)", router_softmax_over_tokens, reference_losses, False, ("exact", "other numbers")),
     ("loss softmax over tokens (dim 0)", plain_router, loss_softmax_over_tokens, False, ("skip", "along the stacked row (token) dim")),
     ("loss softmax over tokens (dim -2)", plain_router, loss_softmax_over_tokens_neg, False, ("skip", "along the stacked row (token) dim")),
@@ -126,8 +138,7 @@ MUTANTS: list[tuple[str, Any, Any, bool, tuple[str, str]]] = [
 
 
 @pytest.mark.parametrize("name, router, loss, padded, expected", MUTANTS, ids=[m[0] for m in MUTANTS])
-def test_mutant_is_exact_or_skipped_with_a_reason(name: str, router: Any, loss: Any, padded: bool,
-                                                   expected: tuple[str, str]) -> None:
+def test_mutant_is_exact_or_skipped_with_a_reason(name: str, router: Any, loss: Any, padded: bool, expected: tuple[str, str]) -> None:
     model = MutantStack(router, loss)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, 6, H, generator=g)

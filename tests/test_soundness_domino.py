@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_passes.testing import run_pass
 from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass
 from moe_passes.ir.canonical import canonicalize_in_place
+from moe_passes.testing import run_pass
 from tests.distributed import run_distributed
-from tests.mutants_domino import EXPECTED, MutantBlock, make_input
 from tests.domino_helpers import capture_without_running
+from tests.mutants_domino import EXPECTED, MutantBlock, make_input
 
 TOKENS = 7  # not divisible by the chunk count
 CHUNKS = 3

@@ -20,8 +20,9 @@ from moe_passes.bench.memory import bench_stack
 from moe_passes.harness.capture import capture_graphs
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
 from moe_passes.models.stacks import MoEStack, preset_stack, router_stack, speed_stack
-from tests.domino_helpers import TinyMoEStack, init_biased, make_inputs as tiny_inputs
 from tests.aux_models import make_model as aux_model
+from tests.domino_helpers import TinyMoEStack, init_biased
+from tests.domino_helpers import make_inputs as tiny_inputs
 
 log = logging.getLogger(__name__)
 

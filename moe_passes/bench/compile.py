@@ -231,7 +231,8 @@ def run(options: Any) -> Any:
         f"cold cache: one process and a fresh TORCHINDUCTOR_CACHE_DIR per case, {timeout_s:.0f} s limit per case "
         "(a case over the limit keeps its row as 'timeout')",
         "compile_s = first forward+backward minus one steady step (wall); compile_cpu_s = the same in CPU seconds of the "
-        "process and its compiler children (what the compile costs on a machine shared with other jobs); graphs = graphs the backend compiled "
+        "process and its compiler children (what the compile costs on a machine shared with other jobs); "
+        "graphs = graphs the backend compiled "
         "(regional: one per decoder-layer class, whatever the layer count)",
         "pass_share = (pre-grad pass seconds from the backend reports + post-grad pass seconds) / compile_s; target <= 0.10",
         f"model: RMSNorm + reference SparseMoeBlock (grouped-GEMM experts) per layer, hidden {HIDDEN}, ffn {FFN}, "
@@ -240,8 +241,20 @@ def run(options: Any) -> Any:
         f"device {options.device}; {jobs} case(s) at a time; section took {time.perf_counter() - started:.0f} s",
     ]
     notes += summary(rows)
-    columns = ["layers", "experts", "mode", "passes", "status", "compile_s", "compile_cpu_s", "graphs", "pass_s", "pass_share",
-               "step_ms", "loss_matches_eager"]
+    columns = [
+        "layers",
+        "experts",
+        "mode",
+        "passes",
+        "status",
+        "compile_s",
+        "compile_cpu_s",
+        "graphs",
+        "pass_s",
+        "pass_share",
+        "step_ms",
+        "loss_matches_eager",
+    ]
     return BenchSection(title="Compile time (cold cache) vs experts and layers", columns=columns, rows=rows, notes=notes)
 
 

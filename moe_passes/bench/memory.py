@@ -49,13 +49,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from moe_passes.models.interns1_vl.moe import MoEOutput, SparseMoeBlock
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
-from moe_passes.harness.capture import capture_graphs
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
-from moe_passes.pipeline.manager import PassManager
+from moe_passes.harness.capture import capture_graphs
+from moe_passes.models.interns1_vl.moe import MoEOutput, SparseMoeBlock
 from moe_passes.models.stacks import MoEStack
-
+from moe_passes.pipeline.manager import PassManager
 
 MiB = 1024 * 1024
 

@@ -38,6 +38,7 @@ What "device bytes" means here, and how each column is obtained:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +47,10 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
-import logging
-
 from moe_passes.bench import BenchOptions, BenchSection, quiet_profiler_stderr
 from moe_passes.ir.facts import node_value, static_nbytes
-from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
 from moe_passes.models.stacks import router_stack
+from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from typing import Sequence
 
 from moe_passes.cli.errors import CLIError
 
-
 __all__ = ["CLIError", "main"]
 
 

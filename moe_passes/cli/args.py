@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 from moe_passes.cli.textdiff import DIFF_MODES
 
-
 FORMATS = ("text", "json", "html")
 STAGES = ("pre_grad", "forward", "backward", "output_code")
 

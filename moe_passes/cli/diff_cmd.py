@@ -32,8 +32,8 @@ def init_fake_process_group(world_size: int, meta: bool = False) -> None:
 def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
     check_writable(args.output, "--output")
     progress("importing torch and the passes")
-    from moe_passes.config import DEFAULT_PASSES
     from moe_passes.cli.targets import META_PRESETS, TargetError, resolve_target
+    from moe_passes.config import DEFAULT_PASSES
 
     pass_names = tuple(args.passes) if args.passes else DEFAULT_PASSES
     num_chunks = args.num_chunks if args.num_chunks is not None else "auto"

@@ -13,7 +13,6 @@ from moe_passes.cli.diff import Section
 from moe_passes.cli.render import ESTIMATE_COLUMNS, SUMMARY_COLUMNS, details, estimate_rows, real_shape_lines, summary_rows
 from moe_passes.cli.tables import cell
 
-
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em 2em; color: #1f2328; background: #ffffff; }
 h1 { font-size: 1.4em; margin-bottom: 0.2em; }

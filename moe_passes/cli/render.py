@@ -15,7 +15,6 @@ from typing import IO, Any, Sequence
 from moe_passes.cli.diff import Section, short_region
 from moe_passes.cli.tables import table_lines, wrap
 
-
 _COLOURS = {"+": "\033[32m", "-": "\033[31m", "@": "\033[36m", "bold": "\033[1m", "dim": "\033[2m", "title": "\033[1;36m"}
 _RESET = "\033[0m"
 

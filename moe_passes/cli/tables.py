@@ -10,7 +10,6 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Sequence
 
-
 GAP = "  "
 
 

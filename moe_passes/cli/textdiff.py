@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import re
 
-
 DIFF_MODES = ("semantic", "full")
 
 _SYMBOL = re.compile(r"\b[us]\d+\b")

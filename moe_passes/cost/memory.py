@@ -25,12 +25,11 @@ from typing import Any
 import sympy
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch._inductor.fx_passes.memory_estimator import GraphAliasTracker
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils._pytree import tree_leaves
 
 from moe_passes.ir.facts import all_to_all_split_args, collective_kind, is_collective, is_wait, node_value
-
 
 UNBACKED_FALLBACK = 8192  # same default as torch._inductor.config.unbacked_symint_fallback
 

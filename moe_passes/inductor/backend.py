@@ -36,9 +36,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves
 
 from moe_passes.config import DEFAULT_PASSES, BackendConfig, NumChunks
-from moe_passes.ir.graph_text import graph_text
 from moe_passes.cost.memory import estimate_graph
-from moe_passes.pipeline.pass_base import GraphPass, PassResult
+from moe_passes.inductor.summary import BackendSummary, summarize
+from moe_passes.ir.facts import collective_nodes, is_all_to_all, is_wait
+from moe_passes.ir.graph_text import graph_text
 from moe_passes.pipeline.manager import (
     PassManager,
     PassRecord,
@@ -47,9 +48,8 @@ from moe_passes.pipeline.manager import (
     trace_json_artifact,
     trace_text_artifact,
 )
-from moe_passes.inductor.summary import BackendSummary, summarize
 from moe_passes.pipeline.order import load_pass, post_grad_pass_names
-from moe_passes.ir.facts import collective_nodes, is_all_to_all, is_wait
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ir.facts import all_to_all_split_args, is_all_to_all, is_wait, mutated_args, op_namespace_and_name
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 
 log = logging.getLogger(__name__)
 

@@ -252,7 +252,11 @@ class _UnwrappingInterpreter(fx.Interpreter):
 
     def _keep_function(self, n: fx.Node) -> Any:
         from torch.fx.experimental.proxy_tensor import (
-            _temp_remove_pre_dispatch_torch_function_mode, disable_proxy_modes_tracing, get_proxy_mode, track_tensor_tree)
+            _temp_remove_pre_dispatch_torch_function_mode,
+            disable_proxy_modes_tracing,
+            get_proxy_mode,
+            track_tensor_tree,
+        )
 
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         mode = get_proxy_mode()

@@ -48,7 +48,6 @@ import torch.fx as fx
 
 from moe_passes.ir.facts import normalize_dim, normalize_dims, op_arg, tensor_ndim, tensor_value
 
-
 aten = torch.ops.aten
 
 
@@ -61,7 +60,9 @@ class Effect:
     """What one op does to the rows of its row operand (see the module docstring)."""
 
     kind: str  # "keep" | "reduce" | "mix"
-    family: str  # identity | pointwise | view | expand | shape | split | along | reduce | matmul | cat | gather | one_hot | norm | count | dtensor
+    #: identity | pointwise | view | expand | shape | split | along | reduce | matmul | cat | gather | one_hot
+    #: | norm | count | dtensor
+    family: str
     lead: int | None = None  # keep: row dims of the output (None: resolve from shapes)
     linear: str | None = None  # reduce: "sum" | "mean" | "count" (sum of per-block partials), None otherwise
     outputs: int = 0  # >0: the op returns a tuple of that many values, each with this effect
@@ -154,8 +155,18 @@ def op_display(node: fx.Node) -> str:
 
 # ---------------------------------------------------------------------------------------------- families
 #: Value-preserving unary ops: same elements, maybe another dtype/device/layout (casts, moves, copies).
-IDENTITY = (aten.detach, aten.alias, aten.clone, aten.contiguous, aten.to, aten._to_copy, aten.type_as,
-            aten.lift_fresh_copy, aten.positive, aten._assert_tensor_metadata)
+IDENTITY = (
+    aten.detach,
+    aten.alias,
+    aten.clone,
+    aten.contiguous,
+    aten.to,
+    aten._to_copy,
+    aten.type_as,
+    aten.lift_fresh_copy,
+    aten.positive,
+    aten._assert_tensor_metadata,
+)
 
 
 @rule(*IDENTITY, family="identity")
@@ -168,8 +179,11 @@ def _dropout(node: fx.Node, lead: int) -> Effect:
     p, train = op_arg(node, 1, "p", 0.0), op_arg(node, 2, "train", True)
     if p == 0 or train is False:
         return Effect("keep", "pointwise", lead, outputs=2 if packet(node) is aten.native_dropout else 0)
-    return _mix("pointwise", f"{op_display(node)}(p={p}) in training draws one random number per element: "
-                             "split into chunks it draws other numbers than the unsplit op")
+    return _mix(
+        "pointwise",
+        f"{op_display(node)}(p={p}) in training draws one random number per element: "
+        "split into chunks it draws other numbers than the unsplit op",
+    )
 
 
 @rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.view_as, aten.reshape_as, family="view")
@@ -256,11 +270,22 @@ def _split(node: fx.Node, lead: int) -> Effect:
 
 #: ops along one dim: (schema name of the dim argument, default when absent); tuple results where noted.
 _ALONG: dict[Any, tuple[str, Any, int]] = {
-    aten.softmax: ("dim", None, 0), aten._softmax: ("dim", None, 0), aten.log_softmax: ("dim", None, 0),
-    aten._log_softmax: ("dim", None, 0), aten._safe_softmax: ("dim", None, 0), aten.cumsum: ("dim", None, 0),
-    aten.cumprod: ("dim", None, 0), aten.logcumsumexp: ("dim", None, 0), aten.cummax: ("dim", None, 2),
-    aten.cummin: ("dim", None, 2), aten.sort: ("dim", -1, 2), aten.argsort: ("dim", -1, 0),
-    aten.topk: ("dim", -1, 2), aten.kthvalue: ("dim", -1, 2), aten.msort: ("", 0, 0), aten.glu: ("dim", -1, 0),
+    aten.softmax: ("dim", None, 0),
+    aten._softmax: ("dim", None, 0),
+    aten.log_softmax: ("dim", None, 0),
+    aten._log_softmax: ("dim", None, 0),
+    aten._safe_softmax: ("dim", None, 0),
+    aten.cumsum: ("dim", None, 0),
+    aten.cumprod: ("dim", None, 0),
+    aten.logcumsumexp: ("dim", None, 0),
+    aten.cummax: ("dim", None, 2),
+    aten.cummin: ("dim", None, 2),
+    aten.sort: ("dim", -1, 2),
+    aten.argsort: ("dim", -1, 0),
+    aten.topk: ("dim", -1, 2),
+    aten.kthvalue: ("dim", -1, 2),
+    aten.msort: ("", 0, 0),
+    aten.glu: ("dim", -1, 0),
 }
 
 
@@ -271,17 +296,40 @@ def _along(node: fx.Node, lead: int) -> Effect:
     d = normalize_dim(dim if dim is not None else default, _rank(node))
     if d is not None and d >= lead:
         return Effect("keep", "along", lead, outputs=outputs, dims=(d,))
-    return _mix("along", f"{op_display(node)} over the row dim (dim {dim}) combines rows", outputs=outputs,
-                dims=(d,) if d is not None else ())
+    return _mix(
+        "along", f"{op_display(node)} over the row dim (dim {dim}) combines rows", outputs=outputs, dims=(d,) if d is not None else ()
+    )
 
 
 _LINEAR = {aten.sum: "sum", aten.nansum: "sum", aten.mean: "mean"}
 _REDUCE_OUTPUTS = {aten.max: 2, aten.min: 2, aten.var_mean: 2, aten.std_mean: 2, aten.median: 2, aten.mode: 2}
 
 
-@rule(aten.sum, aten.nansum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, aten.prod, aten.any, aten.all,
-      aten.var, aten.std, aten.norm, aten.linalg_vector_norm, aten.logsumexp, aten.argmax, aten.argmin,
-      aten.var_mean, aten.std_mean, aten.count_nonzero, aten.median, aten.mode, family="reduce")
+@rule(
+    aten.sum,
+    aten.nansum,
+    aten.mean,
+    aten.amax,
+    aten.amin,
+    aten.max,
+    aten.min,
+    aten.prod,
+    aten.any,
+    aten.all,
+    aten.var,
+    aten.std,
+    aten.norm,
+    aten.linalg_vector_norm,
+    aten.logsumexp,
+    aten.argmax,
+    aten.argmin,
+    aten.var_mean,
+    aten.std_mean,
+    aten.count_nonzero,
+    aten.median,
+    aten.mode,
+    family="reduce",
+)
 def _reduce(node: fx.Node, lead: int) -> Effect:
     p = packet(node)
     rank = _rank(node)
@@ -296,8 +344,14 @@ def _reduce(node: fx.Node, lead: int) -> Effect:
         return _mix("reduce", f"{op_display(node)} over dims {dims} that are not understood", outputs=outputs)
     if not set(reduced) & set(range(lead)):
         return Effect("keep", "reduce", lead, outputs=outputs, dims=reduced)
-    return Effect("reduce", "reduce", linear=_LINEAR.get(p), outputs=outputs, dims=reduced,
-                  reason=f"{op_display(node)} over the row dim" + ("" if p in _LINEAR else " is not a sum"))
+    return Effect(
+        "reduce",
+        "reduce",
+        linear=_LINEAR.get(p),
+        outputs=outputs,
+        dims=reduced,
+        reason=f"{op_display(node)} over the row dim" + ("" if p in _LINEAR else " is not a sum"),
+    )
 
 
 @rule(aten.linear, aten.matmul, aten.mm, aten.addmm, aten.bmm, family="matmul")
@@ -344,16 +398,14 @@ def _norm(node: fx.Node, lead: int) -> Effect:
 
 @rule(aten.histc, aten.bincount, family="count")
 def _count(node: fx.Node, lead: int) -> Effect:
-    return Effect("reduce", "count", linear="count", dims=tuple(range(_rank(node))),
-                  reason=f"{op_display(node)} counts over every row")
+    return Effect("reduce", "count", linear="count", dims=tuple(range(_rank(node))), reason=f"{op_display(node)} counts over every row")
 
 
 def broadcast_spans_rows(operand_shape: tuple[Any, ...], out_rank: int, lead: int) -> bool:
     """Whether an operand broadcast (right-aligned) against an ``out_rank`` result varies along its first
     ``lead`` dims: a value from outside the rows that differs from row to row cannot be split with them."""
     offset = out_rank - len(operand_shape)
-    return any(i >= offset and not (isinstance(operand_shape[i - offset], int) and operand_shape[i - offset] == 1)
-               for i in range(lead))
+    return any(i >= offset and not (isinstance(operand_shape[i - offset], int) and operand_shape[i - offset] == 1) for i in range(lead))
 
 
 def with_lead(e: Effect, lead: int) -> Effect:

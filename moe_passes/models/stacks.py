@@ -29,7 +29,6 @@ from torch import nn
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
 from moe_passes.models.interns1_vl.moe import SparseMoeBlock
 
-
 #: Main loss on the last hidden state ``h``: ``mse`` = ``mse_loss(h, target)``, ``square_mean`` =
 #: ``h.square().mean()``, ``pow2_mean`` = ``h.pow(2).mean()`` (same value, different graph op).
 MAIN_LOSSES = ("mse", "square_mean", "pow2_mean")

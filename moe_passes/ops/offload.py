@@ -71,7 +71,6 @@ from collections.abc import Sequence
 import torch
 from torch.fx.node import has_side_effect
 
-
 NAMESPACE = "moe_passes"
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}

@@ -15,8 +15,8 @@ from torch.utils._pytree import tree_leaves
 from moe_passes.fx.async_offload.routers import LOOKED_FOR, TARGET_KINDS, RouterAnalysis, analyse, classify, is_shape_op
 from moe_passes.ir.autograd import AutogradFacts, autograd_facts
 from moe_passes.ir.facts import module_types, node_value, static_nbytes, storage_ref, writes_between
-from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ops.offload import OFFLOAD_START, OFFLOAD_WAIT
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 
 log = logging.getLogger(__name__)
 

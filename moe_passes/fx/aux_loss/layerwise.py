@@ -25,10 +25,10 @@ from moe_passes.fx.aux_loss import placement, recognise
 from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.fx.aux_loss.rewrite import TAG, Rewriter, Source, Unsupported
 from moe_passes.fx.aux_loss.stats import Statistics, reuse_router_ops
-from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ir.canonical import is_canonical
-from moe_passes.ir.fake_mode import fake_eval
 from moe_passes.ir.facts import is_softmax, is_static_int, node_value
+from moe_passes.ir.fake_mode import fake_eval
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -37,9 +37,15 @@ aten = torch.ops.aten
 def _looks_aten(gm: fx.GraphModule) -> bool:
     """A graph already made of OpOverloads (hand-built ATen graphs, post-grad graphs)."""
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
-    return bool(calls) and all(n.op == "call_function" and (isinstance(n.target, torch._ops.OpOverload) or n.target is operator.getitem
-                                                         or getattr(n.target, "__module__", "") in ("_operator", "torch.fx.experimental.sym_node"))
-                               for n in calls)
+    return bool(calls) and all(
+        n.op == "call_function"
+        and (
+            isinstance(n.target, torch._ops.OpOverload)
+            or n.target is operator.getitem
+            or getattr(n.target, "__module__", "") in ("_operator", "torch.fx.experimental.sym_node")
+        )
+        for n in calls
+    )
 
 
 def propagate_meta(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
@@ -75,14 +81,24 @@ class LayerwiseAuxLossPass(GraphPass):
         if not isinstance(gm, fx.GraphModule):
             raise ValueError(f"{self.name} needs a torch.fx.GraphModule, got {type(gm).__name__}")
         result = PassResult(self.name)
-        stats: dict[str, Any] = {"groups_rewritten": 0, "layers": 0, "counts_without_onehot": 0,
-                                 "logsumexp_grad_from_router_softmax": 0, "softmax_reused": 0, "topk_reused": 0,
-                                 "all_reduces_merged": 0, "loop_form_layers": 0, "nodes_hoisted": 0}
+        stats: dict[str, Any] = {
+            "groups_rewritten": 0,
+            "layers": 0,
+            "counts_without_onehot": 0,
+            "logsumexp_grad_from_router_softmax": 0,
+            "softmax_reused": 0,
+            "topk_reused": 0,
+            "all_reduces_merged": 0,
+            "loop_form_layers": 0,
+            "nodes_hoisted": 0,
+        }
         result.stats = stats
         if not (is_canonical(gm) or _looks_aten(gm)):
-            raise ValueError(f"{self.name} reads the canonical ATen IR; this graph is Dynamo's torch-level graph. "
-                             "Run it through moe_passes.pipeline.manager.PassManager (or moe_passes.testing.run_pass), "
-                             "which re-traces it first")
+            raise ValueError(
+                f"{self.name} reads the canonical ATen IR; this graph is Dynamo's torch-level graph. "
+                "Run it through moe_passes.pipeline.manager.PassManager (or moe_passes.testing.run_pass), "
+                "which re-traces it first"
+            )
         # Errors propagate: the pass manager is the one place that fails closed (restores the graph, reports
         # the traceback in PassResult.error, raises under strict).
         self._run(gm, result, stats)
@@ -113,9 +129,12 @@ class LayerwiseAuxLossPass(GraphPass):
             totals += list(rw.replace.values())
             stats["groups_rewritten"] += 1
             stats["layers"] += len(group.logits)
-            where = ("router logits arrive as graph inputs (loss compiled apart from its layers): per-layer statistics "
-                     "from each layer's logits, no stacked tensor" if group.from_inputs else
-                     f"layers {[_layer_name(x) for x in group.logits]}")
+            where = (
+                "router logits arrive as graph inputs (loss compiled apart from its layers): per-layer statistics "
+                "from each layer's logits, no stacked tensor"
+                if group.from_inputs
+                else f"layers {[_layer_name(x) for x in group.logits]}"
+            )
             result.matched.append(f"{group.describe()}: {where}")
         # the per-layer loop form
         tagged = {n for n in graph.nodes if n.meta.get("moe_passes") == TAG}
@@ -140,9 +159,11 @@ class LayerwiseAuxLossPass(GraphPass):
             covered = {n for n in graph.nodes if n.meta.get("moe_passes") == TAG}
             on_inputs = recognise.loop_entries_on_inputs(graph, covered)
             if on_inputs and not routers.logits:
-                result.skip(f"per-layer loss over {len(on_inputs)} router logits arriving as graph inputs "
-                            f"({', '.join(n.name for n in on_inputs[:8])})",
-                            "the loss is already per layer and no router softmax is in this graph to reuse: nothing to rewrite")
+                result.skip(
+                    f"per-layer loss over {len(on_inputs)} router logits arriving as graph inputs "
+                    f"({', '.join(n.name for n in on_inputs[:8])})",
+                    "the loss is already per layer and no router softmax is in this graph to reuse: nothing to rewrite",
+                )
             return
         reused = reuse_router_ops(graph, [n for n in new_nodes if not n._erased], statistics.notes)
         graph.eliminate_dead_code()
@@ -155,8 +176,10 @@ class LayerwiseAuxLossPass(GraphPass):
         stats["counts_without_onehot"] += statistics.counts_without_onehot
         stats["logsumexp_grad_from_router_softmax"] += statistics.logsumexp_grad_from_router_softmax
         if loop_layers:
-            result.matched.append(f"per-layer loss over {len(loop_layers)} layers: partial sums placed in their layer "
-                                  f"(softmax reused {reused['softmax']}, top-k reused {reused['topk']})")
+            result.matched.append(
+                f"per-layer loss over {len(loop_layers)} layers: partial sums placed in their layer "
+                f"(softmax reused {reused['softmax']}, top-k reused {reused['topk']})"
+            )
         for note in dict.fromkeys(statistics.notes):
             result.matched.append(f"note: {note}")
         result.changed = True
@@ -203,8 +226,12 @@ def _merge_all_reduces(graph: fx.Graph, totals: list[fx.Node]) -> int:
     merged = 0
     for (target, op, group), reduces in buckets.items():
         vals = [node_value(r) for r in reduces]
-        if len(reduces) < 2 or any(not isinstance(v, torch.Tensor) for v in vals) or len({v.dtype for v in vals}) != 1 \
-                or not all(is_static_int(s) for v in vals for s in v.shape):
+        if (
+            len(reduces) < 2
+            or any(not isinstance(v, torch.Tensor) for v in vals)
+            or len({v.dtype for v in vals}) != 1
+            or not all(is_static_int(s) for v in vals for s in v.shape)
+        ):
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
         waits = [next(iter(r.users)) for r in reduces]
@@ -219,8 +246,10 @@ def _merge_all_reduces(graph: fx.Graph, totals: list[fx.Node]) -> int:
             waited = graph.call_function(wait_target, (reduced,))
             sizes = [v.numel() for v in vals]
             pieces = graph.call_function(aten.split_with_sizes.default, (waited, sizes))
-            shaped = [graph.call_function(aten.view.default, (graph.call_function(operator.getitem, (pieces, i)), list(v.shape)))
-                      for i, v in enumerate(vals)]
+            shaped = [
+                graph.call_function(aten.view.default, (graph.call_function(operator.getitem, (pieces, i)), list(v.shape)))
+                for i, v in enumerate(vals)
+            ]
         for new in (*flats, flat, reduced, waited, pieces, *shaped, *(s.args[0] for s in shaped)):
             new.meta["moe_passes"] = TAG
         for r, wait, new in zip(reduces, waits, shaped):

@@ -66,7 +66,9 @@ class RowReductions:
             onehot, weight = (a0.onehot, None) if a0.onehot is not None else (a0.weighted[0].onehot, a0.weighted[1])
             if self.stats is not None and self.stats.counts_apply(onehot, weight, out_shape, out_dtype):
                 counts = lambda layer: self.stats.counts(self, onehot, weight, out_shape, out_dtype, layer)
-        acc = torch.float32 if low else op_arg(node, 3 if node.target is aten.sum.dim_IntList or node.target is aten.mean.dim else 1, "dtype")
+        acc = (
+            torch.float32 if low else op_arg(node, 3 if node.target is aten.sum.dim_IntList or node.target is aten.mean.dim else 1, "dtype")
+        )
         kwargs = {"dtype": acc} if acc is not None else {}
         dim_list = list(dims)
 
@@ -74,7 +76,12 @@ class RowReductions:
             if a0.invariant and a0.narrow is not None and dims == (0,) and not keepdim:
                 n = self.memo(("nsum", node), layer, True, lambda: self.new(aten.sum.dim_IntList, (a0.narrow(layer), [0]), kwargs))
                 return self.memo(("nsum_x", node), layer, True, lambda: self.new(aten.expand.default, (n, list(out_shape))))
-            return self.memo(("sum", node), layer, a0.invariant, lambda: self.new(aten.sum.dim_IntList, (a0.emit(layer), dim_list, keepdim), kwargs, None if a0.invariant else layer))
+            return self.memo(
+                ("sum", node),
+                layer,
+                a0.invariant,
+                lambda: self.new(aten.sum.dim_IntList, (a0.emit(layer), dim_list, keepdim), kwargs, None if a0.invariant else layer),
+            )
 
         total = self.accumulate(node, counts or partial)
         self.cursor = node
@@ -103,7 +110,9 @@ class RowReductions:
         if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo < hi):
             raise Unsupported(f"{_name(node)}: histc with a data-dependent range (min >= max) is not a sum of per-layer histograms")
         rest = node.args[1:]
-        self.replace[node] = self.accumulate(node, lambda layer: self.new(aten.histc.default, (a0.emit(layer), *rest), dict(node.kwargs), layer))
+        self.replace[node] = self.accumulate(
+            node, lambda layer: self.new(aten.histc.default, (a0.emit(layer), *rest), dict(node.kwargs), layer)
+        )
         return None
 
     def scatter_add(self, node: fx.Node, inplace: bool) -> None:
@@ -121,8 +130,11 @@ class RowReductions:
         if not self.same_rows(vi.rows, vs.rows):
             raise Unsupported(f"{_name(node)}: index and source rows differ")
         if inplace:
-            if base.op != "call_function" or base.target not in (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default, aten.full.default) \
-                    or set(base.users) != {node}:
+            if (
+                base.op != "call_function"
+                or base.target not in (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default, aten.full.default)
+                or set(base.users) != {node}
+            ):
                 raise Unsupported(f"{_name(node)}: in-place scatter_add into a buffer that is read elsewhere")
             self.erase.append(node)
 
@@ -132,4 +144,3 @@ class RowReductions:
 
         self.replace[node] = self.accumulate(node, partial)
         return None
-

@@ -34,14 +34,20 @@ import torch
 import torch.fx as fx
 
 from moe_passes.errors import error_summary
-from moe_passes.ir.facts import (
-    is_pointwise, is_pure, is_static_int, known_equal, mutated_args, op_arg,
-    tensor_dtype, tensor_value,
-)
-from moe_passes.ir import rows
-from moe_passes.ir.fake_mode import fake_eval
 from moe_passes.fx.aux_loss.blocks import ROW_SUMS, TAG, Rows, Source, TupleRows, Unsupported, _name, _shape
 from moe_passes.fx.aux_loss.reductions import RowReductions
+from moe_passes.ir import rows
+from moe_passes.ir.facts import (
+    is_pointwise,
+    is_pure,
+    is_static_int,
+    known_equal,
+    mutated_args,
+    op_arg,
+    tensor_dtype,
+    tensor_value,
+)
+from moe_passes.ir.fake_mode import fake_eval
 from moe_passes.ir.rows import prod
 
 if TYPE_CHECKING:  # stats calls back into the rewriter: types only, no import cycle
@@ -233,7 +239,11 @@ class Rewriter(RowReductions):
             rows = tuple(_shape(x)[0] for x in inputs)
             return Rows(rows=rows, emit=lambda layer: inputs[layer], logits=True)
         self.cursor = source.node
-        return Rows(rows=(1,) * len(inputs), layer_src=tuple(inputs), emit=lambda layer: self.memo(("stack", source.node), layer, False, lambda: self.new(aten.unsqueeze.default, (inputs[layer], 0), layer=layer)))
+        def emit(layer: int) -> fx.Node:
+            build = lambda: self.new(aten.unsqueeze.default, (inputs[layer], 0), layer=layer)  # noqa: E731
+            return self.memo(("stack", source.node), layer, False, build)
+
+        return Rows(rows=(1,) * len(inputs), layer_src=tuple(inputs), emit=emit)
 
     def interpret(self, node: fx.Node) -> Any:
         if node.op != "call_function":
@@ -243,7 +253,12 @@ class Rewriter(RowReductions):
         if t is operator.getitem:
             if isinstance(a0, TupleRows):
                 idx = node.args[1]
-                return Rows(rows=a0.rows, emit=lambda layer: self.memo(("getitem", node), layer, False, lambda: self.new(operator.getitem, (a0.emit(layer), idx), layer=layer)))
+                return Rows(
+                    rows=a0.rows,
+                    emit=lambda layer: self.memo(
+                        ("getitem", node), layer, False, lambda: self.new(operator.getitem, (a0.emit(layer), idx), layer=layer)
+                    ),
+                )
             raise Unsupported(f"{node.name}: indexing a value of rows")
         if not isinstance(t, torch._ops.OpOverload):
             raise Unsupported(f"{_name(node)} is not an ATen op")
@@ -300,10 +315,11 @@ class Rewriter(RowReductions):
         rest = node.args[1:]
         narrow = None
         if a0.narrow is not None:
-            narrow = lambda layer: self.memo(("cast_n", node), layer, True, lambda: self.new(node.target, (a0.narrow(layer), *rest), dict(node.kwargs)))
+            narrow = lambda layer: self.memo(
+                ("cast_n", node), layer, True, lambda: self.new(node.target, (a0.narrow(layer), *rest), dict(node.kwargs))
+            )
         same = tensor_dtype(node) == tensor_dtype(node.args[0])
-        return self.unary(node, a0, narrow=narrow, narrow_shape=a0.narrow_shape, onehot=a0.onehot,
-                          logits=a0.logits and same)
+        return self.unary(node, a0, narrow=narrow, narrow_shape=a0.narrow_shape, onehot=a0.onehot, logits=a0.logits and same)
 
     def row_local(self, node: fx.Node, a0: Any, eff: rows.Effect) -> Any:
         """An op that acts along a non-row dim, a shape op that keeps dim 0, or a reduction over other dims:
@@ -312,9 +328,18 @@ class Rewriter(RowReductions):
         if not eff.keeps:
             raise Unsupported(f"{_name(node)}: {eff.reason} (along the stacked row (token) dim, not row by row)")
         t = node.target
-        if t is aten.logsumexp.default and self.stats is not None and a0.logits and len(_shape(node.args[0])) == 2 \
-                and eff.dims == (1,) and not op_arg(node, 2, "keepdim", False):
-            return Rows(rows=a0.rows, emit=lambda layer: self.memo(("lse", node), layer, False, lambda: self.stats.logsumexp(self, node, a0.emit(layer), layer)))
+        if (
+            t is aten.logsumexp.default
+            and self.stats is not None
+            and a0.logits
+            and len(_shape(node.args[0])) == 2
+            and eff.dims == (1,)
+            and not op_arg(node, 2, "keepdim", False)
+        ):
+            return Rows(
+                rows=a0.rows,
+                emit=lambda layer: self.memo(("lse", node), layer, False, lambda: self.stats.logsumexp(self, node, a0.emit(layer), layer)),
+            )
         if eff.outputs:
             rest = node.args[1:]
             return TupleRows(rows=a0.rows, emit=lambda layer: self.redo(node, layer, False, (a0.emit(layer), *rest)))
@@ -346,11 +371,17 @@ class Rewriter(RowReductions):
         else:
             raise Unsupported(f"{_name(node)}: reshape {ishape}->{oshape} moves data across layer boundaries")
         new_shape = [-1, *ob]
-        if a0.layer_src is not None and all(tuple(_shape(x)[1:]) == tuple(ob) and known_equal(_shape(x)[0], r)
-                                            for x, r in zip(a0.layer_src, rows)):
+        if a0.layer_src is not None and all(
+            tuple(_shape(x)[1:]) == tuple(ob) and known_equal(_shape(x)[0], r) for x, r in zip(a0.layer_src, rows)
+        ):
             src = a0.layer_src  # the stacking undone: each block is the layer's own tensor
             return Rows(rows=rows, emit=lambda layer: src[layer], logits=True)
-        emit = lambda layer: self.memo(("reshape", node), layer, a0.invariant, lambda: self.new(aten.reshape.default, (a0.emit(layer), new_shape), layer=None if a0.invariant else layer))
+        emit = lambda layer: self.memo(
+            ("reshape", node),
+            layer,
+            a0.invariant,
+            lambda: self.new(aten.reshape.default, (a0.emit(layer), new_shape), layer=None if a0.invariant else layer),
+        )
         narrow, nshape = None, ()
         if a0.narrow is not None and len(a0.narrow_shape) == len(ia):
             na = a0.narrow_shape
@@ -360,12 +391,15 @@ class Rewriter(RowReductions):
                 j += 1
             lead = len(ia) - j
             same = lambda xs, ys: len(xs) == len(ys) and all(known_equal(x, y) for x, y in zip(xs, ys))
-            if j and len(ob) >= j and same(ob[len(ob) - j:], ia[lead:]) and same(na[:lead], ia[:lead]):
-                nshape = (*ob[:len(ob) - j], *([1] * j))
+            if j and len(ob) >= j and same(ob[len(ob) - j :], ia[lead:]) and same(na[:lead], ia[:lead]):
+                nshape = (*ob[: len(ob) - j], *([1] * j))
                 nnew = [-1, *nshape]
-                narrow = lambda layer: self.memo(("reshape_n", node), layer, True, lambda: self.new(aten.reshape.default, (a0.narrow(layer), nnew)))
-        return Rows(rows=rows, emit=emit, invariant=a0.invariant, narrow=narrow, narrow_shape=nshape,
-                    logits=a0.logits and tuple(ob) == tuple(ia))
+                narrow = lambda layer: self.memo(
+                    ("reshape_n", node), layer, True, lambda: self.new(aten.reshape.default, (a0.narrow(layer), nnew))
+                )
+        return Rows(
+            rows=rows, emit=emit, invariant=a0.invariant, narrow=narrow, narrow_shape=nshape, logits=a0.logits and tuple(ob) == tuple(ia)
+        )
 
     def expand(self, node: fx.Node, a0: Any) -> Rows:
         a0 = self.need_rows(node, a0)

@@ -16,7 +16,6 @@ import torch.fx as fx
 from moe_passes.ir.facts import normalize_dim, op_arg, tensor_dtype, tensor_ndim, tensor_value
 from moe_passes.ir.rows import family_of
 
-
 aten = torch.ops.aten
 
 SOFTMAXES = frozenset({aten.softmax.int, aten._softmax.default})

@@ -23,9 +23,8 @@ import torch
 import torch.fx as fx
 
 from moe_passes.fx.aux_loss import semantics as sem
-from moe_passes.ir.facts import tensor_dtype, tensor_value, writes_between
-
 from moe_passes.fx.aux_loss.blocks import Emitter
+from moe_passes.ir.facts import tensor_dtype, tensor_value, writes_between
 
 aten = torch.ops.aten
 

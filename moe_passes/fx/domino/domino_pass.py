@@ -21,11 +21,11 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 from moe_passes.errors import error_summary
 from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
 from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, rewrite_region, size_values
-from moe_passes.ir.fake_mode import repropagate
-from moe_passes.pipeline.pass_base import GraphPass, PassResult
 from moe_passes.ir.canonical import is_canonical
 from moe_passes.ir.facts import copy_node_attributes, tensor_value
+from moe_passes.ir.fake_mode import repropagate
 from moe_passes.ir.rows import NotRowLocal
+from moe_passes.pipeline.pass_base import GraphPass, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class DominoEPPass(GraphPass):
         if not planned:
             return result
         reassembled_all = []
-        for region, n, label in planned:
+        for region, n, _label in planned:
             mapped = _map_region(region, val_map)
             sizes, reassembled = rewrite_region(new_graph, mapped, n)
             reassembled_all.append((sizes, reassembled))
@@ -150,7 +150,7 @@ class DominoEPPass(GraphPass):
             repropagate(gm, record=True)  # fresh unbacked symbols per chunk, bound on their nodes
             for sizes, reassembled in reassembled_all:
                 check_rows(reassembled, sizes)
-            for region, n, label in planned:
+            for region, n, _label in planned:
                 sizes = result.stats["chunks"][region.path]
                 if any(isinstance(c, fx.Node) for c in sizes):  # report the expressions the size nodes compute
                     result.stats["chunks"][region.path] = [str(v) for v in size_values(sizes)]
@@ -164,12 +164,12 @@ class DominoEPPass(GraphPass):
             gm.recompile()
             reason = f"rewrite failed its own check ({error_summary(e)})"
             log.warning("domino_ep: %s", reason)
-            for region, _, label in planned:
+            for _region, _, label in planned:
                 result.skip(label, reason)
             result.matched.clear()
             result.stats["chunks"] = {}
             return result
-        for region, n, label in planned:
+        for region, _n, label in planned:
             log.info("domino_ep: %s: %s tokens split into chunks %s", label, region.num_tokens, result.stats["chunks"][region.path])
         result.changed = True
         return result

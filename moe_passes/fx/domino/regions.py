@@ -29,7 +29,6 @@ import torch
 import torch.fx as fx
 
 from moe_passes.fx.domino.kinds import Kind, Unproven, positive_quotient
-from moe_passes.ir.rows import prod
 from moe_passes.fx.domino.row_analysis import RowAnalysis
 from moe_passes.ir.facts import (
     all_to_all_split_args,
@@ -44,6 +43,7 @@ from moe_passes.ir.facts import (
     op_namespace_and_name,
     tensor_value,
 )
+from moe_passes.ir.rows import prod
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,8 @@ def check_outputs(region: MoERegion) -> None:
         readers = [u for u in out.users if u not in inside]
         if not isinstance(k, Kind) or k.tag not in ("row", "add"):
             what = "split sizes / layout metadata" if isinstance(k, Kind) and k.tag == "meta" else str(k)
-            raise RegionError(f"{out.name} ({what}) leaves the region (read by {[u.name for u in readers]}); only token rows and counts can be reassembled from chunks")
+            raise RegionError(f"{out.name} ({what}) leaves the region (read by {[u.name for u in readers]}); "
+                              "only token rows and counts can be reassembled from chunks")
         if tensor_value(out) is None:
             raise RegionError(f"{out.name} leaves the region but is not a tensor")
         for u in readers:
@@ -349,7 +350,9 @@ def check_outputs(region: MoERegion) -> None:
             for buf in written:  # e.g. tokens_per_expert.add_(counts): nobody else may read buf before the region ends
                 early = [r.name for r in buf.users if r is not u and _before(r, region.nodes[-1])]
                 if early:
-                    raise RegionError(f"{u.name} writes {buf.name} in place with region output {out.name}, and {early} read it inside the region's span")
+                    raise RegionError(
+                        f"{u.name} writes {buf.name} in place with region output {out.name}, and {early} read it inside the region's span"
+                    )
 
 
 def _before(a: fx.Node, b: fx.Node) -> bool:

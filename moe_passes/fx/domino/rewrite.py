@@ -24,8 +24,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moe_passes.fx.domino.kinds import Kind
 from moe_passes.fx.domino.regions import MoERegion
-from moe_passes.ir.rows import NotRowLocal
 from moe_passes.ir.facts import is_mutation, node_value, op_label, tensor_value
+from moe_passes.ir.rows import NotRowLocal
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
             piece.meta["nn_module_stack"] = stack
             env: dict[fx.Node, fx.Node] = {region.tokens: piece}
             for n in region.nodes:
-                new = graph.node_copy(n, lambda a: env.get(a, a))
+                new = graph.node_copy(n, lambda a: env.get(a, a))  # noqa: B023 - called at once, in this iteration
                 new.meta.pop("unbacked_bindings", None)
                 new.meta["domino_chunk"] = k
                 env[n] = _retarget(new, n, region, rows)

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from moe_passes.fx.domino.kinds import ADD, DATA_TAGS, META, NONE, Kind, Unproven, lead_of, row, token_prefix
+from moe_passes.ir import rows
 from moe_passes.ir.facts import (
     is_all_to_all,
     is_wait,
@@ -44,7 +45,6 @@ from moe_passes.ir.facts import (
     tensor_ndim,
     tensor_value,
 )
-from moe_passes.ir import rows
 from moe_passes.ir.rows import family_of
 
 log = logging.getLogger(__name__)

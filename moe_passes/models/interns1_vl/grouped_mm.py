@@ -21,10 +21,8 @@ otherwise (the loop is inside the op, invisible to the compiler).
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
-
 
 OP_NAMESPACE = "moe_models"
 
