@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from moe_passes import BackendConfig, make_backend
 from moe_passes.harness.capture import CapturedGraph, capture_graphs
-from moe_passes.inductor.backend import VerificationError, input_names, readable_source, verify_graphs, verify_tolerances
+from moe_passes.inductor.verify import VerificationError, input_names, readable_source, verify_graphs, verify_tolerances
 from moe_passes.models.stacks import preset_stack
 from moe_passes.pipeline.manager import PassManager, copy_graph_module
 
