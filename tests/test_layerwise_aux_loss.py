@@ -26,8 +26,8 @@ from moe_passes.harness.capture import capture_graphs
 from moe_passes.ir.graph_text import graph_text
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
 from moe_passes.models.stacks import MoEStack
-from moe_passes.pipeline.pass_base import PassResult
 from moe_passes.testing import run_pass
+from tests.aux_helpers import PassThenEager
 from tests.aux_models import EXPERTS, FFN, HIDDEN, LAYERS, TOP_K, make_model, tiny_qwen3_vl_moe
 from tests.distributed import run_distributed
 from tests.golden import check_golden
@@ -63,17 +63,6 @@ def assert_same(ref: tuple[torch.Tensor, dict], new: tuple[torch.Tensor, dict], 
         r = ref[1][name]
         atol = GRAD_RTOL * float(r.abs().max()) + 1e-8
         torch.testing.assert_close(new[1][name], r, rtol=GRAD_RTOL, atol=atol, msg=lambda m: f"{what}: grad {name}: {m}")
-
-
-class PassThenEager:
-    """Backend running the rewritten graph as Python (no Inductor): isolates the pass."""
-
-    def __init__(self) -> None:
-        self.results: list[PassResult] = []
-
-    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        self.results.append(run_pass(LayerwiseAuxLossPass(), gm))
-        return gm.forward
 
 
 def compiled_backend() -> Any:
