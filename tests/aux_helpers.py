@@ -15,6 +15,7 @@ from torch import nn
 from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
 from moe_passes.pipeline.pass_base import PassResult
 from moe_passes.testing import run_pass
+from tests.aux_models import seeded, tiny_qwen3_vl_moe
 
 log = logging.getLogger(__name__)
 
@@ -92,23 +93,16 @@ def _tiny(kind: str) -> nn.Module:
         cfg = transformers.OlmoeConfig(intermediate_size=8, num_experts=E, num_experts_per_tok=K, **common)
         cls = transformers.OlmoeForCausalLM
     elif kind == "qwen3_vl_moe":
-        from tests.aux_models import tiny_qwen3_vl_moe
-
         model = tiny_qwen3_vl_moe()
         model.config.text_config.output_router_logits = True
         return model
     else:
         raise ValueError(kind)
     cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = cls(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
+    return seeded(cls, cfg)
 
 
-def _hf_step(model: nn.Module, padded: bool) -> Callable[[nn.Module], torch.Tensor]:
+def hf_step(model: nn.Module, padded: bool) -> Callable[[nn.Module], torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 59, (2, 6), generator=g)
     mask = torch.ones(2, 6, dtype=torch.long)

@@ -51,8 +51,14 @@ def tiny_qwen3_vl_moe() -> nn.Module:
                                         vision_start_token_id=61, vision_end_token_id=62)
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = "eager"
+    return seeded(transformers.Qwen3VLMoeForConditionalGeneration, cfg)
+
+
+def seeded(cls: Any, cfg: Any) -> Any:
+    """``cls(cfg)`` built under seed 0 with N(0, 0.3) weights: routers far from uniform, so the aux loss and
+    top-k choices are not ties."""
     torch.manual_seed(0)
-    model = transformers.Qwen3VLMoeForConditionalGeneration(cfg)
+    model = cls(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)

@@ -32,15 +32,16 @@ from tests.aux_helpers import (
     H,
     K,
     PassThenEager,
-    _hf_step,
     _stack_inputs,
     _stack_model,
     _tiny,
     distance,
+    hf_step,
     loss_and_grads,
     report_row,
     transformers,
 )
+from tests.aux_models import seeded
 
 
 def applied(results: list[PassResult]) -> dict[str, Any]:
@@ -61,7 +62,7 @@ EAGER_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2)}
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "olmoe", "qwen3_vl_moe"])
 def test_transformers_models_apply_and_keep_values(kind: str, dtype: torch.dtype) -> None:
     model = _tiny(kind).to(dtype)
-    step = _hf_step(model, padded=(kind != "mixtral"))
+    step = hf_step(model, padded=(kind != "mixtral"))
     ref = loss_and_grads(model, lambda: step(model))
     backend = PassThenEager()
     torch._dynamo.reset()
@@ -120,12 +121,8 @@ def test_a_sigmoid_router_with_a_per_layer_loss_is_recognised_and_exact() -> Non
                                        router_aux_loss_coef=0.05, intermediate_size=8, num_local_experts=E,
                                        num_experts_per_tok=K, bos_token_id=None, eos_token_id=None)
     cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.MiniMaxM2ForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    step = _hf_step(model, padded=True)
+    model = seeded(transformers.MiniMaxM2ForCausalLM, cfg)
+    step = hf_step(model, padded=True)
     ref = loss_and_grads(model, lambda: step(model))
     backend = make_backend(passes=("layerwise_aux_loss",))
     compiled = torch.compile(model, backend=backend)

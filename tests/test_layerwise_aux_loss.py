@@ -27,7 +27,7 @@ from moe_passes.ir.graph_text import graph_text
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
 from moe_passes.models.stacks import MoEStack
 from moe_passes.testing import run_pass
-from tests.aux_helpers import PassThenEager
+from tests.aux_helpers import PassThenEager, hf_step
 from tests.aux_models import EXPERTS, FFN, HIDDEN, LAYERS, TOP_K, make_model, tiny_qwen3_vl_moe
 from tests.distributed import run_distributed
 from tests.golden import check_golden
@@ -359,14 +359,7 @@ def test_transformers_qwen3_vl_moe_graphs(padded: bool) -> None:
     loss as already per layer and leaves that graph alone.)
     """
     model = tiny_qwen3_vl_moe()
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 59, (2, 6), generator=g)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    if padded:
-        mask[0, 4:] = 0
-
-    def step(m: nn.Module) -> torch.Tensor:
-        return m(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True).loss
+    step = hf_step(model, padded)
 
     ref = loss_and_grads(lambda: step(model), model)
     eager_pass = PassThenEager()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -122,34 +124,22 @@ def test_config_top_level_keys_missing(missing: str) -> None:
         InternS1VLConfig.from_hf_dict(d)
 
 
+def _text_config() -> dict[str, Any]:
+    """A complete tiny ``text_config`` as a HF config.json holds it."""
+    return dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, moe_intermediate_size=16,
+                num_experts=8, num_experts_per_tok=2, rope_parameters={"rope_theta": 1e4, "mrope_section": [2, 1, 1]})
+
+
 @pytest.mark.parametrize("missing", ["hidden_size", "num_experts_per_tok", "moe_intermediate_size"])
 def test_config_text_keys_missing(missing: str) -> None:
-    text = dict(
-        vocab_size=96,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        moe_intermediate_size=16,
-        num_experts=8,
-        num_experts_per_tok=2,
-        rope_parameters={"rope_theta": 1e4, "mrope_section": [2, 1, 1]},
-    )
+    text = _text_config()
     del text[missing]
     with pytest.raises(ValueError, match=f"config key missing: text_config.{missing}"):
         InternS1VLConfig.from_hf_dict({"text_config": text, "vision_config": {}, "image_token_id": 5})
 
 
 def test_config_vision_key_missing() -> None:
-    text = dict(
-        vocab_size=96,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        moe_intermediate_size=16,
-        num_experts=8,
-        num_experts_per_tok=2,
-        rope_parameters={"rope_theta": 1e4, "mrope_section": [2, 1, 1]},
-    )
+    text = _text_config()
     with pytest.raises(ValueError, match="config key missing: vision_config.depth"):
         InternS1VLConfig.from_hf_dict({"text_config": text, "vision_config": {"hidden_size": 16}, "image_token_id": 5})
 

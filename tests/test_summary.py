@@ -111,3 +111,31 @@ def test_backend_summary_after_a_real_compile() -> None:
     assert s.as_dict() == summarize(backend.reports).as_dict()
     backend.clear_reports()
     assert backend.summary().graphs == 0
+
+
+def test_a_compile_served_from_the_cache_says_its_post_grad_passes_did_not_run(tmp_path: Any, monkeypatch: Any) -> None:
+    """Inductor's caches skip every post-grad pass on a hit; the report and the summary say so instead of
+    showing a schedule pass that silently saw nothing (a CI run once read 0 moves from a warm cache)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache: the first compile fills it
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (torch.sin(x) * 2).sum()
+
+    backends = []
+    for _ in range(2):
+        backend = make_backend(passes=("domino_ep",))  # schedule_overlap runs post-grad
+        torch._dynamo.reset()
+        try:
+            with torch._inductor.config.patch(fx_graph_cache=True):
+                torch.compile(f, backend=backend, fullgraph=True)(torch.randn(8, requires_grad=True)).backward()
+        finally:
+            torch._dynamo.reset()
+        backends.append(backend)
+    cold, warm = (b.reports[0] for b in backends)
+    assert cold["cache"] == {} and cold["post_grad"]["forward"], cold  # filled the cache: passes ran, no note
+    assert "forward" in warm["cache"] and "cache" in warm["cache"]["forward"], warm
+    assert "TORCHINDUCTOR_FX_GRAPH_CACHE=0" in warm["cache"]["forward"]
+    assert not warm["post_grad"]["forward"], warm  # nothing ran, and nothing pretends it did
+    text = str(backends[1].summary())
+    assert "graph 0 (forward): served from" in text, text
+    assert backends[1].summary().cache_notes, backends[1].summary().as_dict()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import logging
 import sys
@@ -57,16 +58,39 @@ log = logging.getLogger(__name__)
 _GRAPH_KIND: contextvars.ContextVar[str | None] = contextvars.ContextVar("moe_passes_graph_kind", default=None)
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
-    """``compile_fx_inner`` that records which AOT graph it compiles, for the post-grad passes."""
+def _cache_hits(group: str, key: str) -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters[group][key])
+
+
+CACHE_NOTE = ("served from Inductor's FX graph cache: the post-grad passes did not run in this process (the compile that "
+              "filled the cache made their moves); TORCHINDUCTOR_FX_GRAPH_CACHE=0 re-runs and re-reports them")
+
+
+def _note_cache(report: GraphReport, kinds: Sequence[str], note: str) -> None:
+    for kind in kinds:
+        report.cache[kind] = note
+    log.info("graph_%d (%s): %s", report.index, "/".join(kinds), note)
+    if _tracing_enabled():
+        trace_json_artifact(f"moe_passes_graph_{report.index}_cache", lambda: dict(report.cache))
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *args: Any, report: GraphReport | None = None,
+                   **kwargs: Any) -> Any:
+    """``compile_fx_inner`` that records which AOT graph it compiles, for the post-grad passes, and whether
+    Inductor's FX graph cache served it (then no post-grad pass runs, and the report says so)."""
     from torch._inductor.compile_fx import compile_fx_inner
 
     kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
     token = _GRAPH_KIND.set(kind)
+    hits = _cache_hits("inductor", "fxgraph_cache_hit")
     try:
         return compile_fx_inner(gm, example_inputs, *args, **kwargs)
     finally:
         _GRAPH_KIND.reset(token)
+        if report is not None and _cache_hits("inductor", "fxgraph_cache_hit") > hits:
+            _note_cache(report, (kind,), CACHE_NOTE)
 
 
 def graph_kind(graph: fx.Graph | None = None) -> str:
@@ -88,6 +112,8 @@ class GraphReport:
     post_grad_graphs: dict[str, dict[str, str]] = field(default_factory=dict)
     post_grad_estimates: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     verify: str | None = None
+    #: AOT graph kind -> why its post-grad passes did not run here (served from Inductor's or AOTAutograd's cache)
+    cache: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +124,7 @@ class GraphReport:
             "verify": self.verify,
             "ir": self.ir,
             "canonical_error": self.canonical_error,
+            "cache": dict(self.cache),
         }
 
 
@@ -254,8 +281,11 @@ class DominoBackend:
             report.verify = verify_graphs(original, run.gm, example_inputs, self.config.verify_rtol, self.config.verify_atol)
         elif self.config.verify:
             report.verify = "skipped: no pre-grad passes to verify"
-        compiled = compile_fx(run.gm, example_inputs, inner_compile=_inner_compile,
+        aot_hits = _cache_hits("aot_autograd", "autograd_cache_hit")
+        compiled = compile_fx(run.gm, example_inputs, inner_compile=functools.partial(_inner_compile, report=report),
                               config_patches=self.inductor_patches(report))
+        if _cache_hits("aot_autograd", "autograd_cache_hit") > aot_hits:
+            _note_cache(report, ("forward", "backward"), CACHE_NOTE.replace("FX graph cache", "AOTAutograd cache"))
         # Ranks must run graphs with the same collectives: agree on it before every call (rank_check.py).
         from moe_passes.inductor.rank_check import wrap_if_needed
 

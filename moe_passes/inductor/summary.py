@@ -77,6 +77,7 @@ class BackendSummary:
     all_to_alls_overlapped_before: int = 0
     all_to_alls_overlapped_after: int = 0
     canonical_errors: list[str] = field(default_factory=list)
+    cache_notes: list[str] = field(default_factory=list)  # graphs whose post-grad passes a compile cache skipped
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +92,7 @@ class BackendSummary:
                                  "overlapped_before": self.all_to_alls_overlapped_before,
                                  "overlapped_after": self.all_to_alls_overlapped_after},
             "canonical_errors": list(self.canonical_errors),
+            "cache_notes": list(self.cache_notes),
             "passes": {name: p.as_dict() for name, p in self.passes.items()},
         }
 
@@ -107,6 +109,8 @@ class BackendSummary:
                 lines.append(f"    skipped ({count}x): {_clip(reason)}")
         for error in self.canonical_errors:
             lines.append(f"  canonical IR unavailable: {_clip(error)}")
+        for note in self.cache_notes:
+            lines.append(f"  {_clip(note, 240)}")
         return "\n".join(lines)
 
     def _detail(self, name: str) -> str:
@@ -202,4 +206,7 @@ def summarize(reports: Iterable[dict[str, Any]]) -> BackendSummary:
                     out.all_to_alls_overlapped_before += int(stats["before"].get("overlapped", 0))
                     out.all_to_alls_overlapped_after += int(stats["after"].get("overlapped", 0))
     out.canonical_errors = [f"{e} ({n} graph(s))" for e, n in errors.items()]
+    for report in reports:
+        for kind, note in (report.get("cache") or {}).items():
+            out.cache_notes.append(f"graph {report.get('graph')} ({kind}): {note}")
     return out
