@@ -57,6 +57,32 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "wait_in_identity_function": ("rewritten", None),
     # The same Function with a backward that is not the identity: not a wait, left alone.
     "wait_in_scaling_function": ("skipped", "autograd_function_apply"),
+    # ---- idioms people write by hand (issue 23): each is the same block computed another way.
+    # Per-expert counters built in place into a zero buffer made just before.
+    "counts_scatter_add_inplace": ("rewritten", None),
+    "counts_index_add_inplace": ("rewritten", None),
+    "counts_one_hot_sum": ("rewritten", None),
+    "counts_histc": ("rewritten", None),
+    # Expert id per received row from the exchanged counts.
+    "expert_ids_repeat_interleave": ("rewritten", None),
+    # Experts as a per-row weight gather + bmm, as a loop over split(counts.tolist()) + cat, as a
+    # boolean-mask loop writing into a zero buffer (transformers 4.x style).
+    "experts_weight_gather": ("rewritten", None),
+    "experts_split_loop": ("rewritten", None),
+    "experts_mask_loop": ("rewritten", None),
+    # DeepSeek-V3-style router: sigmoid scores, top-k of scores + an expert bias, weights gathered from scores.
+    "sigmoid_bias_router": ("rewritten", None),
+    # A shared expert beside the routed ones.
+    "shared_expert": ("rewritten", None),
+    # Neighbours that must stay refused: a counter buffer read before the region writes it, and a
+    # mask loop whose masks come from token data positions (a cumsum over tokens).
+    "counts_inplace_buffer_read_twice": ("skipped", "in place"),
+    # ... and counts whose added values are read by position from outside the region.
+    # (Split sizes and per-row expert ids are layout metadata, trusted once computed from the exchanged
+    # counts -- see row_analysis's trust boundary: sizes cut from the counts' total by position, e.g.
+    # ``[R // 2, R - R // 2]``, are not told apart from per-expert counts and are not in this corpus.)
+    "counts_scatter_add_positional_src": ("skipped", "read by position"),
+    "experts_mask_loop_token_positions": ("skipped", "over the token dim"),
 }
 
 
@@ -107,6 +133,12 @@ class MutantBlock(nn.Module):
         w2 = torch.randn(EXPERTS, FFN, HIDDEN, generator=g) * 0.3
         self.w1 = nn.Parameter(w1[rank * self.local:(rank + 1) * self.local].clone())
         self.w2 = nn.Parameter(w2[rank * self.local:(rank + 1) * self.local].clone())
+        if mutation == "sigmoid_bias_router":
+            # DeepSeek-V3's e_score_correction_bias: a buffer (it only picks experts; no gradient reaches it)
+            self.register_buffer("bias", torch.randn(EXPERTS, generator=g) * 0.1)
+        if mutation == "shared_expert":
+            self.ws1 = nn.Parameter(torch.randn(HIDDEN, FFN, generator=g) * 0.3)
+            self.ws2 = nn.Parameter(torch.randn(FFN, HIDDEN, generator=g) * 0.3)
 
     def _experts(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         from moe_passes.models.interns1_vl.grouped_mm import grouped_mm
@@ -141,6 +173,10 @@ class MutantBlock(nn.Module):
         if mut == "inplace_logits_after_softmax":
             logits.mul_(0.5)
         weights, selected = torch.topk(probs, TOP_K, dim=-1)
+        if mut == "sigmoid_bias_router":
+            scores = torch.sigmoid(logits)
+            _, selected = torch.topk(scores + self.bias, TOP_K, dim=-1)
+            weights = scores.gather(1, selected)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         if mut in ("topk_second_norm_before_dispatch", "topk_second_norm_after_combine"):
             weights = weights / weights.sum(dim=0, keepdim=True) * T
@@ -160,7 +196,23 @@ class MutantBlock(nn.Module):
         if mut in ("capacity_router", "topk_second_norm_before_dispatch"):
             scale = weights * mask if mask is not None else weights
             permuted = permuted * scale.reshape(-1)[order].unsqueeze(-1)
-        counts = torch.zeros(EXPERTS, dtype=torch.int64).scatter_add(0, flat, torch.ones_like(flat))
+        if mut == "counts_scatter_add_inplace":
+            counts = torch.zeros(EXPERTS, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
+        elif mut == "counts_index_add_inplace":
+            counts = torch.zeros(EXPERTS, dtype=torch.int64).index_add_(0, flat, torch.ones_like(flat))
+        elif mut == "counts_inplace_buffer_read_twice":
+            buffer = torch.zeros(EXPERTS, dtype=torch.int64)
+            before = buffer.sum()  # read before the in-place write: not a fresh counter
+            counts = buffer.scatter_add_(0, flat, torch.ones_like(flat)) + before
+        elif mut == "counts_scatter_add_positional_src":
+            positional = torch.arange(flat.shape[0]) % 2 + 1  # fixed per position: chunk rows read other entries
+            counts = torch.zeros(EXPERTS, dtype=torch.int64).scatter_add(0, flat, positional) // positional.max()
+        elif mut == "counts_one_hot_sum":
+            counts = F.one_hot(flat, EXPERTS).sum(0)
+        elif mut == "counts_histc":
+            counts = torch.histc(flat.float(), bins=EXPERTS, min=0, max=EXPERTS - 1).long()
+        else:
+            counts = torch.zeros(EXPERTS, dtype=torch.int64).scatter_add(0, flat, torch.ones_like(flat))
         recv_counts = all_to_all_single(counts, [self.local] * self.ep, [self.local] * self.ep, self.group)
         input_splits = counts.view(self.ep, self.local).sum(dim=1).tolist()
         recv = recv_counts.view(self.ep, self.local)
@@ -180,10 +232,30 @@ class MutantBlock(nn.Module):
         offsets = recv.sum(dim=0).cumsum(0)
         block_ends = recv_counts.reshape(-1).cumsum(0)
         rows = torch.arange(received.shape[0])
-        expert_of_row = torch.searchsorted(block_ends, rows, right=True) % self.local
-        sort_rows = torch.argsort(expert_of_row, stable=True)
-        results = self._experts(received[sort_rows], offsets)
-        back = torch.zeros_like(results).index_copy(0, sort_rows, results)
+        if mut == "expert_ids_repeat_interleave":
+            expert_of_row = torch.repeat_interleave(torch.arange(self.local).repeat(self.ep), recv_counts,
+                                                    output_size=received.shape[0])
+        else:
+            expert_of_row = torch.searchsorted(block_ends, rows, right=True) % self.local
+        if mut in ("experts_mask_loop", "experts_mask_loop_token_positions"):
+            back = torch.zeros_like(received)
+            for e in range(self.local):
+                mine = expert_of_row == e
+                if mut == "experts_mask_loop_token_positions":
+                    mine = mine & (received.sum(-1).cumsum(0) > 0)
+                back[mine] = F.silu(received[mine] @ self.w1[e]) @ self.w2[e]
+        else:
+            sort_rows = torch.argsort(expert_of_row, stable=True)
+            xs = received[sort_rows]
+            if mut == "experts_weight_gather":
+                eid = expert_of_row[sort_rows]
+                results = torch.bmm(F.silu(torch.bmm(xs.unsqueeze(1), self.w1[eid])), self.w2[eid]).squeeze(1)
+            elif mut == "experts_split_loop":
+                pieces = torch.split(xs, recv.sum(dim=0).tolist())
+                results = torch.cat([F.silu(piece @ self.w1[e]) @ self.w2[e] for e, piece in enumerate(pieces)])
+            else:
+                results = self._experts(xs, offsets)
+            back = torch.zeros_like(results).index_copy(0, sort_rows, results)
         if mut == "autograd_function_combine":
             combined = AllToAllFunction.apply(back, input_splits, output_splits, self.group)
         elif mut == "wait_in_identity_function":
@@ -199,6 +271,8 @@ class MutantBlock(nn.Module):
             out = (unpermuted.view(T, TOP_K, HIDDEN) * w.unsqueeze(-1)).sum(dim=1)
         if mut == "cross_token_after_combine":
             out = out - out.mean(dim=0, keepdim=True)
+        if mut == "shared_expert":
+            out = out + F.silu(x @ self.ws1) @ self.ws2
         loss = out.square().mean() + 0.01 * logits.square().mean()
         return loss, selected
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.aux_helpers import FORMS, _hf_step, _stack_inputs, _stack_model, _tiny, distance, loss_and_grads, report_row
+from tests.aux_helpers import FORMS, _stack_inputs, _stack_model, _tiny, distance, hf_step, loss_and_grads, report_row
 
 log = logging.getLogger(__name__)
 transformers = pytest.importorskip("transformers")
@@ -53,7 +53,7 @@ def test_inductor_with_the_pass_equals_plain_inductor(case: str, dtype: torch.dt
     within the plain-Inductor-vs-eager distance of the same model (bf16)."""
     if case == "qwen3_moe":
         make = lambda: _tiny("qwen3_moe").to(dtype)  # noqa: E731 - same seed, same weights
-        step = _hf_step(make(), padded=True)
+        step = hf_step(make(), padded=True)
         run = step
     else:
         loss, padded, float_router = FORMS[case]

@@ -151,6 +151,8 @@ def test_checkpoint_bodies_are_inlined_with_their_recompute_tags() -> None:
     assert any(n.target is torch.ops.aten.logsumexp.default for n in outside)  # the z-loss is not checkpointed
 
 
+@pytest.mark.slow  # two Inductor compiles of the checkpointed stack (74 s of the default suite on 2 cores); the
+# graph-level tests above prove the tags, this one that Inductor's partitioner recomputes what they say
 def test_checkpointed_stack_is_rewritten_exact_and_recomputed_in_backward() -> None:
     plain, ac = compiled_run("none"), compiled_run("ac")
     for run in (plain, ac):

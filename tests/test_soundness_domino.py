@@ -82,8 +82,9 @@ REWRITTEN = sorted(m for m, (outcome, _) in EXPECTED.items() if outcome == "rewr
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_rewritten_mutants_are_exact_on_two_ranks() -> None:
-    reports = run_distributed(equivalence_worker, 2, REWRITTEN, timeout_s=500)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rewritten_mutants_are_exact_on_real_ranks(world_size: int) -> None:
+    reports = run_distributed(equivalence_worker, world_size, REWRITTEN, timeout_s=500)
     for rank, report in enumerate(reports):
         for mutation, r in report.items():
             assert r["changed"] == [True], f"rank {rank} {mutation}: not rewritten {r}"

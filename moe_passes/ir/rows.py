@@ -60,8 +60,8 @@ class Effect:
     """What one op does to the rows of its row operand (see the module docstring)."""
 
     kind: str  # "keep" | "reduce" | "mix"
-    #: identity | pointwise | view | expand | shape | split | along | reduce | matmul | cat | gather | one_hot
-    #: | norm | count | dtensor
+    #: identity | pointwise | view | expand | shape | split | along | reduce | matmul | batch | cat | gather
+    #: | one_hot | norm | count | dtensor
     family: str
     lead: int | None = None  # keep: row dims of the output (None: resolve from shapes)
     linear: str | None = None  # reduce: "sum" | "mean" | "count" (sum of per-block partials), None otherwise
@@ -253,9 +253,29 @@ def _moves(node: fx.Node, lead: int) -> Effect:
 @rule(aten.select, aten.slice, aten.narrow, aten.unflatten, family="shape")
 def _positional(node: fx.Node, lead: int) -> Effect:
     d = normalize_dim(op_arg(node, 1, "dim", 0), _rank(node))
+    if d is not None and d < lead and _whole_slice(node):
+        return Effect("keep", "shape", lead)  # ``x[:, 0]`` spells a full slice of dim 0 first
     if d is None or d < lead:
         return _mix("shape", f"{op_display(node)} along the row dim picks rows by position", dims=(d,) if d is not None else ())
     return Effect("keep", "shape", lead, dims=(d,))
+
+
+def _whole_slice(node: fx.Node) -> bool:
+    """``aten.slice(x, d, 0 | None, end, 1)`` with ``end`` at least the dim's size: every row, in order."""
+    if packet(node) is not aten.slice:
+        return False
+    start, end, step = op_arg(node, 2, "start", None), op_arg(node, 3, "end", None), op_arg(node, 4, "step", 1)
+    if start not in (None, 0) or step != 1:
+        return False
+    if end is None or (isinstance(end, int) and end >= 2**62):
+        return True
+    src, out = tensor_value(node.args[0]), tensor_value(node)
+    d = normalize_dim(op_arg(node, 1, "dim", 0), src.dim()) if src is not None else None
+    if d is None or out is None:
+        return False
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(out.shape[d] == src.shape[d]))
 
 
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split, family="split")
@@ -359,7 +379,12 @@ def _matmul(node: fx.Node, lead: int) -> Effect:
     data = 1 if packet(node) is aten.addmm else 0
     ndim = tensor_ndim(node.args[data]) or 0
     if packet(node) is aten.bmm:
-        return _mix("matmul", "bmm treats dim 0 as a batch shared with its other operand", data=data)
+        # out[b] = a[b] @ w[b]: rows in dim 0 are kept exactly when BOTH operands carry the same rows there
+        # (a per-row weight gathered for each row); an operand from outside varies along the rows -> the
+        # caller refuses it (family "batch": operand roles are the caller's).
+        if lead != 1:
+            return _mix("batch", "bmm's batch dim 0 is not the whole row index", data=data)
+        return Effect("keep", "batch", 1, data=data)
     if ndim <= lead:
         return _mix("matmul", f"{op_display(node)} contracts over the row dim", data=data)
     return Effect("keep", "matmul", lead, data=data)

@@ -21,6 +21,14 @@ abstract domain (``Kind``):
 ``recv(d, p)``
     rows received by the dispatch all-to-all ``d`` (then locally reordered by
     the permutation node ``p``, or as received when ``p`` is None).
+``recvw``
+    a replicated tensor (expert weights) gathered per received row by the
+    chunk's layout metadata (``w1[expert_of_row]``): aligned with the chunk's
+    received rows, and only ever combined with them.
+``seg(split, i)``
+    piece ``i`` of received rows split by the chunk's own counts
+    (``torch.split(rows, counts.tolist())``); ``cat`` of every piece of one
+    split, in order, is the split's rows again.
 ``meta``
     chunk-local layout metadata: counts, split sizes, offsets, permutations of
     received rows.  Never token data.
@@ -50,7 +58,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Kind:
-    tag: str  # row | perm | tokidx | bag | recv | meta | add | none
+    tag: str  # row | perm | tokidx | bag | recv | recvw | seg | meta | add | fresh | none
     m: int = 1  # rows per token (row, perm, tokidx)
     key: Any = None  # perm identity (perm, tokidx, bag); dispatch node (recv)
     p: Any = None  # recv: the permutation node applied to received rows (None: as received)
@@ -58,13 +66,21 @@ class Kind:
     lead: int = 1  # row: how many leading dims flatten to the token-major index ([B, L, ...] -> 2)
 
     def __str__(self) -> str:
+        """In the user's terms (reasons are read by people who never saw this lattice)."""
         if self.tag == "row":
-            return f"row({self.m})" if self.lead == 1 else f"row({self.m}, lead={self.lead})"
-        if self.tag in ("perm", "tokidx", "bag"):
-            return f"{self.tag}({getattr(self.key, 'name', self.key)})"
+            what = "token rows" if self.m == 1 else f"routed copies ({self.m} per token)"
+            return what if self.lead == 1 else f"{what} over {self.lead} leading dims"
+        if self.tag == "perm":
+            return f"the expert-sort order ({getattr(self.key, 'name', self.key)})"
+        if self.tag == "tokidx":
+            return "the token of each sorted copy"
+        if self.tag == "bag":
+            return "token copies sorted by expert"
         if self.tag == "recv":
-            return f"recv({self.key.name}, {getattr(self.p, 'name', None)})"
-        return self.tag
+            return f"rows received by {getattr(self.key, 'name', self.key)}" + (" (reordered)" if self.p is not None else "")
+        return {"recvw": "expert weights per received row", "seg": "one expert's piece of the received rows",
+                "meta": "layout metadata (counts, sizes, offsets)", "add": "per-expert counts",
+                "fresh": "a fresh buffer", "none": "no value", "blocked": "a value that could not be proven"}.get(self.tag, self.tag)
 
 
 def row(m: int, lead: int = 1) -> Kind:
@@ -115,7 +131,8 @@ def positive_quotient(prod: Any, T: Any) -> int | None:
 META = Kind("meta")
 ADD = Kind("add")
 NONE = Kind("none")  # no value (asserts)
-DATA_TAGS = ("row", "bag", "recv")
+BLOCKED = Kind("blocked")  # depends on a value whose rule failed: not reported again (the root cause is)
+DATA_TAGS = ("row", "bag", "recv", "recvw", "seg")
 
 
 #: The region cannot be shown row-local; the message names the node and why (the row analysis's one exception).

@@ -226,6 +226,8 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
         if not writers:
             break
         core |= (desc & _ancestors(list(writers))) - {X}
+    private = private_buffers(core, desc)
+    core |= private
     for n in core:
         if n.op != "call_function":
             raise RegionError(f"{n.name}: {n.op} node inside the region")
@@ -237,7 +239,7 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     check_contexts(graph, core)
     region_set = set(core)
     try:
-        analysis = RowAnalysis(X, T, region_set)
+        analysis = RowAnalysis(X, T, region_set, private)
     except Unproven as e:
         raise RegionError(str(e)) from None
     try:
@@ -284,6 +286,25 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     region.outputs = [n for n in nodes if any(u not in region_set for u in n.users)]
     check_outputs(region)
     return region
+
+
+_ALLOCATIONS = {"aten.zeros", "aten.empty", "aten.full", "aten.ones", "aten.new_zeros", "aten.new_empty", "aten.new_full",
+                "aten.new_ones", "aten.zeros_like", "aten.empty_like", "aten.full_like", "aten.ones_like"}
+
+
+def private_buffers(core: set[fx.Node], desc: set[fx.Node]) -> set[fx.Node]:
+    """Buffers the region writes in place that were allocated outside X's data flow and are read by nobody
+    else (``counts = torch.zeros(E).scatter_add_(0, ids, ones)``: ``zeros(E)`` does not depend on the
+    tokens). Shared by the chunks they would accumulate every chunk's counts; each chunk gets its own
+    copy instead, so they join the region (the row analysis still decides what the writes compute)."""
+    out: set[fx.Node] = set()
+    for n in core:
+        for buf in mutated_args(n):
+            if not isinstance(buf, fx.Node) or buf in core or buf in desc or buf.op != "call_function":
+                continue
+            if op_label(buf) in _ALLOCATIONS and all(u in core for u in buf.users):
+                out.add(buf)
+    return out
 
 
 _CONTEXT_FUNCTIONS = {"_enter_autocast", "_exit_autocast", "_set_grad_enabled"}

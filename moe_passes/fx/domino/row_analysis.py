@@ -16,7 +16,14 @@ raises ``Unproven`` with the node and the reason.
 
 Trust boundary (documented, not proven): layout metadata computed from the
 exchanged counts is trusted to describe the rows the all-to-all delivers (the
-model's own dropless routing is self-consistent for any token set).  What IS
+model's own dropless routing is self-consistent for any token set).  That
+covers grouped-GEMM offsets, per-expert split sizes (``torch.split(rows,
+counts.tolist())``), per-row expert ids (``w1[expert_of_row]``,
+``expert_of_row == e`` masks) and permutations of received rows.  Metadata
+must at least be computed from the counts (``_from_counts``); what is not
+told apart is arithmetic on the counts that cuts rows by position instead
+(``[R // 2, R - R // 2]`` with ``R`` the received total): such code would
+give other rows to each expert once chunked.  What IS
 proven: token data never crosses tokens (no op over dim 0 of token rows, no
 positional mask applied to rows, no metadata used as a row value).
 """
@@ -30,7 +37,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.domino.kinds import ADD, DATA_TAGS, META, NONE, Kind, Unproven, lead_of, row, token_prefix
+from moe_passes.fx.domino.kinds import ADD, BLOCKED, DATA_TAGS, META, NONE, Kind, Unproven, lead_of, row, token_prefix
 from moe_passes.ir import rows
 from moe_passes.ir.facts import (
     is_all_to_all,
@@ -42,6 +49,7 @@ from moe_passes.ir.facts import (
     op_arg,
     op_label,
     op_namespace_and_name,
+    source_line,
     tensor_ndim,
     tensor_value,
 )
@@ -71,6 +79,12 @@ _SYM_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv, o
                   torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_int, torch.sym_float}
 
 
+def _at_source(node: fx.Node, message: str) -> str:
+    """``message`` with the user's source line of ``node`` (from Dynamo's stack trace), when known."""
+    where = source_line(node)
+    return f"{message} [at {where}]" if where else message
+
+
 def _dim0(node: Any) -> Any:
     v = tensor_value(node)
     return v.shape[0] if v is not None and v.dim() > 0 else None
@@ -79,15 +93,20 @@ def _dim0(node: Any) -> Any:
 class RowAnalysis:
     """Kinds of the region's nodes; ``X`` is ``row(1)``, nodes outside the region are outside (replicated)."""
 
-    def __init__(self, tokens: fx.Node, num_tokens: int, region: set[fx.Node]) -> None:
+    def __init__(self, tokens: fx.Node, num_tokens: int, region: set[fx.Node], private: set[fx.Node] = frozenset()) -> None:
         self.X = tokens
         self.T = num_tokens
         self.region = region
+        #: zero buffers made outside X's data flow, written in place only by the region (per-expert counters
+        #: ``torch.zeros(E).scatter_add_(...)``): each chunk gets its own copy (``regions.private_buffers``)
+        self.private = set(private)
+        self.alias: dict[fx.Node, fx.Node] = {}  # result of an in-place write -> the buffer it wrote
+        self.masked: set[fx.Node] = set()  # fresh received-row buffers filled by masked/indexed puts
         pre = token_prefix(tuple(tensor_value(tokens).shape), num_tokens)
         if pre is None or pre[1] != 1:
             raise Unproven(f"{tokens.name}: its leading dims do not flatten to the {num_tokens} tokens")
         self.kinds: dict[fx.Node, Any] = {tokens: row(1, pre[0])}
-        self.written: dict[fx.Node, fx.Node] = {}  # fresh buffer -> its one in-place writer
+        self.written: dict[fx.Node, list[fx.Node]] = {}  # fresh buffer -> its in-place writers, in order
         self.order = {n: i for i, n in enumerate(tokens.graph.nodes)}
 
     # ------------------------------------------------------------------ helpers
@@ -112,15 +131,30 @@ class RowAnalysis:
 
     # ------------------------------------------------------------------ analysis
     def run(self, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
+        """Kinds of ``nodes`` in graph order. Every node whose own rule fails is a blocker; the analysis goes
+        on past it (its dependents are not blamed again), and all blockers are raised at once, each with
+        the user's source line."""
+        blockers: list[str] = []
         for n in nodes:
             if n is self.X:
                 continue
-            self.kinds[n] = self.transfer(n)
+            try:
+                self.kinds[n] = self.transfer(n)
+            except Unproven as e:
+                blockers.append(_at_source(n, str(e)))
+                self.kinds[n] = BLOCKED
+        if blockers:
+            raise Unproven(blockers[0] if len(blockers) == 1 else
+                           f"{len(blockers)} blockers: " + "; ".join(f"({i}) {b}" for i, b in enumerate(blockers, 1)))
         return self.kinds
 
     def transfer(self, n: fx.Node) -> Any:
         if n.op != "call_function":
             raise Unproven(f"{n.name}: {n.op} nodes are not chunked")
+        if n in self.private:
+            return Kind("fresh", fresh=True)
+        if any(self.kinds.get(a) is BLOCKED for a in n.all_input_nodes):
+            return BLOCKED
         if n.target is operator.getitem:
             return self._getitem(n)
         args = self._region_args(n)
@@ -162,6 +196,14 @@ class RowAnalysis:
             return self._scatter(n, "aten.scatter_add", dim0=True)
         if name in _GROUPED:
             return self._grouped(n)
+        if name == "aten.split_with_sizes":
+            pieces = self._split_by_layout(n)
+            if pieces is not None:
+                return pieces
+        if name == "aten.cat":
+            whole = self._cat_segments(n)
+            if whole is not None:
+                return whole
         if tags <= {"meta", "add"} and not (tags & {"perm", "tokidx"}):
             return self._meta_only(n, name)
         if name == "aten.floor_divide" or (name == "aten.div" and op_arg(n, 2, "rounding_mode") == "floor"):
@@ -204,6 +246,8 @@ class RowAnalysis:
                 return ADD
             kind_of_sum = "float" if not integer else "non-sum"
             raise Unproven(f"{n.name}: {name} reduces over the token dim 0 ({kind_of_sum} reduction across tokens)")
+        if fam == "batch" and eff.keeps:
+            return self._batch(n, name, args)
         if not eff.keeps:
             if fam == "along":
                 raise Unproven(f"{n.name}: {name} over the token dim ({eff.reason})")
@@ -233,6 +277,8 @@ class RowAnalysis:
     def _data_kind(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
         kinds = {k for _, k in args}
         base = {Kind(k.tag, k.m, k.key, k.p, lead=k.lead) for k in kinds if k.tag != "fresh"}
+        if len(base) > 1 and any(k.tag == "recv" for k in base):
+            base = {k for k in base if k.tag != "recvw"}  # per-received-row weights align with any received rows
         if len(base) != 1:
             raise Unproven(f"{n.name}: {op_label(n)} mixes values of different layouts ({', '.join(sorted(map(str, kinds)))})")
         (k,) = base
@@ -340,6 +386,12 @@ class RowAnalysis:
             raise Unproven(f"{n.name}: multi-dim advanced index")
         ki = self.kind(idx[0])
         if ks is None:
+            iv = tensor_value(idx[0])
+            if ki is not None and ki.tag == "meta" and iv is not None and iv.dim() == 1 and not iv.dtype.is_floating_point \
+                    and iv.dtype is not torch.bool and self._from_counts(idx[0]):
+                # ``w1[expert_of_row]``: a replicated tensor (expert weights) gathered per received row by the
+                # chunk's own layout metadata; it may only meet the chunk's received rows.
+                return Kind("recvw")
             raise Unproven(f"{n.name}: gather from an outside tensor by a region index")
         if ks.tag in ("meta", "add") and ki is not None and ki.tag in ("meta", "add"):
             return META
@@ -368,11 +420,19 @@ class RowAnalysis:
                 raise Unproven(f"{n.name}: {name} with {len(indices)} index tensors")
             idx = indices[0]
         kd, ki, ks = self.kind(dst), self.kind(idx), self.kind(src)
+        root = self.alias.get(dst, dst)
+        if root in self.masked and ki is not None and ks is not None and ki.tag == "meta" and ks.tag == "recv" \
+                and ks.p is idx and ks.key is self.kinds[root].key:
+            # the next put of a per-expert loop (``out[eid == e] = f_e(x[eid == e])``) into the same buffer
+            return Kind("recv", key=ks.key, p=None)
         if kd is None or not kd.fresh:
             raise Unproven(f"{n.name}: {name} into a buffer that is not a fresh allocation of the region")
         if ki is not None and ks is not None and ki.tag == "perm" and ks.tag == "bag" and ki.key is ks.key:
             return row(ki.m)
         if ki is not None and ks is not None and ki.tag == "meta" and ks.tag == "recv" and ks.p is idx:
+            if kd.tag not in ("fresh", "recv") or (kd.tag == "recv" and kd.key is not ks.key):
+                raise Unproven(f"{n.name}: {name} of received rows into a buffer of {kd} rows")
+            self.masked.add(root)
             return Kind("recv", key=ks.key, p=None)
         raise Unproven(f"{n.name}: {name} of a {ks} value at a {ki} index is not the inverse of the gather")
 
@@ -392,10 +452,32 @@ class RowAnalysis:
                 raise Unproven(f"{n.name}: combine scatter_add into a buffer that is not a fresh zero [T, H] tensor")
             return row(1)
         if name == "aten.scatter_add" and ki is not None and ki.tag == "row" and tensor_ndim(idx) == 1:
-            if kd is None and self._is_zero_alloc(dst):
-                return ADD  # per-expert counts of the chunk's copies
-            raise Unproven(f"{n.name}: count scatter_add into a buffer that is not a fresh zero tensor")
+            return self._counter(n, name, dst, ki, src)
         raise Unproven(f"{n.name}: {name} along dim 0 of {kd} by a {ki} index")
+
+    def _counter(self, n: fx.Node, name: str, dst: Any, ki: Kind, src: Any) -> Kind:
+        """``zeros(E).scatter_add(0, ids, src)`` / ``index_add``: per-expert sums of the chunk's copies, exact
+        as the SUM of the chunk values when ``src`` is aligned with the ids (row by row) or one constant."""
+        kd = self.kind(dst)
+        fresh = kd is None or (kd.fresh and dst in self.private)
+        if not (fresh and self._is_zero_alloc(dst)):
+            raise Unproven(f"{n.name}: counts accumulated into a buffer that is not a fresh zero tensor")
+        ks = self.kind(src) if isinstance(src, fx.Node) else None
+        if ks is not None:
+            if ks.tag != "row" or ks.m != ki.m or ks.lead != 1:
+                raise Unproven(f"{n.name}: {name} adds {ks} values at {ki} ids (not one value per routed copy)")
+        elif not self._is_constant_fill(src):
+            raise Unproven(f"{n.name}: {name} adds values from outside the region at the chunk's ids (read by position)")
+        return ADD  # per-expert counts of the chunk's copies
+
+    @staticmethod
+    def _is_constant_fill(node: Any) -> bool:
+        """A tensor whose every element is the same constant (``ones``/``full``), so reading it by position is harmless."""
+        if not isinstance(node, fx.Node):
+            return False
+        name = op_label(node)
+        return name in ("aten.ones", "aten.full", "aten.ones_like", "aten.full_like", "aten.new_ones", "aten.new_full") \
+            and not any(isinstance(a, fx.Node) and tensor_value(a) is not None for a in node.args[1:])
 
     @staticmethod
     def _is_zero_alloc(node: Any) -> bool:
@@ -448,20 +530,105 @@ class RowAnalysis:
         if len(written) != 1:
             raise Unproven(f"{n.name}: {name} writes several tensors in place")
         (buf,) = written
+        root = self.alias.get(buf, buf)
         kb = self.kind(buf)
         if kb is None:
-            raise Unproven(f"{n.name}: {name} writes {buf.name} (outside the region) in place")
-        if not kb.fresh or buf in self.written:
+            raise Unproven(f"{n.name}: {name} writes {buf.name} (outside the region) in place"
+                           + ("; it is read outside the region too, so the chunks cannot each get their own"
+                              if self._is_zero_alloc(buf) else ""))
+        writers = self.written.get(root, [])
+        repeat = bool(writers) and root in self.masked and name in ("aten.index_put_", "aten._unsafe_index_put_")
+        if not repeat and (not kb.fresh or writers):
             raise Unproven(f"{n.name}: {name} mutates {buf.name} in place")
-        early = [u.name for u in buf.users if u is not n and self.order[u] < self.order[n]]
+        mine = {root, *(a for a, r in self.alias.items() if r is root)}
+        early = [u.name for b in mine for u in b.users
+                 if u is not n and u not in writers and u not in mine and self.order[u] < self.order[n]]
         if early:
             raise Unproven(f"{n.name}: {buf.name} is read by {early} before its in-place write")
         functional = {"aten.index_put_": "aten.index_put", "aten._unsafe_index_put_": "aten.index_put",
                       "aten.index_copy_": "aten.index_copy", "aten.scatter_add_": "aten.scatter_add",
-                      "aten.scatter_": "aten.scatter"}.get(name)
+                      "aten.scatter_": "aten.scatter", "aten.index_add_": "aten.index_add"}.get(name)
         if functional is None:
             raise Unproven(f"{n.name}: in-place {name} on a fresh buffer is not a recognised un-permute")
-        k = self._unpermute(n, functional) if functional in ("aten.index_put", "aten.index_copy") else self._scatter(n, functional)
-        self.written[buf] = n
-        self.kinds[buf] = k  # later readers of the buffer see the written value
+        if functional == "aten.index_add":
+            k = self._index_add(n)
+        elif functional in ("aten.index_put", "aten.index_copy"):
+            k = self._unpermute(n, functional)
+        else:
+            k = self._scatter(n, functional)
+        self.written[root] = [*writers, n]
+        self.alias[n] = root
+        self.kinds[root] = k  # later readers of the buffer see the written value
+        for a in mine:
+            self.kinds[a] = k
         return k
+
+    def _index_add(self, n: fx.Node) -> Kind:
+        """``zeros(E).index_add_(0, ids, ones)``: a per-expert counter (as ``scatter_add``)."""
+        dst, dim, idx, src = n.args[0], n.args[1], n.args[2], n.args[3]
+        ki = self.kind(idx)
+        alpha = op_arg(n, 4, "alpha", 1)
+        if normalize_dim(dim, tensor_ndim(dst) or 0) != 0 or ki is None or ki.tag != "row" or tensor_ndim(idx) != 1 \
+                or isinstance(alpha, fx.Node):
+            raise Unproven(f"{n.name}: index_add along dim 0 of a buffer by a {ki} index is not a per-expert counter")
+        return self._counter(n, "aten.index_add", dst, ki, src)
+
+    # ------------------------------------------------------------------ per-expert pieces
+    def _split_by_layout(self, n: fx.Node) -> tuple[Kind, ...] | None:
+        """``torch.split(rows, counts.tolist())``: the chunk's received (or sorted) rows in per-expert pieces,
+        sized by the chunk's own layout metadata. None: not this idiom (the generic rule decides)."""
+        src, sizes = n.args[0], n.args[1]
+        ks = self.kind(src)
+        dim = normalize_dim(op_arg(n, 2, "dim", 0), tensor_ndim(src) or 0)
+        if ks is None or ks.tag not in ("recv", "bag") or dim != 0 or not isinstance(sizes, (list, tuple)):
+            return None
+        for size in sizes:
+            k = self.kind(size) if isinstance(size, fx.Node) else None
+            if k is None or k.tag not in ("meta", "add") or not self._from_counts(size):
+                raise Unproven(f"{n.name}: splits routed rows by sizes that are not computed from the chunk's expert "
+                               f"counts ({getattr(size, 'name', size)}: {'fixed' if k is None else 'from sizes or positions'}); "
+                               f"pieces cut by position would give rows to other experts once chunked")
+        return tuple(Kind("seg", key=(n, ks), p=i) for i in range(len(sizes)))
+
+    def _cat_segments(self, n: fx.Node) -> Kind | None:
+        """``torch.cat(pieces)`` of every piece of one layout split, in order, each computed row by row: the
+        split's rows again. None: not this idiom."""
+        tensors = n.args[0]
+        dim = normalize_dim(op_arg(n, 1, "dim", 0), tensor_ndim(n) or 1)
+        kinds = [self.kind(t) if isinstance(t, fx.Node) else None for t in tensors]
+        if dim != 0 or not kinds or not all(isinstance(k, Kind) and k.tag == "seg" for k in kinds):
+            if dim == 0 and any(isinstance(k, Kind) and k.tag == "seg" for k in kinds):
+                raise Unproven(f"{n.name}: concatenates per-expert pieces that are not every piece of one split in order")
+            return None
+        split, source = kinds[0].key
+        if any(k.key != kinds[0].key for k in kinds) or [k.p for k in kinds] != list(range(len(split.args[1]))):
+            raise Unproven(f"{n.name}: concatenates per-expert pieces that are not every piece of {split.name} in order")
+        return source
+
+    def _from_counts(self, node: fx.Node) -> bool:
+        """Whether layout metadata is computed from the chunk's expert counts (an ``add`` counter, or the
+        count exchange), through metadata only: an expert id or split size derived from row positions or
+        sizes alone (``arange(R) % E``, ``[R // 2, R - R // 2]``) would assign other rows to each expert
+        once the rows are chunked."""
+        seen: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            m = stack.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            k = self.kinds.get(m)
+            if not isinstance(k, Kind):
+                continue
+            if k.tag == "add":
+                return True
+            if k.tag == "meta":
+                stack.extend(m.all_input_nodes)
+        return False
+
+    def _batch(self, n: fx.Node, name: str | None, args: list[tuple[fx.Node, Kind]]) -> Kind:
+        """``bmm(x.unsqueeze(1), w[eid])``: a batched matmul whose batch dim is the rows of BOTH operands."""
+        a, b = n.args[0], n.args[1]
+        if self.kind(a) is None or self.kind(b) is None:
+            raise Unproven(f"{n.name}: {name} of rows with an outside tensor whose batch dim runs along the rows")
+        return self._data_kind(n, args)

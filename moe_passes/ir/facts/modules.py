@@ -54,3 +54,27 @@ def copy_node_attributes(src: fx.Graph, dst: fx.Graph) -> None:
             for key, value in extra.items():
                 if key.startswith("_dynamo"):
                     setattr(by_name[n.name], key, value)
+
+
+def source_line(node: fx.Node) -> str | None:
+    """Where the user wrote the op a node came from: ``"moe.py:153 (logits = logits.cumsum(0))"``, from the
+    innermost frame of the ``stack_trace`` Dynamo records (kept by the canonical re-trace); None without one."""
+    trace = node.meta.get("stack_trace")
+    if not isinstance(trace, str):
+        return None
+    frames = [line for line in trace.splitlines() if line.strip().startswith('File "')]
+    if not frames:
+        return None
+    last = frames[-1].strip()
+    try:
+        path = last.split('"')[1]
+        lineno = last.split(", line ")[1].split(",")[0]
+    except IndexError:
+        return None
+    lines = trace.splitlines()
+    code = ""
+    i = lines.index(frames[-1]) if frames[-1] in lines else -1
+    if 0 <= i < len(lines) - 1:
+        code = lines[i + 1].strip()
+    where = f"{path.rsplit('/', 1)[-1]}:{lineno}"
+    return f"{where} ({code})" if code and not set(code) <= set("^~ ") else where
