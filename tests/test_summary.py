@@ -139,3 +139,33 @@ def test_a_compile_served_from_the_cache_says_its_post_grad_passes_did_not_run(t
     text = str(backends[1].summary())
     assert "graph 0 (forward): served from" in text, text
     assert backends[1].summary().cache_notes, backends[1].summary().as_dict()
+
+
+def test_graph_breaks_are_summed_over_graphs_with_their_fix_and_where() -> None:
+    """Each report holds the breaks Dynamo took before its graph; the summary sums them per reason."""
+    from moe_passes.inductor.graph_breaks import SCALAR_OUTPUTS_HINT
+
+    two = reports()
+    reason = "Data dependent operator: Operator `aten._local_scalar_dense.default` has a non-Tensor output"
+    two[0]["graph_breaks"] = [{"reason": reason, "count": 1, "hint": SCALAR_OUTPUTS_HINT, "torch_hint": None,
+                               "where": "moe.py:170 in forward: input_splits = counts.tolist()"},
+                              {"reason": "Call to `torch._dynamo.graph_break()`: User-inserted graph break.", "count": 1,
+                               "hint": None, "torch_hint": "Remove the call.", "where": None}]
+    two[1]["graph_breaks"] = [{"reason": reason, "count": 2, "hint": SCALAR_OUTPUTS_HINT, "torch_hint": None,
+                               "where": "moe.py:172 in forward: output_splits = recv.tolist()"}]
+    s = summarize(two)
+    assert s.graph_breaks == {reason: 3, "Call to `torch._dynamo.graph_break()`: User-inserted graph break.": 1}
+    assert s.graph_break_hints == {reason: SCALAR_OUTPUTS_HINT}  # no setting removes a user's graph_break()
+    assert s.graph_break_where == {reason: ["moe.py:170 in forward: input_splits = counts.tolist()",
+                                            "moe.py:172 in forward: output_splits = recv.tolist()"]}
+    text = str(s)
+    assert ("  graph breaks: 4 (Dynamo ended a graph there and started another)\n"
+            f"    3x {reason}\n"
+            "      at moe.py:170 in forward: input_splits = counts.tolist()\n"
+            "      at moe.py:172 in forward: output_splits = recv.tolist()\n"
+            "      fix: set torch._dynamo.config.capture_scalar_outputs = True") in text, text
+    d = s.as_dict()
+    json.dumps(d)
+    assert d["graph_breaks"] == s.graph_breaks and d["graph_break_hints"] == s.graph_break_hints
+    assert d["moe_split"] is None  # Domino chunked its region here: nothing was split
+    assert "graph breaks" not in str(summarize(reports()))  # none recorded, none shown

@@ -1,10 +1,11 @@
-"""``moe-passes``: see what each pass did (``diff``) and measure it (``bench``).
+"""``moe-passes``: see what each pass did (``diff``), why it applied where (``explain``) and measure it (``bench``).
 
 Modules, one concern each: ``args`` (the parser), ``diff`` (sections:
 capture, passes, compiled stages), ``textdiff`` (semantic/full diffs),
 ``counts`` (node and call counts), ``render``/``tables``/``html`` (output),
 ``progress`` (stderr progress lines), ``meta_capture`` (real shapes on the
-meta device), ``bench_cmd`` and ``diff_cmd`` (the commands), ``errors``.
+meta device), ``bench_cmd``, ``diff_cmd`` and ``explain_cmd`` (the commands),
+``errors``.
 
 Exit status: 0 success; 1 a bench section failed (it raised, or every one of
 its rows failed) or an internal error (a pass or the compile raised: "internal
@@ -40,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from moe_passes.cli.diff_cmd import cmd_diff
 
                 return cmd_diff(args, progress)
+            if args.command == "explain":
+                from moe_passes.cli.explain_cmd import cmd_explain
+
+                return cmd_explain(args, progress)
             from moe_passes.cli.bench_cmd import cmd_bench
 
             return cmd_bench(args, progress)

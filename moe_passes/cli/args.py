@@ -95,7 +95,8 @@ def _presets() -> str:
 
 
 DESCRIPTION = """\
-moe-passes: see what each pass does to a model's graphs (diff) and measure it (bench).
+moe-passes: see what each pass does to a model's graphs (diff), why it did or did not
+apply where (explain), and measure it (bench).
 
 diff needs no real ranks: it initialises a fake process group (one process
 pretending to be rank 0 of --world-size), captures the target's graphs, runs
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     common.add_argument("-v", "--verbose", action="store_true", help="INFO logs of moe_passes, and the traceback of an internal error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{diff,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{diff,explain,bench}")
 
     diff = sub.add_parser(
         "diff", parents=[common], formatter_class=Formatter, help="show what each pass does to a target's graphs",
@@ -139,6 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="decoder layers to build for a preset (default: all; 3 of 94 for interns1-pro)")
     diff.add_argument("--meta", action=argparse.BooleanOptionalAction, default=None,
                       help="trace on the meta device: real shapes, nothing allocated, pre_grad only (default: on for interns1-pro)")
+
+    explain = sub.add_parser(
+        "explain", parents=[common], formatter_class=Formatter, help="compile a target once and say per pass what applied where, "
+        "and why not elsewhere", description="Compile a target with the backend, run it once on one process (fake process group),\n"
+        "and print backend.explain(): per pass the graphs where it applied and what it did, the\n"
+        "graphs where it did not with its reasons and what to change, and the graph breaks\n"
+        "Dynamo took with the setting that removes each. Progress lines go to stderr (-q silences them).",
+        epilog_fn=lambda: _pass_list() + f"\n\npresets: {_presets()} (not interns1-pro: real shape, never run)\n\n"
+        "exit status: 0 explained; 1 internal error (a pass or the compile raised);\n"
+        "  2 bad input (unknown pass or preset, unimportable target, bad option value, unwritable --output)\n",
+    )
+    explain.add_argument("target", help="a preset name (see below), package.module:function or path/to/file.py:function "
+                         "returning (model, example_inputs)")
+    explain.add_argument("--pass", dest="passes", nargs="+", action="append", metavar="NAME",
+                         help="pre-grad passes to run (--pass a b or --pass a --pass b; default: the default pre-grad passes)")
+    explain.add_argument("--num-chunks", type=positive_int, metavar="N", help="Domino chunks per MoE layer (default: auto)")
+    explain.add_argument("--world-size", type=positive_int, metavar="N", help="size of the fake process group (default: 2)")
+    explain.add_argument("--layers", type=positive_int, metavar="N", help="decoder layers to build for a preset (default: all)")
+    explain.add_argument("--capture-scalar-outputs", action=argparse.BooleanOptionalAction, default=True,
+                         help="torch._dynamo.config.capture_scalar_outputs while compiling (as the README's usage sets it; "
+                         "--no-capture-scalar-outputs shows the graph breaks a .tolist() of split sizes causes without it)")
+    explain.add_argument("--format", choices=("text", "json"), default="text",
+                         help="text: backend.explain(); json: backend.explain_dict() with the options")
+    explain.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout (checked before any work)")
 
     bench = sub.add_parser(
         "bench", parents=[common], formatter_class=Formatter, help="side-by-side measurements (sections run real ranks)",

@@ -34,7 +34,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from moe_passes.config import DEFAULT_PASSES, BackendConfig, NumChunks
 from moe_passes.cost.memory import estimate_graph
-from moe_passes.inductor.summary import BackendSummary, summarize
+from moe_passes.inductor.graph_breaks import BreakRecorder, ended_by
+from moe_passes.inductor.summary import BackendSummary, explain, explain_dict, summarize
 from moe_passes.inductor.verify import VerificationError, _verify_skip_reason, verify_graphs  # noqa: F401 - VerificationError: raised here
 from moe_passes.ir.facts import collective_nodes, is_all_to_all, is_wait
 from moe_passes.ir.graph_text import graph_text
@@ -114,6 +115,11 @@ class GraphReport:
     verify: str | None = None
     #: AOT graph kind -> why its post-grad passes did not run here (served from Inductor's or AOTAutograd's cache)
     cache: dict[str, str] = field(default_factory=dict)
+    #: Graph breaks Dynamo took before this graph (``graph_breaks.BreakRecorder.take``): reason, count, the
+    #: setting that removes it (``hint``), torch's own hint, where (when it ended this graph)
+    graph_breaks: list[dict[str, Any]] = field(default_factory=list)
+    #: The break that ended this graph (``gm.compile_subgraph_reason``): reason and where; None at a return
+    ended_by: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +131,8 @@ class GraphReport:
             "ir": self.ir,
             "canonical_error": self.canonical_error,
             "cache": dict(self.cache),
+            "graph_breaks": [dict(b) for b in self.graph_breaks],
+            "ended_by": dict(self.ended_by) if self.ended_by else None,
         }
 
 
@@ -208,6 +216,13 @@ class DominoBackend:
     the default config: it is shared by every ``torch.compile(..., backend="domino")`` in
     the process, so its reports accumulate across models; call
     ``domino_backend.clear_reports()`` between models, or use ``make_backend()``.
+
+    Graph breaks: each report also holds the graph breaks Dynamo took before that graph (the one that
+    ended it, and those of frames that compiled no graph), read from
+    ``torch._dynamo.utils.counters["graph_break"]`` as a delta against a mark set when the backend is
+    created, when its reports are cleared and at each graph (``moe_passes.inductor.graph_breaks`` says
+    why that source and how breaks of other compiles in the process are kept out), with the setting
+    that removes each (``capture_scalar_outputs``, ...). ``summary()`` and ``explain()`` show them.
     """
 
     def __init__(
@@ -221,6 +236,7 @@ class DominoBackend:
         self.config = config if config is not None else BackendConfig()
         self.keep_graphs = keep_graphs
         self.graphs: list[GraphReport] = []
+        self._breaks = BreakRecorder()  # process-global counter: only breaks after this mark are ours
         self._pre: list[GraphPass] | None = None
         self._post: list[GraphPass] | None = list(post_grad) if post_grad is not None else None
 
@@ -242,9 +258,28 @@ class DominoBackend:
         """
         return summarize(self.reports)
 
+    def explain(self) -> str:
+        """Per pass, what it did where and, where it did not apply, why and what to change.
+
+        For people: per pass (pre-grad, then post-grad) each graph it changed and what it did there
+        (regions chunked, layers rewritten, tensors moved to host, all-to-alls overlapped); each graph
+        it left alone with the pass's reasons verbatim, grouped where graphs share them, and a ``fix:``
+        line where there is something to change: the Dynamo setting that removes a graph break
+        (``capture_scalar_outputs``, ``capture_dynamic_output_shape_ops``), what to do when the canonical
+        IR was unavailable. Built from ``summary()``'s data (``explain_dict()`` is the same as data).
+        """
+        return explain(self.summary())
+
+    def explain_dict(self) -> dict[str, Any]:
+        """``explain()`` as plain data: graph breaks with hints, and per pass the graphs where it applied
+        (what it did) and where it did not (reasons, fixes)."""
+        return explain_dict(self.summary())
+
     def clear_reports(self) -> None:
-        """Forget the reports of the graphs compiled so far (later graphs count from 0 again)."""
+        """Forget the reports of the graphs compiled so far (later graphs count from 0 again) and the graph
+        breaks counted so far."""
         self.graphs.clear()
+        self._breaks.reset()
 
     def pre_grad_passes(self) -> list[GraphPass]:
         """The requested pre-grad passes, in their declared pipeline order."""
@@ -263,6 +298,8 @@ class DominoBackend:
         from torch._inductor.compile_fx import compile_fx
 
         report = GraphReport(index=len(self.graphs), num_nodes=len(gm.graph.nodes))
+        report.ended_by = ended_by(gm)
+        report.graph_breaks = self._breaks.take(gm)
         self.graphs.append(report)
         pre = self.pre_grad_passes()
         self.post_grad_passes()
