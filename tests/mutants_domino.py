@@ -62,6 +62,8 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "counts_scatter_add_inplace": ("rewritten", None),
     "counts_index_add_inplace": ("rewritten", None),
     "counts_one_hot_sum": ("rewritten", None),
+    # Token copies made with repeat_interleave before the expert sort (x.repeat_interleave(K, dim=0)[order]).
+    "token_copies_repeat_interleave": ("rewritten", None),
     "counts_histc": ("rewritten", None),
     # Expert id per received row from the exchanged counts.
     "expert_ids_repeat_interleave": ("rewritten", None),
@@ -191,6 +193,8 @@ class MutantBlock(nn.Module):
         order = torch.argsort(flat, stable=True)
         if mut == "gather_by_fixed_index":
             permuted = x[torch.arange(T).repeat_interleave(TOP_K)][order]
+        elif mut == "token_copies_repeat_interleave":
+            permuted = x.repeat_interleave(TOP_K, dim=0)[order]
         else:
             permuted = x[order // TOP_K]
         if mut in ("capacity_router", "topk_second_norm_before_dispatch"):

@@ -20,7 +20,13 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from moe_passes.errors import error_summary
 from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
-from moe_passes.fx.domino.rewrite import check_rows, refresh_assert_messages, rewrite_region, size_values
+from moe_passes.fx.domino.rewrite import (
+    assert_data_dependent_rows,
+    check_rows,
+    refresh_assert_messages,
+    rewrite_region,
+    size_values,
+)
 from moe_passes.ir.canonical import is_canonical
 from moe_passes.ir.facts import copy_node_attributes, tensor_value
 from moe_passes.ir.fake_mode import repropagate
@@ -148,6 +154,9 @@ class DominoEPPass(GraphPass):
             gm.graph = new_graph
             gm.recompile()
             repropagate(gm, record=True)  # fresh unbacked symbols per chunk, bound on their nodes
+            if any([assert_data_dependent_rows(gm.graph, r, s) for s, r in reassembled_all]):
+                gm.recompile()
+                repropagate(gm, record=True)
             for sizes, reassembled in reassembled_all:
                 check_rows(reassembled, sizes)
             for region, n, _label in planned:

@@ -253,8 +253,11 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
             continue
         if any(a not in region_set and a is not X and a in desc for a in n.all_input_nodes):
             continue
-        if is_all_to_all(n) or mutated_args(n):
+        if is_all_to_all(n):
             continue
+        written = mutated_args(n)
+        if written and not all(isinstance(b, fx.Node) and b in region_set and b not in core for b in written):
+            continue  # an in-place write joins only into a buffer the extension made (``out[order] = rows``)
         region_set.add(n)
         try:
             k = analysis.transfer(n)
@@ -278,6 +281,7 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
                     if m in region_set and m not in core:
                         region_set.discard(m)
                         doomed.extend(m.users)
+                        doomed.extend(b for b in mutated_args(m) if isinstance(b, fx.Node))  # its buffer goes too
                 changed = True
     nodes = sorted(region_set, key=order.__getitem__)
     path = module_path(d) or "<root>"

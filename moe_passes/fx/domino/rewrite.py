@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 
 from moe_passes.fx.domino.kinds import Kind
 from moe_passes.fx.domino.regions import MoERegion
@@ -144,6 +144,31 @@ def _unsqueeze(graph: fx.Graph, node: fx.Node, count: int) -> fx.Node:
             out = graph.call_function(aten.unsqueeze.default, (out, 0))
             out.meta.update({k: node.meta[k] for k in ("domino_chunk", "nn_module_stack") if k in node.meta})
     return out
+
+
+def assert_data_dependent_rows(graph: fx.Graph, reassembled: list[tuple[fx.Node, list[fx.Node], Any, Kind]],
+                               sizes: list[Any]) -> bool:
+    """Token rows the analysis proved whose count the shapes show only as data-dependent sizes (the
+    combine's output: the sum of split sizes read from the exchanged counts, ``u0 + u1``): before they are
+    concatenated, each chunk's piece asserts it has the chunk's rows, ``torch._check(piece.shape[0] == c * m)``
+    -- true by the analysis, checked at run time, and it tells the shape environment. Returns whether any
+    assertion was added (then shapes must be propagated again)."""
+    values = size_values(sizes)
+    added = False
+    for new, pieces, _shape, kind in reassembled:
+        if kind.tag != "row" or kind.lead != 1:
+            continue
+        for piece, c, v in zip(pieces, sizes, values):
+            dim0 = tensor_value(piece).shape[0]
+            if not free_unbacked_symbols(dim0) or _same(dim0, v * kind.m):
+                continue
+            with graph.inserting_before(new):
+                rows = c * kind.m if isinstance(c, int) else graph.call_function(operator.mul, (c, kind.m))
+                size = graph.call_function(aten.sym_size.int, (piece, 0))
+                same = graph.call_function(operator.eq, (size, rows))
+                graph.call_function(ASSERT, (same, f"domino: a chunk of {new.name} does not have its {c} tokens' rows"))
+            added = True
+    return added
 
 
 def _prod(xs: list[Any]) -> Any:
@@ -301,6 +326,8 @@ def check_rows(reassembled: list[tuple[fx.Node, list[fx.Node], Any, Kind]], size
         if kind.tag == "row":
             got = [(_prod(list(g[:kind.lead])), *g[kind.lead:]) for g in got]
             expected = [(c * kind.m, *shape[kind.lead:]) for c in values]
+            if kind.lead == 1:  # the whole is the cat of the pieces checked here: its rows are theirs
+                shape = (tensor_value(new).shape[0], *shape[1:])
         else:
             expected = [tuple(shape)] * len(values)
         ok = all(_shapes_equal(g, e) for g, e in zip(got, expected)) and _shapes_equal(tuple(tensor_value(new).shape), tuple(shape))

@@ -196,6 +196,8 @@ class RowAnalysis:
             return self._scatter(n, "aten.scatter_add", dim0=True)
         if name in _GROUPED:
             return self._grouped(n)
+        if name == "aten.repeat_interleave" and isinstance(n.args[0], fx.Node) and len(args) == 1 and n.args[0] is args[0][0]:
+            return self._repeat_rows(n, args[0][1])
         if name == "aten.split_with_sizes":
             pieces = self._split_by_layout(n)
             if pieces is not None:
@@ -589,6 +591,22 @@ class RowAnalysis:
                                f"counts ({getattr(size, 'name', size)}: {'fixed' if k is None else 'from sizes or positions'}); "
                                f"pieces cut by position would give rows to other experts once chunked")
         return tuple(Kind("seg", key=(n, ks), p=i) for i in range(len(sizes)))
+
+    def _repeat_rows(self, n: fx.Node, k: Kind) -> Kind:
+        """``x.repeat_interleave(K, dim=0)``: each token's K copies, token-major (``row(m * K)``); along
+        another dim each row is repeated within itself."""
+        repeats = op_arg(n, 1, "repeats")
+        src = tensor_value(n.args[0])
+        dim = op_arg(n, 2, "dim", None)
+        d = normalize_dim(dim, src.dim()) if dim is not None and src is not None else None
+        if not isinstance(repeats, int) or repeats < 1 or k.tag not in DATA_TAGS:
+            raise Unproven(f"{n.name}: repeat_interleave of {k} by {getattr(repeats, 'name', repeats)} "
+                           "(only a constant number of copies of each row is understood)")
+        if d is not None and d >= lead_of(k):
+            return k
+        if d == 0 and k.tag == "row" and k.lead == 1 and op_arg(n, 3, "output_size", None) is None:
+            return row(k.m * repeats)
+        raise Unproven(f"{n.name}: repeat_interleave over {'the flattened tensor' if d is None else f'dim {dim}'} of {k}")
 
     def _cat_segments(self, n: fx.Node) -> Kind | None:
         """``torch.cat(pieces)`` of every piece of one layout split, in order, each computed row by row: the
