@@ -23,6 +23,8 @@ NumChunks = int | Literal["auto"]
 #: The router tensors ``async_offload`` moves to the host, by kind: what ``offload_targets`` may list.
 #: Declared here, below the passes (the pass imports it), so validating a config imports no pass.
 OFFLOAD_TARGET_KINDS: tuple[str, ...] = ("router_logits", "selected_experts")
+#: How the rewritten graph is lowered (``BackendConfig.lowering``).
+LOWERINGS: tuple[str, ...] = ("inductor", "aot_eager")
 
 
 def offload_target_kinds() -> tuple[str, ...]:
@@ -49,6 +51,9 @@ class BackendConfig:
     verify_rtol, verify_atol: verify's tolerances; None (the default): per compared tensor from its dtype
         (``torch.testing.assert_close``'s table, never tighter than rtol 1e-4 / atol 1e-5), scaled by the
         tensor's largest reference value; a number: exactly ``assert_close(rtol=..., atol=...)``.
+    lowering: "inductor" (default) lowers the rewritten graph with Inductor (the post-grad passes run
+        there); "aot_eager" runs it through AOTAutograd without Inductor (no post-grad passes): the
+        passes' numerics apart from Inductor's, as ``backend="aot_eager"`` is for plain compiles.
     extra: (name, value) pairs for experimental options; names are strings, values hashable.
 
     Every field is checked when the record is made; a bad value is a ``ValueError`` that names the
@@ -65,12 +70,15 @@ class BackendConfig:
     rank_check: bool = True
     verify_rtol: float | None = None
     verify_atol: float | None = None
+    lowering: str = "inductor"
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
         for name in ("schedule_overlap", "strict", "verify", "rank_check"):  # "yes" or 1 must not pass as a bool
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.lowering not in LOWERINGS:
+            raise ValueError(f"lowering must be one of {list(LOWERINGS)}, got {self.lowering!r}")
         for name in ("verify_rtol", "verify_atol"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):

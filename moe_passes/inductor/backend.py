@@ -318,6 +318,12 @@ class DominoBackend:
             report.verify = verify_graphs(original, run.gm, example_inputs, self.config.verify_rtol, self.config.verify_atol)
         elif self.config.verify:
             report.verify = "skipped: no pre-grad passes to verify"
+        if self.config.lowering == "aot_eager":
+            compiled = torch._dynamo.lookup_backend("aot_eager")(run.gm, example_inputs)
+            from moe_passes.inductor.rank_check import wrap_if_needed
+
+            return wrap_if_needed(compiled, run.gm, had_collectives, pre, run.records, f"graph_{report.index}",
+                                  getattr(self.config, "rank_check", True))
         aot_hits = _cache_hits("aot_autograd", "autograd_cache_hit")
         compiled = compile_fx(run.gm, example_inputs, inner_compile=functools.partial(_inner_compile, report=report),
                               config_patches=self.inductor_patches(report))
@@ -378,6 +384,8 @@ def make_backend(
     rank_check: True (default): before every call of a graph whose collectives a pass changed, the
         ranks agree (one 32-byte all_gather) that they run the same collective sequence and raise
         ``RankDivergenceError`` naming each rank's pass decisions otherwise (never a hang); False: off.
+    lowering: "inductor" (default); "aot_eager": AOTAutograd without Inductor (no post-grad passes),
+        to tell the passes' numerics apart from Inductor's.
     extra: (name, value) pairs or a dict of experimental options (hashable values).
     """
     known = {f.name for f in dataclasses.fields(BackendConfig)}
