@@ -72,6 +72,7 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "experts_weight_gather": ("rewritten", None),
     "experts_split_loop": ("rewritten", None),
     "experts_mask_loop": ("rewritten", None),
+    "experts_where_index_add_loop": ("rewritten", None),  # rows_e = torch.where(eid == e)[0]; out.index_add_(0, rows_e, ...)
     # DeepSeek-V3-style router: sigmoid scores, top-k of scores + an expert bias, weights gathered from scores.
     "sigmoid_bias_router": ("rewritten", None),
     # A shared expert beside the routed ones.
@@ -241,7 +242,12 @@ class MutantBlock(nn.Module):
                                                     output_size=received.shape[0])
         else:
             expert_of_row = torch.searchsorted(block_ends, rows, right=True) % self.local
-        if mut in ("experts_mask_loop", "experts_mask_loop_token_positions"):
+        if mut == "experts_where_index_add_loop":
+            back = torch.zeros_like(received)
+            for e in range(self.local):
+                rows_e = torch.where(expert_of_row == e)[0]
+                back.index_add_(0, rows_e, F.silu(received[rows_e] @ self.w1[e]) @ self.w2[e])
+        elif mut in ("experts_mask_loop", "experts_mask_loop_token_positions"):
             back = torch.zeros_like(received)
             for e in range(self.local):
                 mine = expert_of_row == e

@@ -28,7 +28,8 @@ CHUNKS = 3
 
 def decide(mutation: str, group: dist.ProcessGroup) -> Any:
     block = MutantBlock(mutation, group)
-    (gm,) = capture_without_running(lambda h: block(h), make_input(0, 0, TOKENS).requires_grad_())
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):  # torch.where(mask) loops
+        (gm,) = capture_without_running(lambda h: block(h), make_input(0, 0, TOKENS).requires_grad_())
     canonicalize_in_place(gm)  # where the re-trace is refused, the pass reports why (and changes nothing)
     before = gm.code
     result = run_pass(DominoEPPass(BackendConfig(num_chunks=CHUNKS)), gm)
@@ -49,6 +50,7 @@ def test_mutant_is_rewritten_or_skipped_with_reason(mutation: str, trace_group: 
 
 def equivalence_worker(rank: int, world_size: int, mutations: list[str]) -> dict[str, Any]:
     torch._dynamo.config.capture_scalar_outputs = True
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True  # torch.where(mask) expert loops
     report: dict[str, Any] = {}
     for mutation in mutations:
         ref = MutantBlock(mutation, dist.group.WORLD)

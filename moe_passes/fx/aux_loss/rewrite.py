@@ -44,6 +44,7 @@ from moe_passes.ir.facts import (
     known_equal,
     mutated_args,
     op_arg,
+    source_line,
     tensor_dtype,
     tensor_value,
 )
@@ -212,9 +213,12 @@ class Rewriter(RowReductions):
             self.cursor = node
             try:
                 value = self.interpret(node)
-            except Unsupported:
+            except Unsupported as err:
                 if only_invariant:
                     continue  # a use of a mask broadcast outside the loss: the original stays, unchanged
+                where = source_line(node)
+                if where and "[at " not in str(err):
+                    raise Unsupported(f"{err} [at {where}]") from None
                 raise
             if value is not None:
                 self.values[node] = value

@@ -188,7 +188,9 @@ class RowAnalysis:
         # ---- MoE-specific rules first (they look at several operands)
         if name == "aten.index" or name == "aten._unsafe_index":
             return self._index(n)
-        if name in ("aten.index_copy", "aten.index_put", "aten._unsafe_index_put", "aten.index_add"):
+        if name == "aten.index_add":
+            return self._index_add(n)
+        if name in ("aten.index_copy", "aten.index_put", "aten._unsafe_index_put"):
             return self._unpermute(n, name)
         if name in ("aten.scatter_add", "aten.scatter", "aten.scatter_reduce"):
             return self._scatter(n, name)
@@ -416,27 +418,49 @@ class RowAnalysis:
         else:
             indices, src = n.args[1], n.args[2]
             accumulate = op_arg(n, 3, "accumulate", False)
-            if name == "aten.index_add" or accumulate:
-                raise Unproven(f"{n.name}: accumulating {name} (not a permutation inverse)")
             if len(indices) != 1 or not isinstance(indices[0], fx.Node):
                 raise Unproven(f"{n.name}: {name} with {len(indices)} index tensors")
             idx = indices[0]
+            put = self._put_received(n, dst, idx, src)
+            if put is not None:
+                return put
+            if accumulate:
+                raise Unproven(f"{n.name}: accumulating {name} (not a permutation inverse)")
         kd, ki, ks = self.kind(dst), self.kind(idx), self.kind(src)
-        root = self.alias.get(dst, dst)
-        if root in self.masked and ki is not None and ks is not None and ki.tag == "meta" and ks.tag == "recv" \
-                and ks.p is idx and ks.key is self.kinds[root].key:
-            # the next put of a per-expert loop (``out[eid == e] = f_e(x[eid == e])``) into the same buffer
-            return Kind("recv", key=ks.key, p=None)
+        put = self._put_received(n, dst, idx, src)
+        if put is not None:
+            return put
         if kd is None or not kd.fresh:
             raise Unproven(f"{n.name}: {name} into a buffer that is not a fresh allocation of the region")
         if ki is not None and ks is not None and ki.tag == "perm" and ks.tag == "bag" and ki.key is ks.key:
             return row(ki.m)
         if ki is not None and ks is not None and ki.tag == "meta" and ks.tag == "recv" and ks.p is idx:
-            if kd.tag not in ("fresh", "recv") or (kd.tag == "recv" and kd.key is not ks.key):
-                raise Unproven(f"{n.name}: {name} of received rows into a buffer of {kd} rows")
-            self.masked.add(root)
-            return Kind("recv", key=ks.key, p=None)
+            raise Unproven(f"{n.name}: {name} of received rows into a buffer of {kd} rows")
         raise Unproven(f"{n.name}: {name} of a {ks} value at a {ki} index is not the inverse of the gather")
+
+    def _put_received(self, n: fx.Node, dst: Any, idx: Any, src: Any) -> Kind | None:
+        """``out[rows_e] = f_e(x[rows_e])`` / ``out.index_add_(0, rows_e, f_e(x[rows_e]))`` (per-expert loops over
+        masks or ``torch.where`` ids): values computed from received rows, written back (or added) at the
+        same layout index into a buffer of those received rows, as received. Each output row is a function of
+        its own row, for a fresh buffer (any earlier puts included) or, written functionally, any buffer of
+        the same received rows. None: not this idiom."""
+        if not isinstance(idx, fx.Node) or not isinstance(src, fx.Node):
+            return None
+        ki, ks, kd = self.kind(idx), self.kind(src), self.kind(dst)
+        if ki is None or ks is None or ki.tag != "meta" or ks.tag != "recv" or ks.p is not idx:
+            return None
+        root = self.alias.get(dst, dst)
+        inplace = bool(mutated_args(n))
+        if root in self.masked and self.kinds[root].key is ks.key:
+            return Kind("recv", key=ks.key, p=None)
+        # a fresh buffer (zeros of any received layout: every row is rewritten or stays zero), or, written
+        # functionally, the same received rows as received
+        ok = kd is not None and ((kd.fresh and kd.tag == "fresh")
+                                 or (kd.tag == "recv" and kd.key is ks.key and (kd.fresh or (kd.p is None and not inplace))))
+        if not ok:
+            return None
+        self.masked.add(root)
+        return Kind("recv", key=ks.key, p=None)
 
     def _scatter(self, n: fx.Node, name: str, dim0: bool = False) -> Kind:
         if dim0:
@@ -539,7 +563,7 @@ class RowAnalysis:
                            + ("; it is read outside the region too, so the chunks cannot each get their own"
                               if self._is_zero_alloc(buf) else ""))
         writers = self.written.get(root, [])
-        repeat = bool(writers) and root in self.masked and name in ("aten.index_put_", "aten._unsafe_index_put_")
+        repeat = bool(writers) and root in self.masked and name in ("aten.index_put_", "aten._unsafe_index_put_", "aten.index_add_")
         if not repeat and (not kb.fresh or writers):
             raise Unproven(f"{n.name}: {name} mutates {buf.name} in place")
         mine = {root, *(a for a, r in self.alias.items() if r is root)}
@@ -570,6 +594,10 @@ class RowAnalysis:
         dst, dim, idx, src = n.args[0], n.args[1], n.args[2], n.args[3]
         ki = self.kind(idx)
         alpha = op_arg(n, 4, "alpha", 1)
+        if normalize_dim(dim, tensor_ndim(dst) or 0) == 0 and not isinstance(alpha, fx.Node):
+            put = self._put_received(n, dst, idx, src)
+            if put is not None:
+                return put
         if normalize_dim(dim, tensor_ndim(dst) or 0) != 0 or ki is None or ki.tag != "row" or tensor_ndim(idx) != 1 \
                 or isinstance(alpha, fx.Node):
             raise Unproven(f"{n.name}: index_add along dim 0 of a buffer by a {ki} index is not a per-expert counter")
