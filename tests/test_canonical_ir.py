@@ -15,11 +15,13 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
+import pytest
 import torch
 import torch.fx as fx
 from torch.utils.checkpoint import checkpoint
 
 import moe_passes.ir.canonical as canonical
+import moe_passes.pipeline.manager as manager_module
 from moe_passes.ir.canonical import canonicalize
 from moe_passes.models.stacks import preset_stack
 
@@ -183,3 +185,57 @@ def test_the_reference_stack_re_traces_with_every_gradient_path() -> None:
     model = preset_stack(num_layers=1, hidden_size=16, intermediate_size=32, num_experts=4, top_k=2)
     res = _canonicalize_dynamo_graph(model)
     assert res.canonical, res.reason
+
+
+def _dtensor_graph(fn: Any, reference: Any = None) -> tuple[fx.GraphModule, str | None, list[torch.Tensor]]:
+    """``fn(x, w)`` with ``w`` an ``nn.Parameter`` holding a DTensor shard (FSDP2 / transformers' EP), compiled
+    through the backend (no Inductor) on a fake 2-rank group: the canonical graph, its refusal reason, the grads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from moe_passes import make_backend
+    from tests.distributed import fake_group
+
+    graphs: list[fx.GraphModule] = []
+    with fake_group(2, values_matter=False):
+        mesh = init_device_mesh("cpu", (2,))
+        w = torch.nn.Parameter(DTensor.from_local(torch.randn(8, 4), mesh, [Shard(0)]))
+        backend = make_backend(passes=("domino_ep",), lowering="aot_eager")
+        original = manager_module.canonicalize
+
+        def spy(gm: fx.GraphModule, inputs: Any) -> Any:
+            result = original(gm, inputs)
+            graphs.append(result.gm)
+            return result
+
+        x = torch.randn(3, 8, requires_grad=True)
+        torch._dynamo.reset()
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(manager_module, "canonicalize", spy)
+                torch.compile(lambda x: fn(x, w), backend=backend, fullgraph=True)(x).backward()
+        finally:
+            torch._dynamo.reset()
+        grads = [x.grad, w.grad.to_local()]
+        if reference is not None:  # the same math on the plain local shard, eagerly
+            ref_x, ref_w = x.detach().clone().requires_grad_(), w.to_local().detach().clone().requires_grad_()
+            reference(ref_x, ref_w).backward()
+            torch.testing.assert_close(grads, [ref_x.grad, ref_w.grad])
+    (report,) = backend.reports
+    return graphs[0], report["canonical_error"], grads
+
+
+def test_dtensor_parameters_read_through_to_local_keep_the_aten_ir() -> None:
+    """FSDP2 / transformers' EP parameters arrive as DTensors and are read with ``.to_local()``: the re-trace
+    stops there (make_fx would record the local shard as a tensor constant), the body is ATen, and every
+    gradient (the DTensor parameter's included) is exact."""
+    gm, error, _ = _dtensor_graph(lambda x, w: (x @ w.to_local()).sin().sum(), reference=lambda x, w: (x @ w).sin().sum())
+    assert error is None, error
+    assert any(n.op == "call_method" and n.target == "to_local" for n in gm.graph.nodes), gm.code
+    assert not [n for n in gm.graph.nodes if n.op == "get_attr"], gm.code  # no captured shard
+    assert any(n.target is torch.ops.aten.sin.default for n in gm.graph.nodes), gm.code
+
+
+def test_a_dtensor_input_used_otherwise_is_refused_with_the_reason() -> None:
+    gm, error, _ = _dtensor_graph(lambda x, w: (x @ w.full_tensor()[:8]).sin().sum())
+    assert error is not None and "not only through .to_local()" in error, error

@@ -63,6 +63,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from moe_passes.errors import error_summary
+from moe_passes.ir import subclass_inputs
 from moe_passes.ir.autograd import changed_gradient_inputs
 from moe_passes.ir.facts import node_value, op_namespace_and_name
 from moe_passes.ir.fake_mode import graph_fake_mode, placeholder_fakes
@@ -104,14 +105,20 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
         return Canonicalized(gm, False, "no fake mode on the graph or its example inputs (hand-built graph)")
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    args = placeholder_fakes(gm, example_inputs, mode)
-    waits = {n: identity_gradient_wait(gm, n) for n in gm.graph.nodes}
+    try:  # DTensor parameters (FSDP2, transformers' EP): their .to_local() stays, the body is re-traced
+        boundary = subclass_inputs.split(gm)
+    except subclass_inputs.BoundaryRefused as e:
+        log.warning("canonical IR unavailable: %s", e)
+        return Canonicalized(gm, False, str(e), mode)
+    source = boundary.body if boundary is not None else gm
+    args = placeholder_fakes(source, example_inputs if boundary is None else (), mode)
+    waits = {n: identity_gradient_wait(source, n) for n in source.graph.nodes}
     waits = {n: w for n, w in waits.items() if w is not None}
     checkpoints: dict[fx.Node, InlinedCheckpoint] = {}
 
     def run(*a: Any) -> Any:
         checkpoints.clear()  # one entry per checkpoint of this trace
-        return _UnwrappingInterpreter(gm, waits, checkpoints).run(*a)
+        return _UnwrappingInterpreter(source, waits, checkpoints).run(*a)
 
     try:
         with mode, torch.fx.traceback.preserve_node_meta():
@@ -121,16 +128,19 @@ def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Canonical
         return Canonicalized(gm, False, str(e), mode)
     except Exception as e:  # noqa: BLE001 - any tracer failure means "use the Dynamo graph"
         reason = f"pre-dispatch re-trace failed ({error_summary(e)})"
-        hops = _higher_order_nodes(gm)
+        hops = _higher_order_nodes(source)
         if hops:
             reason += "; the graph holds higher-order ops: " + ", ".join(
                 f"{nodes[0].name} (torch.ops.higher_order.{name})" for name, nodes in hops.items())
         log.warning("canonical IR unavailable: %s", reason)
         return Canonicalized(gm, False, reason, mode)
     try:
-        carry_dynamo_attributes(gm, traced)
-        check_retrace_keeps_autograd(gm, traced, unwrapped=set(waits), checkpoints=checkpoints)
-    except RuntimeError as e:
+        carry_dynamo_attributes(source, traced)
+        check_retrace_keeps_autograd(source, traced, unwrapped=set(waits), checkpoints=checkpoints)
+        if boundary is not None:
+            traced = subclass_inputs.join(boundary, traced)
+            carry_dynamo_attributes(gm, traced)
+    except (RuntimeError, subclass_inputs.BoundaryRefused) as e:
         log.warning("canonical IR unavailable: %s", e)
         return Canonicalized(gm, False, str(e), mode)
     traced.meta = dict(getattr(gm, "meta", {}))
