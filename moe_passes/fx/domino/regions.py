@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from moe_passes.fx.domino.kinds import Kind, Unproven, positive_quotient
-from moe_passes.fx.domino.row_analysis import RowAnalysis
+from moe_passes.fx.domino.row_analysis import RowAnalysis, at_source
 from moe_passes.ir.facts import (
     all_to_all_split_args,
     has_node,
@@ -41,6 +41,7 @@ from moe_passes.ir.facts import (
     mutated_args,
     op_label,
     op_namespace_and_name,
+    source_line,
     tensor_value,
 )
 from moe_passes.ir.rows import prod
@@ -179,7 +180,8 @@ def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
     sort = max(sorts, key=order.__getitem__)
     topks = [a for a in _ancestors([sort]) if is_topk(a)]
     if not topks:
-        raise RegionError(f"the expert ids sorted by {sort.name} do not come from a top-k")
+        raise RegionError(at_source(sort, f"the expert ids sorted by {sort.name} do not come from a top-k (the router "
+                                          "is not in this graph: a graph break or a module compiled on its own?)"))
     topk = max(topks, key=order.__getitem__)
     router_inputs = _ancestors([topk])
     n: Any = gather.args[0]
@@ -230,12 +232,12 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     core |= private
     for n in core:
         if n.op != "call_function":
-            raise RegionError(f"{n.name}: {n.op} node inside the region")
+            raise RegionError(at_source(n, f"{n.name}: {n.op} node inside the region"))
         if is_inplace_c10d(n):
-            raise RegionError(f"{n.name}: traced in-place c10d collective inside the region")
+            raise RegionError(at_source(n, f"{n.name}: traced in-place c10d collective inside the region"))
         parsed = op_namespace_and_name(n.target)
         if parsed is not None and parsed[0] == "higher_order":
-            raise RegionError(f"{n.name}: higher-order op {parsed[1]} inside the region (not analysed)")
+            raise RegionError(at_source(n, f"{n.name}: higher-order op {parsed[1]} inside the region (not analysed)"))
     check_contexts(graph, core)
     region_set = set(core)
     try:
@@ -351,9 +353,9 @@ def check_contexts(graph: fx.Graph, core: set[fx.Node]) -> None:
             if v is None or not v.is_floating_point():
                 continue
             if any(autocast):
-                raise RegionError(f"{n.name} runs under autocast; its chunk copies would run outside the autocast block")
+                raise RegionError(at_source(n, f"{n.name} runs under autocast; its chunk copies would run outside the autocast block"))
             if not grad:
-                raise RegionError(f"{n.name} runs under no_grad; its chunk copies would run with gradients enabled")
+                raise RegionError(at_source(n, f"{n.name} runs under no_grad; its chunk copies would run with gradients enabled"))
 
 
 def check_outputs(region: MoERegion) -> None:
@@ -364,14 +366,16 @@ def check_outputs(region: MoERegion) -> None:
         readers = [u for u in out.users if u not in inside]
         if not isinstance(k, Kind) or k.tag not in ("row", "add"):
             what = "split sizes / layout metadata" if isinstance(k, Kind) and k.tag == "meta" else str(k)
-            raise RegionError(f"{out.name} ({what}) leaves the region (read by {[u.name for u in readers]}); "
-                              "only token rows and counts can be reassembled from chunks")
+            where = next((w for w in map(source_line, readers) if w), None) or source_line(out)
+            raise RegionError(f"{out.name} ({what}) leaves the region (read by {[u.name for u in readers]}"
+                              f"{' at ' + where if where else ''}); only token rows and counts can be reassembled "
+                              "from chunks")
         if tensor_value(out) is None:
-            raise RegionError(f"{out.name} leaves the region but is not a tensor")
+            raise RegionError(at_source(out, f"{out.name} leaves the region but is not a tensor"))
         for u in readers:
             written = mutated_args(u)
             if out in written:
-                raise RegionError(f"{out.name} leaves the region and is mutated in place by {u.name}")
+                raise RegionError(at_source(u, f"{out.name} leaves the region and is mutated in place by {u.name}"))
             for buf in written:  # e.g. tokens_per_expert.add_(counts): nobody else may read buf before the region ends
                 early = [r.name for r in buf.users if r is not u and _before(r, region.nodes[-1])]
                 if early:

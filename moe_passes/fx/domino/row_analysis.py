@@ -79,7 +79,7 @@ _SYM_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv, o
                   torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_int, torch.sym_float}
 
 
-def _at_source(node: fx.Node, message: str) -> str:
+def at_source(node: fx.Node, message: str) -> str:
     """``message`` with the user's source line of ``node`` (from Dynamo's stack trace), when known."""
     where = source_line(node)
     return f"{message} [at {where}]" if where else message
@@ -141,7 +141,7 @@ class RowAnalysis:
             try:
                 self.kinds[n] = self.transfer(n)
             except Unproven as e:
-                blockers.append(_at_source(n, str(e)))
+                blockers.append(at_source(n, str(e)))
                 self.kinds[n] = BLOCKED
         if blockers:
             raise Unproven(blockers[0] if len(blockers) == 1 else
