@@ -23,6 +23,7 @@ SECTIONS: dict[str, str] = {
     "memory": "moe_passes.bench.memory",
     "offload": "moe_passes.bench.offload",
     "compile": "moe_passes.bench.compile",
+    "checkpointing": "moe_passes.bench.checkpointing",
 }
 
 #: One line per section for ``moe-passes bench --help`` (kept here, beside ``SECTIONS``: listing them
@@ -32,6 +33,7 @@ SECTION_HELP: dict[str, str] = {
     "memory": "peak memory of a step: stacked vs layer-wise router aux loss",
     "offload": "router tensors' device bytes at the end of a step, async_offload off/on",
     "compile": "cold-cache compile time vs experts and layers, passes off/on",
+    "checkpointing": "peak memory of Domino with and without per-layer activation checkpointing",
 }
 
 
