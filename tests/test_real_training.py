@@ -111,19 +111,10 @@ class AttentionFunction(torch.autograd.Function):
 
 
 class FunctionAttention(text_module.Attention):
-    """The reference model's attention with ``F.scaled_dot_product_attention`` replaced by ``AttentionFunction``."""
+    """The reference model's attention with its SDPA kernel replaced by ``AttentionFunction``."""
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(batch, seq_len, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(batch, seq_len, -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + text_module.rotate_half(q) * sin
-        k = k * cos + text_module.rotate_half(k) * sin
-        groups = self.num_heads // self.num_kv_heads
-        out = AttentionFunction.apply(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), attn_bias)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        return AttentionFunction.apply(q, k, v, attn_bias)
 
 
 def _reference_attention_matches_function() -> None:

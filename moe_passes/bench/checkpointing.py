@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from moe_passes.bench import BenchOptions, BenchSection
-from moe_passes.bench.memory import MiB, peak_bytes_of, step_seconds
+from moe_passes.bench.memory import MiB, peak_bytes_of, step_seconds, training_step
 from moe_passes.models.stacks import speed_stack
 
 VARIANTS = (("plain", False, ()), ("domino", False, ("domino_ep",)), ("ac", True, ()), ("ac_domino", True, ("domino_ep",)))
@@ -72,13 +72,7 @@ def measure(layers: int, hidden: int, ffn: int, experts: int, top_k: int, tokens
                 torch._dynamo.reset()
                 compiled = torch.compile(model, backend=backend, fullgraph=True)
 
-                def step(compiled: Any = compiled, model: Any = model) -> None:
-                    loss = compiled(x)
-                    loss.backward()
-                    step.loss = loss.detach()  # type: ignore[attr-defined]
-                    for p in model.parameters():
-                        p.grad = None
-
+                step = training_step(compiled, model, x)
                 peaks[name] = peak_bytes_of(step, device)
                 seconds[name] = step_seconds(step, device)
                 losses[name] = float(step.loss)  # type: ignore[attr-defined]

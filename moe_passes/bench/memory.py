@@ -128,6 +128,20 @@ def peak_bytes_of(step: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
+def training_step(compiled: Callable[..., Any], model: nn.Module, *inputs: Any) -> Callable[[], None]:
+    """One forward + backward of ``compiled(*inputs)`` (a scalar loss), gradients dropped after; the last
+    loss is kept as ``step.loss``."""
+
+    def step() -> None:
+        loss = compiled(*inputs)
+        loss.backward()
+        step.loss = loss.detach()  # type: ignore[attr-defined]
+        for p in model.parameters():
+            p.grad = None
+
+    return step
+
+
 def step_seconds(step: Callable[[], None], device: torch.device, repeats: int = 5) -> float:
     """Median wall time of ``step`` (forward + backward), after the warm-up ``peak_bytes_of`` already ran."""
     times = []
@@ -233,13 +247,7 @@ def measure_compiled(layers: int, hidden: int, ffn: int, num_experts: int, top_k
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=backend, fullgraph=True)
 
-        def step(compiled: Any = compiled, model: nn.Module = model) -> None:
-            loss = compiled(x, mask)
-            loss.backward()
-            step.loss = loss.detach()  # type: ignore[attr-defined]
-            for p in model.parameters():
-                p.grad = None
-
+        step = training_step(compiled, model, x, mask)
         peaks[variant] = peak_bytes_of(step, device)
         seconds[variant] = step_seconds(step, device)
         losses[variant] = float(step.loss)  # type: ignore[attr-defined]

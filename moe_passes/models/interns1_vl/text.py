@@ -85,8 +85,13 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        out = self.attend(q, k, v, attn_bias)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        """The attention kernel on ``[B, heads, S, head_dim]``: SDPA (a subclass may use its own, e.g. a fused
+        kernel behind a ``torch.autograd.Function``)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
 
 
 class MLP(nn.Module):
