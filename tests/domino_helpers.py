@@ -63,7 +63,8 @@ def domino_backend(num_chunks: int | str, schedule: bool = True, results: list[A
 
 
 def local_backend(config: BackendConfig, results: list[Any] | None = None) -> Callable[..., Any]:
-    """Domino pre-grad pass, then Inductor with the schedule pass as post-grad custom pass."""
+    """Domino pre-grad pass, then Inductor with the schedule pass as post-grad custom pass (or, with
+    ``config.lowering == "aot_eager"``, AOTAutograd alone)."""
     from torch._inductor.compile_fx import compile_fx
 
     from moe_passes.fx.domino import DominoEPPass
@@ -74,6 +75,8 @@ def local_backend(config: BackendConfig, results: list[Any] | None = None) -> Ca
             result = run_pass(DominoEPPass(config), gm)
             if results is not None:
                 results.append(result)
+        if config.lowering == "aot_eager":  # the pass's numerics without Inductor (no post-grad schedule)
+            return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
         patch = (
             {"post_grad_custom_post_pass": as_custom_pass(ScheduleOverlapPass(config)), **INDUCTOR_CONFIG}
             if config.schedule_overlap

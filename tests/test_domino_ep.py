@@ -46,7 +46,7 @@ def _fresh_model(world_size: int) -> TinyMoEStack:
     return model
 
 
-def equivalence_worker(rank: int, world_size: int, cases: list[tuple[int, int]]) -> dict[str, Any]:
+def equivalence_worker(rank: int, world_size: int, cases: list[tuple[int, int]], lowering: str = "inductor") -> dict[str, Any]:
     torch._dynamo.config.capture_scalar_outputs = True
     torch.manual_seed(0)
     report: dict[str, Any] = {}
@@ -59,7 +59,7 @@ def equivalence_worker(rank: int, world_size: int, cases: list[tuple[int, int]])
         model = _fresh_model(world_size)
         torch._dynamo.reset()
         results: list[Any] = []
-        compiled = torch.compile(model, backend=domino_backend(num_chunks, results=results), fullgraph=True)
+        compiled = torch.compile(model, backend=domino_backend(num_chunks, results=results, lowering=lowering), fullgraph=True)
         losses, grads, params, sel = _train(model, compiled, rank, tokens)
         report[f"N={num_chunks},T={tokens}"] = {
             "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
@@ -95,6 +95,8 @@ def test_two_ranks_match_unmodified_model() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # 4 ranks on 2 cores: five fresh compiles of forward and backward (608 s measured, cold-ish)
+@pytest.mark.timeout(900)
 def test_four_ranks_match_unmodified_model() -> None:
-    _check(run_distributed(equivalence_worker, 4, CASES, timeout_s=1300))
+    """4 ranks through AOTAutograd without Inductor (the pass's numerics; Inductor and the post-grad schedule
+    are proven on 2 ranks above, and on 4 by tests/test_user_model.py): 340 s -> about a third on 2 cores."""
+    _check(run_distributed(equivalence_worker, 4, CASES, "aot_eager", timeout_s=800))

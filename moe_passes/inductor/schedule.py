@@ -70,6 +70,20 @@ def comm_urgency(nodes: list[fx.Node], seeds: set[fx.Node] | None = None) -> dic
     return urgency
 
 
+def recomputed(n: fx.Node) -> bool:
+    """A forward op that activation checkpointing recomputes in the backward graph (the partitioner keeps its
+    ``recompute`` policy in ``meta``). Its inputs are the checkpoint's saved inputs, ready from the start of
+    backward, so a list scheduler that sinks every wait below all ready compute runs every layer's
+    recomputation up front and keeps it alive, undoing what checkpointing frees (measured: 1.37x the
+    checkpointed peak at 4 layers). Recomputation runs last among ready nodes (after pending waits), in its
+    original order: just in time for the backward that needs it; an all-to-all inside it is still issued
+    as soon as it is ready and waited late."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return n.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE) \
+        and "ac_graph_id" in n.meta
+
+
 def _nodes_in(x: Any) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(x, found.append)
@@ -119,6 +133,8 @@ def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
             return (-1, 0, index[n])
         if is_wait(n) and split_urgency[n] > 0:  # sink: after all ready compute, oldest all-to-all first
             return (_FAR + 1, issued.get(n.args[0], 0), index[n])
+        if recomputed(n) and not is_all_to_all(n):  # just in time, in its own order (see ``recomputed``)
+            return (_FAR + 2, 0, index[n])
         return (urgency[n], 1 if is_wait(n) else 0, index[n])
 
     ready: list[tuple[tuple[int, int, int], fx.Node]] = [(key(n), n) for n in nodes if missing[n] == 0 and n is not output]
