@@ -123,9 +123,21 @@ def balancing_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
     return EXPERTS * (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum()
 
 
+def stacked_softmax_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """The same loss written with per-layer softmaxes and top-k indices stacked afterwards."""
+    probs = torch.stack([F.softmax(lg, dim=-1) for lg in router_logits])
+    chosen = torch.stack([lg.topk(TOP_K, dim=-1).indices for lg in router_logits])
+    routed = F.one_hot(chosen, EXPERTS).sum(2).float()
+    return EXPERTS * (routed.mean(dim=1) * probs.mean(dim=1)).sum() / len(router_logits)
+
+
+LOSSES = {"cat": balancing_loss, "stacked_softmax": stacked_softmax_loss}
+
+
 class TinyMoELM(nn.Module):
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    def __init__(self, group: dist.ProcessGroup, loss: str = "cat") -> None:
         super().__init__()
+        self.balancing = LOSSES[loss]
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.blocks = nn.ModuleList(Block(group) for _ in range(LAYERS))
         self.norm = RMSNorm(HIDDEN)
@@ -138,12 +150,12 @@ class TinyMoELM(nn.Module):
             x, logits = block(x)
             router_logits.append(logits)
         lm = F.cross_entropy(self.head(self.norm(x)).flatten(0, 1), labels.flatten())
-        return lm + 0.02 * balancing_loss(router_logits)
+        return lm + 0.02 * self.balancing(router_logits)
 
 
-def build(rank: int) -> TinyMoELM:
+def build(rank: int, loss: str = "cat") -> TinyMoELM:
     torch.manual_seed(0)
-    model = TinyMoELM(dist.group.WORLD)
+    model = TinyMoELM(dist.group.WORLD, loss)
     with torch.no_grad():  # each rank holds other experts
         g = torch.Generator().manual_seed(100 + rank)
         for name, p in model.named_parameters():
@@ -152,11 +164,11 @@ def build(rank: int) -> TinyMoELM:
     return model
 
 
-def worker(rank: int, world_size: int) -> dict[str, Any]:
+def worker(rank: int, world_size: int, loss: str) -> dict[str, Any]:
     from moe_passes import make_backend
 
     torch._dynamo.config.capture_scalar_outputs = True
-    eager, model = build(rank), build(rank)
+    eager, model = build(rank, loss), build(rank, loss)
     backend = make_backend(passes=("layerwise_aux_loss", "domino_ep"), num_chunks=2)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (eager, model)]
@@ -187,9 +199,12 @@ def worker(rank: int, world_size: int) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_a_user_written_expert_parallel_model_gets_domino_and_the_aux_pass_unchanged(world_size: int) -> None:
-    reports = run_distributed(worker, world_size, timeout_s=800)
+@pytest.mark.parametrize(("world_size", "loss"), [(2, "cat"), (4, "stacked_softmax")])
+def test_a_user_written_expert_parallel_model_gets_domino_and_the_aux_pass_unchanged(world_size: int, loss: str) -> None:
+    """``loss``: the balancing loss over ``torch.cat`` of the router logits, or written with per-layer softmaxes
+    and top-k indices stacked afterwards (both forms users write; the second is computed on the stack of the
+    logits, then rewritten per layer)."""
+    reports = run_distributed(worker, world_size, loss, timeout_s=800)
     for rank, r in enumerate(reports):
         assert r["graphs"] == 1, f"rank {rank}: {r['text']}"  # fullgraph: one graph per rank, no recompile
         assert r["regions"] == LAYERS, f"rank {rank}: both MoE layers chunked\n{r['text']}"

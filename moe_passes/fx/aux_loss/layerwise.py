@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.aux_loss import placement, recognise
+from moe_passes.fx.aux_loss import placement, recognise, stack_chains
 from moe_passes.fx.aux_loss import semantics as sem
 from moe_passes.fx.aux_loss.rewrite import TAG, Rewriter, Source, Unsupported
 from moe_passes.fx.aux_loss.stats import Statistics, reuse_router_ops
@@ -29,6 +29,7 @@ from moe_passes.ir.canonical import is_canonical
 from moe_passes.ir.facts import is_softmax, is_static_int, node_value
 from moe_passes.ir.fake_mode import fake_eval
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
+from moe_passes.pipeline.validation import copy_graph_module
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -101,7 +102,16 @@ class LayerwiseAuxLossPass(GraphPass):
             )
         # Errors propagate: the pass manager is the one place that fails closed (restores the graph, reports
         # the traceback in PassResult.error, raises under strict).
+        logits = recognise.find_routers(gm.graph).logits
+        original = copy_graph_module(gm) if stack_chains.candidates(gm.graph, logits) else None
+        hoisted = stack_chains.hoist(gm.graph, logits) if original is not None else []
         self._run(gm, result, stats)
+        if hoisted and not result.changed:  # nothing rewritten: leave the graph as it was
+            gm.graph = original.graph
+            gm.recompile()
+        elif hoisted:
+            result.matched.append(f"note: {len(hoisted)} stack(s) of per-layer softmax/top-k chains computed on the "
+                                  "stack of the router logits (the same numbers), then rewritten per layer")
         if result.changed:
             gm.graph.lint()
             gm.recompile()
