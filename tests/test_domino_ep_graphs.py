@@ -96,6 +96,10 @@ def test_auto_reports_its_choice(trace_group: dist.ProcessGroup) -> None:
     result = run_pass(DominoEPPass(BackendConfig(num_chunks="auto")), gm)
     (why,) = result.stats["auto"].values()
     assert "-> 2 chunks" in why and list(result.stats["chunks"].values()) == [[3, 2]]
+    # the rank's expert weights, counted once each though the grouped GEMMs read them transposed
+    block = SparseMoeBlock(HIDDEN, INTER, 4, 2, ep_group=trace_group)
+    expected = sum(p.numel() for p in block.parameters() if p.dim() == 3)  # this rank's 2 experts
+    assert expected > 0 and why.startswith(f"{expected} local expert weight elements"), (why, expected)
 
 
 def test_no_expert_parallelism_is_left_alone() -> None:

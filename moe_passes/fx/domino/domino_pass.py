@@ -56,14 +56,30 @@ def find_regions(gm: fx.GraphModule, result: PassResult) -> list[MoERegion]:
     return regions
 
 
+def _weight_root(node: fx.Node) -> fx.Node | None:
+    """The graph input (parameter) a 3-D outside operand is a view or cast of, else None."""
+    from moe_passes.ir.rows import family_of
+
+    cur = node
+    while cur.op == "call_function" and family_of(cur) in ("view", "shape", "identity", "expand") \
+            and len(cur.all_input_nodes) == 1:
+        cur = cur.all_input_nodes[0]
+    v = tensor_value(cur)
+    return cur if cur.op in ("placeholder", "get_attr") and v is not None and v.dim() == 3 else None
+
+
 def _auto_chunks(region: MoERegion) -> tuple[int, str]:
     """N from rank-invariant sizes (local expert weights), never from local token counts."""
     weights = {}
+    inside = set(region.nodes) | {region.tokens}
     for n in region.nodes:
         for a in n.all_input_nodes:
             v = tensor_value(a)
-            if a.op in ("placeholder", "get_attr") and v is not None and v.dim() == 3:
-                weights[a] = v
+            if a in inside or v is None or v.dim() != 3:
+                continue
+            root = _weight_root(a)  # grouped GEMMs read ``w.transpose(1, 2)``, casts: count the parameter once
+            if root is not None:
+                weights[root] = tensor_value(root)
     elems = sum(w.numel() for w in weights.values())
     if not isinstance(elems, int):  # symbolic weight shapes: decide without guarding on one rank's sizes
         from torch.fx.experimental.symbolic_shapes import statically_known_true
