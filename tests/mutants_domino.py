@@ -85,6 +85,8 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     # counts -- see row_analysis's trust boundary: sizes cut from the counts' total by position, e.g.
     # ``[R // 2, R - R // 2]``, are not told apart from per-expert counts and are not in this corpus.)
     "counts_scatter_add_positional_src": ("skipped", "read by position"),
+    # ... and a split loop whose pieces are put back in another order (rows end up at other positions).
+    "experts_split_loop_reordered": ("skipped", "not every piece of"),
     "experts_mask_loop_token_positions": ("skipped", "over the token dim"),
 }
 
@@ -260,9 +262,10 @@ class MutantBlock(nn.Module):
             if mut == "experts_weight_gather":
                 eid = expert_of_row[sort_rows]
                 results = torch.bmm(F.silu(torch.bmm(xs.unsqueeze(1), self.w1[eid])), self.w2[eid]).squeeze(1)
-            elif mut == "experts_split_loop":
+            elif mut in ("experts_split_loop", "experts_split_loop_reordered"):
                 pieces = torch.split(xs, recv.sum(dim=0).tolist())
-                results = torch.cat([F.silu(piece @ self.w1[e]) @ self.w2[e] for e, piece in enumerate(pieces)])
+                outs = [F.silu(piece @ self.w1[e]) @ self.w2[e] for e, piece in enumerate(pieces)]
+                results = torch.cat(outs[::-1] if mut == "experts_split_loop_reordered" else outs)
             else:
                 results = self._experts(xs, offsets)
             back = torch.zeros_like(results).index_copy(0, sort_rows, results)
