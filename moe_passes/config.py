@@ -39,7 +39,9 @@ class BackendConfig:
     num_chunks: token chunks per MoE region for Domino EP, or "auto".
     passes: pre-grad passes to run (names from ``moe_passes.registry``); the order they run in is
         declared by the passes themselves (``moe_passes.pipeline.order``), not the order listed here.
-    schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs.
+    schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs (True), on the
+        forward graphs only ("forward": with activation checkpointing this keeps Domino's peak within
+        1.1x of checkpointing alone, ``moe-passes bench --section checkpointing``), or not at all (False).
     max_chunks_in_flight: bound on all-to-alls issued but not yet waited (memory bound).
     offload_targets: "auto" (every router tensor among the graph outputs) or a tuple of the kinds
         ``async_offload`` knows (``OFFLOAD_TARGET_KINDS``: "router_logits", "selected_experts").
@@ -62,7 +64,7 @@ class BackendConfig:
 
     num_chunks: NumChunks = "auto"
     passes: tuple[str, ...] = DEFAULT_PASSES
-    schedule_overlap: bool = True
+    schedule_overlap: bool | str = True
     max_chunks_in_flight: int = 2
     offload_targets: str | tuple[str, ...] = "auto"
     strict: bool = False
@@ -74,7 +76,9 @@ class BackendConfig:
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        for name in ("schedule_overlap", "strict", "verify", "rank_check"):  # "yes" or 1 must not pass as a bool
+        if self.schedule_overlap not in (True, False, "forward") or type(self.schedule_overlap) not in (bool, str):
+            raise ValueError(f"schedule_overlap must be True, False or 'forward', got {self.schedule_overlap!r}")
+        for name in ("strict", "verify", "rank_check"):  # "yes" or 1 must not pass as a bool
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.lowering not in LOWERINGS:

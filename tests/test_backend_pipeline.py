@@ -317,3 +317,20 @@ def test_aot_eager_lowering_runs_the_passes_without_inductor() -> None:
     assert report["post_grad"] == {"forward": [], "backward": []}, report["post_grad"]
     with pytest.raises(ValueError, match="lowering must be one of \\['inductor', 'aot_eager'\\], got 'eager'"):
         make_backend(lowering="eager")
+
+
+def test_schedule_overlap_forward_only_runs_the_schedule_on_forward_graphs() -> None:
+    """``schedule_overlap="forward"``: with activation checkpointing the backward schedule costs memory
+    (``moe-passes bench --section checkpointing``); this keeps the forward overlap only."""
+    from moe_passes.inductor.schedule import ScheduleOverlapPass
+
+    both = ScheduleOverlapPass(BackendConfig(schedule_overlap=True))
+    forward = ScheduleOverlapPass(BackendConfig(schedule_overlap="forward"))
+    assert "backward" in both.graphs and "backward" not in forward.graphs and "forward" in forward.graphs
+    assert both.uuid() != forward.uuid()  # Inductor's cache keeps the two apart
+    assert ScheduleOverlapPass.enabled(BackendConfig(schedule_overlap="forward"))
+    assert not ScheduleOverlapPass.enabled(BackendConfig(schedule_overlap=False))
+    with pytest.raises(ValueError, match="schedule_overlap must be True, False or 'forward', got 'backward'"):
+        make_backend(schedule_overlap="backward")
+    with pytest.raises(ValueError, match="schedule_overlap must be True, False or 'forward', got 1"):
+        make_backend(schedule_overlap=1)

@@ -374,7 +374,9 @@ def make_backend(
         and raise ``VerificationError`` naming each output or input gradient (by parameter path or
         argument name) that differs.
     keep_graphs: False (default); True: keep readable pre/post-grad graph texts in the reports.
-    schedule_overlap: True (default): the post-grad overlap schedule runs after ``domino_ep``.
+    schedule_overlap: True (default): the post-grad overlap schedule runs after ``domino_ep``, on the
+        forward and backward graphs; "forward": on the forward graphs only (with activation checkpointing
+        it keeps Domino's peak within 1.1x of checkpointing alone); False: off.
     max_chunks_in_flight: int >= 1 (default 2): all-to-alls issued but not yet waited.
     offload_targets: "auto" (default: every router tensor among the graph outputs) or a tuple of
         kinds: "router_logits", "selected_experts".

@@ -211,6 +211,11 @@ class ScheduleOverlapPass(GraphPass):
     def enabled(cls, config: Any) -> bool:
         return bool(config.schedule_overlap)
 
+    @property
+    def graphs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The AOT graphs it runs on: forward and backward, or forward only (``schedule_overlap="forward"``)."""
+        return ("forward", "inference") if self.config.schedule_overlap == "forward" else ("forward", "backward", "inference")
+
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         result = PassResult(self.name)
         graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
