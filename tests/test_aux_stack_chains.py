@@ -78,3 +78,36 @@ def test_stack_of_per_layer_chains(loss: str) -> None:
         assert result.skipped, result.as_dict()
         code = compiled_code[0]
         assert code.count("aten.softmax") == 2 * LAYERS and "aten.stack.default(" in code, code  # as written
+
+
+def test_a_returned_stack_of_the_routers_choices_is_not_hoisted_and_the_loss_still_rewritten() -> None:
+    """The model returns ``torch.stack`` of each layer's selected experts (for logging) and its loss is the plain
+    ``torch.cat`` form: the returned stack is left alone (it exists anyway), and the loss is rewritten."""
+
+    class Logged(Routed):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, chosen = [], []
+            for gate, proj in zip(self.gates, self.proj):
+                lg = gate(x)
+                weights, idx = lg.softmax(dim=-1).topk(K, dim=-1)
+                x = x + weights.sum(-1, keepdim=True) * torch.tanh(proj(x))
+                logits.append(lg)
+                chosen.append(idx)
+            probs = torch.cat(logits).softmax(dim=-1)
+            aux = E * (F.one_hot(probs.topk(K, dim=-1).indices, E).sum(1).float().mean(0) * probs.mean(0)).sum()
+            return x.square().mean() + 0.05 * aux, torch.stack(chosen)
+
+    torch.manual_seed(0)
+    model = Logged("stacked_softmax")
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
+    backend = PassThenEager()
+    torch._dynamo.reset()
+    try:
+        loss, chosen = torch.compile(model, backend=backend, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    ref_loss, ref_chosen = model(x)
+    assert torch.equal(chosen, ref_chosen) and torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    (result,) = backend.results
+    assert result.changed and result.stats["layers"] == LAYERS, result.as_dict()
+    assert not any("computed on the stack" in m for m in result.matched), result.matched

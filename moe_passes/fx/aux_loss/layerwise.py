@@ -106,9 +106,13 @@ class LayerwiseAuxLossPass(GraphPass):
         original = copy_graph_module(gm) if stack_chains.candidates(gm.graph, logits) else None
         hoisted = stack_chains.hoist(gm.graph, logits) if original is not None else []
         self._run(gm, result, stats)
-        if hoisted and not result.changed:  # nothing rewritten: leave the graph as it was
+        if hoisted and not result.changed:  # nothing rewritten with the hoist: the graph as it was, then as written
             gm.graph = original.graph
             gm.recompile()
+            result.skipped.clear()
+            result.matched.clear()
+            stats.update({k: 0 for k in stats})
+            self._run(gm, result, stats)
         elif hoisted:
             result.matched.append(f"note: {len(hoisted)} stack(s) of per-layer softmax/top-k chains computed on the "
                                   "stack of the router logits (the same numbers), then rewritten per layer")

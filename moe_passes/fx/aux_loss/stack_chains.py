@@ -58,6 +58,22 @@ def _chain(node: fx.Node, logits: set[fx.Node]) -> tuple[fx.Node, list[fx.Node]]
     return cur, list(reversed(ops))
 
 
+def _leaves_graph(node: fx.Node) -> bool:
+    """Whether ``node``'s value, or a view of it, is a graph output."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u.op == "call_function" and (u.target is operator.getitem or rows.family_of(u) in ("view", "identity")):
+                stack.append(u)
+    return False
+
+
 def _signature(op: fx.Node) -> tuple[Any, ...]:
     """What must be equal for two chain ops to compute alike (their input aside)."""
     return (op.target, tuple(op.args[1:]), tuple(sorted(op.kwargs.items())))
@@ -92,6 +108,8 @@ def _plans(graph: fx.Graph, logits: set[fx.Node]) -> list[tuple[fx.Node, list[tu
             continue
         vals = [tensor_value(t) for t in tensors]
         if any(v is None for v in vals) or normalize_dim(node.args[1] if len(node.args) > 1 else 0, vals[0].dim() + 1) != 0:
+            continue
+        if _leaves_graph(node):  # returned stacks (e.g. the selected experts for logging) exist anyway: not a loss's
             continue
         chains = [_chain(t, logits) for t in tensors]
         if any(c is None or not c[1] for c in chains):
