@@ -28,6 +28,7 @@ import logging
 from typing import Any
 
 import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 from moe_passes.ir.facts import all_to_all_split_args, is_all_to_all, is_wait, mutated_args, op_namespace_and_name
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
@@ -70,6 +71,9 @@ def comm_urgency(nodes: list[fx.Node], seeds: set[fx.Node] | None = None) -> dic
     return urgency
 
 
+_RECOMPUTED = (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
+
+
 def recomputed(n: fx.Node) -> bool:
     """A forward op that activation checkpointing recomputes in the backward graph (the partitioner keeps its
     ``recompute`` policy in ``meta``). Its inputs are the checkpoint's saved inputs, ready from the start of
@@ -78,10 +82,7 @@ def recomputed(n: fx.Node) -> bool:
     checkpointed peak at 4 layers). Recomputation runs last among ready nodes (after pending waits), in its
     original order: just in time for the backward that needs it; an all-to-all inside it is still issued
     as soon as it is ready and waited late."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    return n.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE) \
-        and "ac_graph_id" in n.meta
+    return n.meta.get("recompute") in _RECOMPUTED and "ac_graph_id" in n.meta
 
 
 def _nodes_in(x: Any) -> list[fx.Node]:

@@ -102,9 +102,9 @@ class LayerwiseAuxLossPass(GraphPass):
             )
         # Errors propagate: the pass manager is the one place that fails closed (restores the graph, reports
         # the traceback in PassResult.error, raises under strict).
-        logits = recognise.find_routers(gm.graph).logits
-        original = copy_graph_module(gm) if stack_chains.candidates(gm.graph, logits) else None
-        hoisted = stack_chains.hoist(gm.graph, logits) if original is not None else []
+        plans = stack_chains.plan(gm.graph, recognise.find_routers(gm.graph).logits)
+        original = copy_graph_module(gm) if plans else None
+        hoisted = stack_chains.hoist(gm.graph, plans)
         self._run(gm, result, stats)
         if hoisted and not result.changed:  # nothing rewritten with the hoist: the graph as it was, then as written
             gm.graph = original.graph

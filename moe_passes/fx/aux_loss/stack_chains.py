@@ -97,8 +97,13 @@ def _negative_dims(op: fx.Node, rank: int) -> tuple[tuple[Any, ...], dict[str, A
     return tuple(args), kwargs
 
 
-def _plans(graph: fx.Graph, logits: set[fx.Node]) -> list[tuple[fx.Node, list[tuple[fx.Node, list[fx.Node]]], int]]:
-    """(stack node, its inputs' chains, the logits' rank) for every stack ``hoist`` would move."""
+Plan = tuple[fx.Node, list[tuple[fx.Node, list[fx.Node]]], int]
+
+
+def plan(graph: fx.Graph, router_logits: list[fx.Node]) -> list[Plan]:
+    """(stack node, its inputs' chains, the logits' rank) for every stack ``hoist`` would move; empty: nothing
+    to do."""
+    logits = set(router_logits)
     plans = []
     for node in graph.nodes:
         if node.target is not aten.stack.default:
@@ -124,17 +129,12 @@ def _plans(graph: fx.Graph, logits: set[fx.Node]) -> list[tuple[fx.Node, list[tu
     return plans
 
 
-def candidates(graph: fx.Graph, router_logits: list[fx.Node]) -> bool:
-    """Whether ``hoist`` would change anything."""
-    return bool(_plans(graph, set(router_logits)))
-
-
-def hoist(graph: fx.Graph, router_logits: list[fx.Node]) -> list[fx.Node]:
-    """Move every stack of alike per-layer chains above the chain (see the module docstring); returns the
-    stack nodes it made (empty: nothing to do)."""
+def hoist(graph: fx.Graph, plans: list[Plan]) -> list[fx.Node]:
+    """Move every planned stack of alike per-layer chains above the chain (see the module docstring); returns
+    the stack nodes it made."""
     made: list[fx.Node] = []
     shared: dict[tuple[fx.Node, ...], fx.Node] = {}  # one stack of the same logits for every chain
-    for node, chains, rank in _plans(graph, set(router_logits)):
+    for node, chains, rank in plans:
         roots = tuple(c[0] for c in chains)
         created: list[fx.Node] = []
         with graph.inserting_before(node):

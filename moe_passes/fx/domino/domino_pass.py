@@ -30,7 +30,7 @@ from moe_passes.fx.domino.rewrite import (
 from moe_passes.ir.canonical import is_canonical
 from moe_passes.ir.facts import copy_node_attributes, tensor_value
 from moe_passes.ir.fake_mode import repropagate
-from moe_passes.ir.rows import NotRowLocal
+from moe_passes.ir.rows import NotRowLocal, family_of
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,6 @@ def find_regions(gm: fx.GraphModule, result: PassResult) -> list[MoERegion]:
 
 def _weight_root(node: fx.Node) -> fx.Node | None:
     """The graph input (parameter) a 3-D outside operand is a view or cast of, else None."""
-    from moe_passes.ir.rows import family_of
-
     cur = node
     while cur.op == "call_function" and family_of(cur) in ("view", "shape", "identity", "expand") \
             and len(cur.all_input_nodes) == 1:

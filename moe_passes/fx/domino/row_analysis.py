@@ -411,6 +411,7 @@ class RowAnalysis:
 
     def _unpermute(self, n: fx.Node, name: str) -> Kind:
         dst = n.args[0]
+        accumulate = False
         if name == "aten.index_copy":
             dim, idx, src = n.args[1], n.args[2], n.args[3]
             if normalize_dim(dim, tensor_ndim(dst) or 0) != 0:
@@ -421,15 +422,12 @@ class RowAnalysis:
             if len(indices) != 1 or not isinstance(indices[0], fx.Node):
                 raise Unproven(f"{n.name}: {name} with {len(indices)} index tensors")
             idx = indices[0]
-            put = self._put_received(n, dst, idx, src)
-            if put is not None:
-                return put
-            if accumulate:
-                raise Unproven(f"{n.name}: accumulating {name} (not a permutation inverse)")
-        kd, ki, ks = self.kind(dst), self.kind(idx), self.kind(src)
-        put = self._put_received(n, dst, idx, src)
+        put = self._put_received(n, dst, idx, src)  # accumulating or not: each row gets its own rows' values
         if put is not None:
             return put
+        if accumulate:
+            raise Unproven(f"{n.name}: accumulating {name} (not a permutation inverse)")
+        kd, ki, ks = self.kind(dst), self.kind(idx), self.kind(src)
         if kd is None or not kd.fresh:
             raise Unproven(f"{n.name}: {name} into a buffer that is not a fresh allocation of the region")
         if ki is not None and ks is not None and ki.tag == "perm" and ks.tag == "bag" and ki.key is ks.key:
@@ -594,12 +592,12 @@ class RowAnalysis:
         dst, dim, idx, src = n.args[0], n.args[1], n.args[2], n.args[3]
         ki = self.kind(idx)
         alpha = op_arg(n, 4, "alpha", 1)
-        if normalize_dim(dim, tensor_ndim(dst) or 0) == 0 and not isinstance(alpha, fx.Node):
+        along_rows = normalize_dim(dim, tensor_ndim(dst) or 0) == 0 and not isinstance(alpha, fx.Node)
+        if along_rows:
             put = self._put_received(n, dst, idx, src)
             if put is not None:
                 return put
-        if normalize_dim(dim, tensor_ndim(dst) or 0) != 0 or ki is None or ki.tag != "row" or tensor_ndim(idx) != 1 \
-                or isinstance(alpha, fx.Node):
+        if not along_rows or ki is None or ki.tag != "row" or tensor_ndim(idx) != 1:
             raise Unproven(f"{n.name}: index_add along dim 0 of a buffer by a {ki} index is not a per-expert counter")
         return self._counter(n, "aten.index_add", dst, ki, src)
 
