@@ -37,6 +37,12 @@ class BackendConfig:
     """Options of ``make_backend``; every field is part of the cache key.
 
     num_chunks: token chunks per MoE region for Domino EP, or "auto".
+    domino_mode: "moe" (default): Domino chunks each MoE region (router -> dispatch -> experts -> combine)
+        into token chunks; "layer": micro-batches of whole sequences through whole decoder layers
+        (attention, norms, router, experts), consecutive layers chunk to chunk, so the all-to-all of one
+        micro-batch hides behind the attention of another (``moe_passes.fx.domino.layers``); a region
+        whose batch cannot be split (one packed sequence, an op that mixes sequences) keeps token chunks,
+        and the report says which mode each region got and why.
     passes: pre-grad passes to run (names from ``moe_passes.registry``); the order they run in is
         declared by the passes themselves (``moe_passes.pipeline.order``), not the order listed here.
     schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs (True), on the
@@ -63,6 +69,7 @@ class BackendConfig:
     """
 
     num_chunks: NumChunks = "auto"
+    domino_mode: str = "moe"
     passes: tuple[str, ...] = DEFAULT_PASSES
     schedule_overlap: bool | str = True
     max_chunks_in_flight: int = 2
@@ -76,6 +83,8 @@ class BackendConfig:
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
+        if self.domino_mode not in ("moe", "layer"):
+            raise ValueError(f"domino_mode must be 'moe' or 'layer', got {self.domino_mode!r}")
         if self.schedule_overlap not in (True, False, "forward") or type(self.schedule_overlap) not in (bool, str):
             raise ValueError(f"schedule_overlap must be True, False or 'forward', got {self.schedule_overlap!r}")
         for name in ("strict", "verify", "rank_check"):  # "yes" or 1 must not pass as a bool

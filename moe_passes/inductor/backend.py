@@ -366,6 +366,8 @@ def make_backend(
     ``keep_graphs``):
 
     num_chunks: "auto" (default) or an int >= 1: token chunks per MoE region for Domino EP.
+    domino_mode: "moe" (default): token chunks of each MoE region; "layer": micro-batches of whole
+        sequences through whole decoder layers (attention too), token chunks where the batch cannot be split.
     passes: pre-grad passes to run, any of "layerwise_aux_loss", "domino_ep", "async_offload"
         (default: all three); their order is declared by the passes, not by this list.
     strict: False (default): a pass that fails is rolled back and one that finds nothing where its

@@ -387,7 +387,24 @@ def _matmul(node: fx.Node, lead: int) -> Effect:
         return Effect("keep", "batch", 1, data=data)
     if ndim <= lead:
         return _mix("matmul", f"{op_display(node)} contracts over the row dim", data=data)
+    other = tensor_ndim(node.args[1 - data]) if packet(node) is aten.matmul else None
+    if other is not None and other >= 3 and ndim >= 3:
+        # batched matmul (``q @ k.transpose(-2, -1)`` of [B, h, S, d]): dim 0 is a batch dim of both operands
+        if lead != 1:
+            return _mix("batch", "a batched matmul's batch dim 0 is not the whole row index", data=data)
+        return Effect("keep", "batch", 1, data=data)
     return Effect("keep", "matmul", lead, data=data)
+
+
+@rule(aten.scaled_dot_product_attention, family="batch")
+def _attention(node: fx.Node, lead: int) -> Effect:
+    """softmax(q k^T + mask) v over [B, heads, S, d]: each batch entry (sequence) attends only to itself, so
+    dim 0 is kept when it is the whole row index (whole-layer micro-batches); q, k, v and the mask are the
+    caller's operands (family "batch")."""
+    if lead != 1 or _rank(node) < 3:
+        return _mix("batch", "attention mixes the tokens of a sequence: only whole sequences (dim 0 of [B, h, S, d]) "
+                    "can be split")
+    return Effect("keep", "batch", 1)
 
 
 @rule(aten.cat, aten.stack, family="cat")

@@ -14,11 +14,13 @@ Regions come from data flow (``regions``), safety from op meaning
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch.fx as fx
 from torch._inductor.pattern_matcher import stable_topological_sort
 
 from moe_passes.errors import error_summary
+from moe_passes.fx.domino.layers import layer_regions
 from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
 from moe_passes.fx.domino.rewrite import (
     assert_data_dependent_rows,
@@ -126,6 +128,9 @@ class DominoEPPass(GraphPass):
                              "Run it through moe_passes.pipeline.manager.PassManager (or moe_passes.testing.run_pass), "
                              "which re-traces it first")
         regions = find_regions(gm, result)
+        if self.config.domino_mode == "layer" and regions:
+            regions, modes = layer_regions(regions)
+            result.stats["modes"] = modes
         result.stats["regions"] = len(regions)
         if not regions:
             return result
@@ -144,6 +149,10 @@ class DominoEPPass(GraphPass):
                 log.info("domino_ep: %s: auto num_chunks: %s", region.label, why)
             else:
                 n = int(self.config.num_chunks)
+            if region.mode == "layer" and isinstance(region.num_tokens, int) and region.num_tokens < n:
+                result.stats.setdefault("capped", {})[region.path] = (
+                    f"{region.num_tokens} sequences: {region.num_tokens} micro-batches instead of {n}")
+                n = region.num_tokens
             if n == 1:
                 result.skip(region.label, "num_chunks=1: nothing to split")
                 continue
@@ -151,9 +160,21 @@ class DominoEPPass(GraphPass):
         if not planned:
             return result
         reassembled_all = []
+        joins: dict[fx.Node, Any] = {}
+        replaced: dict[fx.Node, fx.Node] = {}
+        prev: tuple[Any, int] | None = None  # (token count, N) of the previous region
         for region, n, _label in planned:
             mapped = _map_region(region, val_map)
-            sizes, reassembled = rewrite_region(new_graph, mapped, n)
+            # X may be the previous region's output (whole-layer regions in a row): run chunk to chunk
+            join = joins.get(mapped.tokens) if prev is not None and prev[1] == n and _same_rows(prev[0], mapped.num_tokens) else None
+            if mapped.tokens in replaced:
+                mapped.kinds[replaced[mapped.tokens]] = mapped.kinds[mapped.tokens]
+                mapped.tokens = replaced[mapped.tokens]
+            mapped.row_inputs = {replaced.get(a, a): k for a, k in mapped.row_inputs.items()}
+            if join is not None:
+                result.stats.setdefault("joined", []).append(region.path)
+            sizes, reassembled = rewrite_region(new_graph, mapped, n, join=join, joins=joins, replaced=replaced)
+            prev = (mapped.num_tokens, n)
             reassembled_all.append((sizes, reassembled))
             result.matched.append(region.path)
             result.stats["chunks"][region.path] = sizes
@@ -206,4 +227,14 @@ def _map_region(region: MoERegion, val_map: dict[fx.Node, fx.Node]) -> MoERegion
     m.outputs = [val_map[n] for n in region.outputs]
     m.kinds = {val_map[n]: k for n, k in region.kinds.items() if n in val_map}
     m.extra = list(region.extra)
+    m.mode = region.mode
+    m.row_inputs = {val_map[a]: k for a, k in region.row_inputs.items()}
+    m.token_matrix = val_map.get(region.token_matrix) if region.token_matrix is not None else None
     return m
+
+
+def _same_rows(a: Any, b: Any) -> bool:
+    """Two regions chunk the same number of rows (ints or SymInts, decided without a guard)."""
+    from moe_passes.ir.facts import known_equal
+
+    return bool(known_equal(a, b))

@@ -14,7 +14,10 @@ abstract domain (``Kind``):
     ``argsort``/``sort`` over dim 0 of a 1-D integer ``row(m)`` value (expert
     ids): a permutation of the chunk's own ``T*m`` copies.
 ``tokidx(key)``
-    ``perm // m``: for each sorted copy, its token (a row gather index).
+    ``perm // q`` (``q`` divides ``m``): for each sorted copy, its row in a
+    ``row(m // q)`` value (``per``); in MoE mode the token (``q = m``), in
+    whole-layer mode, where the chunked unit is a sequence of S tokens, the
+    token too (``per = S``).
 ``bag(key)``
     rows are the chunk's token copies in the order of ``perm(key)``; each row
     is computed from its own token only.
@@ -64,6 +67,7 @@ class Kind:
     p: Any = None  # recv: the permutation node applied to received rows (None: as received)
     fresh: bool = False  # a freshly allocated buffer (zeros/empty), any layout
     lead: int = 1  # row: how many leading dims flatten to the token-major index ([B, L, ...] -> 2)
+    per: int = 1  # tokidx: rows per chunked unit of the value it indexes (whole-layer mode: S tokens per sequence)
 
     def __str__(self) -> str:
         """In the user's terms (reasons are read by people who never saw this lattice)."""

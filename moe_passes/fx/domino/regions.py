@@ -68,6 +68,13 @@ class MoERegion:
     outputs: list[fx.Node] = field(default_factory=list)  # nodes read outside the region
     kinds: dict[fx.Node, Any] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)  # proven extension nodes, for reports
+    #: "moe": X is the token matrix, chunks are token rows; "layer": X is the decoder layer's [B, S, ...]
+    #: input, chunks are whole sequences (micro-batches) through attention, norms, router, experts
+    mode: str = "moe"
+    #: outside values read by row (per-sequence rotary tables, masks) -> their kind: each chunk reads its rows
+    row_inputs: dict[fx.Node, Any] = field(default_factory=dict)
+    #: the MoE-mode token matrix, kept for reports (the layer region contains it)
+    token_matrix: fx.Node | None = None
 
     @property
     def label(self) -> str:
@@ -194,8 +201,6 @@ def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
 
 
 def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
-    graph = d.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
     gather = _row_gather(d)
     X, topk, sort = _token_matrix(gather)
     K = topk.args[1] if len(topk.args) > 1 else None
@@ -218,6 +223,16 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
         raise RegionError(f"{per_token} expert copies per token are not a multiple of top-k {K} of {topk.name}")
     K = per_token
     count = _count_exchange(d)
+    return grow_region(d, c, X, T, K, count, topk)
+
+
+def grow_region(d: fx.Node, c: fx.Node, X: fx.Node, T: Any, K: int, count: fx.Node | None, topk: fx.Node, *,
+                row_inputs: bool = False, stop: frozenset[fx.Node] = frozenset(), mode: str = "moe") -> MoERegion:
+    """The region between X and the combine (plus its proven extension), its kinds proven by the row
+    analysis with X's ``T`` rows as the chunked unit. ``stop``: nodes the extension must not take (the next
+    whole-layer region); ``row_inputs``: outside values may be read by row (whole-layer mode)."""
+    graph = d.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
     desc = _descendants(X)
     for required, what in ((d, "dispatch"), (c, "combine"), (topk, "router top-k")):
         if required not in desc:
@@ -241,7 +256,7 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     check_contexts(graph, core)
     region_set = set(core)
     try:
-        analysis = RowAnalysis(X, T, region_set, private)
+        analysis = RowAnalysis(X, T, region_set, private, row_inputs=row_inputs)
     except Unproven as e:
         raise RegionError(str(e)) from None
     try:
@@ -251,7 +266,7 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     # proven extension: descendants of X reading only the region or X-independent values
     extra: list[str] = []
     for n in graph.nodes:
-        if n in region_set or n is X or n not in desc or n.op != "call_function":
+        if n in region_set or n is X or n not in desc or n.op != "call_function" or n in stop:
             continue
         if any(a not in region_set and a is not X and a in desc for a in n.all_input_nodes):
             continue
@@ -287,7 +302,8 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
                 changed = True
     nodes = sorted(region_set, key=order.__getitem__)
     path = module_path(d) or "<root>"
-    region = MoERegion(path, X, d, c, count, T, (K or 1), nodes=nodes, kinds=analysis.kinds)
+    region = MoERegion(path, X, d, c, count, T, (K or 1), nodes=nodes, kinds=analysis.kinds, mode=mode,
+                       row_inputs={a: k for a, k in analysis.inputs.items() if any(u in region_set for u in a.users)})
     region.extra = [e for e in extra if any(n.name == e for n in nodes)]
     region.outputs = [n for n in nodes if any(u not in region_set for u in n.users)]
     check_outputs(region)

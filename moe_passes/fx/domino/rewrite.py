@@ -178,12 +178,22 @@ def _prod(xs: list[Any]) -> Any:
     return out
 
 
-def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple[list[Any], list[tuple[fx.Node, list[fx.Node], Any, Kind]]]:
+Join = tuple[list[Any], list[fx.Node]]  # (chunk sizes, X's piece per chunk) from the previous region
+
+
+def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int, join: Join | None = None,
+                   joins: dict[fx.Node, Join] | None = None, replaced: dict[fx.Node, fx.Node] | None = None,
+                   ) -> tuple[list[Any], list[tuple[fx.Node, list[fx.Node], Any, Kind]]]:
     """Insert the chunk copies after the region's last node; reroute outside readers; erase the original.
 
     Returns the chunk sizes (ints for a static token count; for a symbolic one, the SymInt-valued
     nodes ``(T + N - 1 - k) // N`` with ``T = sym_size(X_flat, 0)``, computed in the graph) and the
     reassembled outputs for ``check_rows``.
+
+    ``join``: X is the previous region's output, reassembled from chunks of the same sizes: chunk k reads
+    that region's piece k directly (consecutive whole-layer regions run chunk to chunk, no barrier between
+    layers). ``joins`` collects, per reassembled output with X's layout, (sizes, pieces) for the next region;
+    ``replaced``, per output, the node that now stands for it (the original is erased).
     """
     symbolic = not isinstance(region.num_tokens, int)
     members = set(region.nodes)
@@ -197,12 +207,14 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
         xshape = tuple(tensor_value(region.tokens).shape)
         xkind = region.kinds[region.tokens]
         rest = list(xshape[xkind.lead:])
-        if any(not isinstance(s, int) for s in rest):
+        if xkind.lead > 1 and any(not isinstance(s, int) for s in rest):
             raise RuntimeError(f"token matrix {region.tokens.name} has symbolic feature dims {rest}; not chunked")
         flat = region.tokens
         if xkind.lead > 1:  # [B, L, ...] tokens: split the flattened token dim, give each piece [1, c, ...]
             flat = graph.call_function(aten.reshape.default, (region.tokens, [-1 if symbolic else region.num_tokens, *rest]))
-        if symbolic:  # the chunk sizes are computed in the graph from the run's own token count
+        if join is not None:
+            sizes = list(join[0])
+        elif symbolic:  # the chunk sizes are computed in the graph from the run's own token count
             total = graph.call_function(aten.sym_size.int, (flat, 0))
             sizes: list[Any] = []
             for k in range(num_chunks):
@@ -211,18 +223,26 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
                 sizes.append(graph.call_function(operator.floordiv, (num, num_chunks)))
         else:
             sizes = chunk_sizes(region.num_tokens, num_chunks)
-        split = graph.call_function(aten.split_with_sizes.default, (flat, list(sizes), 0))
-        split.meta["nn_module_stack"] = stack
+        split = None if join is not None else graph.call_function(aten.split_with_sizes.default, (flat, list(sizes), 0))
+        if split is not None:
+            split.meta["nn_module_stack"] = stack
+        chunk_rows: list[dict[int, Any]] = []
+        for c in sizes:
+            chunk_rows.append({m: c if m == 1 else (graph.call_function(operator.mul, (c, m)) if symbolic else c * m)
+                               for m in sorted(_multiplicities(region) | {k.m for k in region.row_inputs.values()})})
+        # values read by row from outside (whole-layer mode: rotary tables, masks): each chunk its own rows
+        input_splits = {a: graph.call_function(aten.split_with_sizes.default, (a, [r[k.m] for r in chunk_rows], 0))
+                        for a, k in region.row_inputs.items()}
         for k, c in enumerate(sizes):
-            rows: dict[int, Any] = {}
-            for m in sorted(_multiplicities(region)):
-                rows[m] = c if m == 1 else (graph.call_function(operator.mul, (c, m)) if symbolic else c * m)
-            piece = graph.call_function(operator.getitem, (split, k))
-            if xkind.lead > 1:
+            rows = chunk_rows[k]
+            piece = join[1][k] if join is not None else graph.call_function(operator.getitem, (split, k))
+            if xkind.lead > 1 and join is None:
                 piece = (_unsqueeze(graph, piece, xkind.lead - 1) if symbolic else
                          graph.call_function(aten.reshape.default, (piece, [1] * (xkind.lead - 1) + [c, *rest])))
-            piece.meta["nn_module_stack"] = stack
+            piece.meta.setdefault("nn_module_stack", stack)
             env: dict[fx.Node, fx.Node] = {region.tokens: piece}
+            for a, a_split in input_splits.items():
+                env[a] = graph.call_function(operator.getitem, (a_split, k))
             for n in region.nodes:
                 new = graph.node_copy(n, lambda a: env.get(a, a))  # noqa: B023 - called at once, in this iteration
                 new.meta.pop("unbacked_bindings", None)
@@ -258,9 +278,16 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
                     new = graph.call_function(aten.add.Tensor, (new, p))
             new.meta["nn_module_stack"] = dict(out.meta.get("nn_module_stack") or {})
             reassembled.append((new, pieces, tuple(tensor_value(out).shape), kind))
+            if replaced is not None:
+                replaced[out] = new
+                if "val" in out.meta:  # until shapes are propagated again: the value it stands for
+                    new.meta.setdefault("val", out.meta["val"])
+            if joins is not None and kind.tag == "row" and kind.lead == 1 and kind.m == 1:
+                joins[out] = (list(sizes), pieces)
             for u in users:
                 u.replace_input_with(out, new)
     members.add(region.tokens)
+    members.update(region.row_inputs)
     outside_inputs = {a for n in region.nodes for a in n.all_input_nodes if a not in members}
     for n in reversed(region.nodes):
         graph.erase_node(n)
@@ -280,6 +307,8 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int) -> tuple
             inputs = [b for b in a.all_input_nodes if b.op == "call_function"]
             graph.erase_node(a)
             dead.extend(inputs)
+    if join is not None and not region.tokens.users and region.tokens.op == "call_function":
+        graph.erase_node(region.tokens)  # the previous region's concatenation, read by nobody now
     _tag_glue(region, [n for n in graph.nodes if n not in before], stack)
     return sizes, reassembled
 

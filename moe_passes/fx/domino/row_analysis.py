@@ -85,6 +85,20 @@ def at_source(node: fx.Node, message: str) -> str:
     return f"{message} [at {where}]" if where else message
 
 
+def _ancestors_upto(node: fx.Node, stop: fx.Node) -> set[fx.Node]:
+    """Ancestors of ``node``; the walk ends at ``stop`` (found: it is in the set)."""
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if m is not stop:
+            todo.extend(m.all_input_nodes)
+    return seen
+
+
 def _dim0(node: Any) -> Any:
     v = tensor_value(node)
     return v.shape[0] if v is not None and v.dim() > 0 else None
@@ -93,10 +107,15 @@ def _dim0(node: Any) -> Any:
 class RowAnalysis:
     """Kinds of the region's nodes; ``X`` is ``row(1)``, nodes outside the region are outside (replicated)."""
 
-    def __init__(self, tokens: fx.Node, num_tokens: int, region: set[fx.Node], private: set[fx.Node] = frozenset()) -> None:
+    def __init__(self, tokens: fx.Node, num_tokens: int, region: set[fx.Node], private: set[fx.Node] = frozenset(),
+                 row_inputs: bool = False) -> None:
         self.X = tokens
         self.T = num_tokens
         self.region = region
+        #: whole-layer mode: values from outside the region whose dim 0 an op aligns with the rows (rotary
+        #: tables ``[B, S, d]``, per-sequence masks): each chunk reads its own rows of them (``row_input``)
+        self.allow_inputs = row_inputs
+        self.inputs: dict[fx.Node, Kind] = {}
         #: zero buffers made outside X's data flow, written in place only by the region (per-expert counters
         #: ``torch.zeros(E).scatter_add_(...)``): each chunk gets its own copy (``regions.private_buffers``)
         self.private = set(private)
@@ -112,7 +131,7 @@ class RowAnalysis:
     # ------------------------------------------------------------------ helpers
     def kind(self, a: Any) -> Kind | None:
         """Kind of an argument: None for values from outside the region (replicated across chunks)."""
-        if isinstance(a, fx.Node) and (a in self.region or a is self.X):
+        if isinstance(a, fx.Node) and (a in self.region or a is self.X or a in self.inputs):
             k = self.kinds.get(a)
             if k is None:
                 raise Unproven(f"{a.name}: no kind (analysis order)")
@@ -212,8 +231,9 @@ class RowAnalysis:
             return self._meta_only(n, name)
         if name == "aten.floor_divide" or (name == "aten.div" and op_arg(n, 2, "rounding_mode") == "floor"):
             a, k = args[0]
-            if k.tag == "perm" and len(args) == 1 and n.args[0] is a and isinstance(n.args[1], int) and n.args[1] == k.m:
-                return Kind("tokidx", k.m, k.key)
+            q = n.args[1]
+            if k.tag == "perm" and len(args) == 1 and n.args[0] is a and isinstance(q, int) and q > 0 and k.m % q == 0:
+                return Kind("tokidx", k.m, k.key, per=k.m // q)  # MoE mode: q == m (the token of each copy)
         if tags & {"perm", "tokidx"} and family_of(n) not in ("view", "identity") and name not in ("aten.expand", "aten.unsqueeze"):
             raise Unproven(f"{n.name}: {name} on a permutation/gather index (only // top_k, reshape and expand are understood)")
         if name in _ALLOC_LIKE:
@@ -312,9 +332,25 @@ class RowAnalysis:
                     raise Unproven(f"{n.name}: operand {a.name} is broadcast along the token dim")
             else:
                 if rows.broadcast_spans_rows(tuple(v.shape), out.dim(), lead):
-                    raise Unproven(f"{n.name}: operand {a.name} from outside the region spans the token dim "
-                                   f"(shape {tuple(v.shape)}): it is not replicated across chunks")
+                    self._row_input(n, a, k, v.dim() == out.dim() and known_equal(v.shape[0], out.shape[0]))
         return k
+
+    def _row_input(self, n: fx.Node, a: fx.Node, k: Kind, aligned: bool) -> None:
+        """An outside operand that varies along the rows: in whole-layer mode, when the op aligns its dim 0
+        with the rows of ``k`` (same rank, same dim 0: ``out[i] = f(x[i], a[i])`` for pointwise ops and
+        batched matmuls), each chunk reads the same rows of it (``a`` becomes a row input of kind ``k``);
+        otherwise the region cannot be chunked."""
+        v = tensor_value(a)
+        if not (self.allow_inputs and aligned and k.tag == "row" and k.lead == 1):
+            raise Unproven(f"{n.name}: operand {a.name} from outside the region spans the token dim "
+                           f"(shape {tuple(v.shape) if v is not None else '?'}): it is not replicated across chunks")
+        if self.X in _ancestors_upto(a, self.X):
+            raise Unproven(f"{n.name}: operand {a.name} is computed from the chunked rows outside the region")
+        old = self.inputs.get(a)
+        if old is not None and old != k:
+            raise Unproven(f"{n.name}: {a.name} is read as {old} and as {k}")
+        self.inputs[a] = k
+        self.kinds[a] = k
 
     def _same_rows(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
         k = self._data_kind(n, args)
@@ -401,7 +437,7 @@ class RowAnalysis:
             return META
         if ki is None:
             raise Unproven(f"{n.name}: index of token data by an outside (fixed) index")
-        if ks.tag == "row" and ks.m == 1 and ks.lead == 1 and ki.tag == "tokidx":
+        if ks.tag == "row" and ks.m == ki.per and ks.lead == 1 and ki.tag == "tokidx":
             return Kind("bag", ki.m, ki.key)
         if ks.tag == "row" and ks.lead == 1 and ki.tag == "perm" and ks.m == ki.m:
             return Kind("bag", ki.m, ki.key)
@@ -472,9 +508,9 @@ class RowAnalysis:
         if d is not None and kd is not None and d >= lead_of(kd) and d > 0:
             return self._data_kind(n, self._region_args(n))
         if name == "aten.scatter_add" and ki is not None and ki.tag == "tokidx" and ks is not None and ks.tag == "bag" and ks.key is ki.key:
-            if kd is None or not kd.fresh or kd.tag != "row" or kd.m != 1 or kd.lead != 1 or not self._is_zero_alloc(dst):
+            if kd is None or not kd.fresh or kd.tag != "row" or kd.m != ki.per or kd.lead != 1 or not self._is_zero_alloc(dst):
                 raise Unproven(f"{n.name}: combine scatter_add into a buffer that is not a fresh zero [T, H] tensor")
-            return row(1)
+            return row(ki.per)
         if name == "aten.scatter_add" and ki is not None and ki.tag == "row" and tensor_ndim(idx) == 1:
             return self._counter(n, name, dst, ki, src)
         raise Unproven(f"{n.name}: {name} along dim 0 of {kd} by a {ki} index")
@@ -671,8 +707,22 @@ class RowAnalysis:
         return False
 
     def _batch(self, n: fx.Node, name: str | None, args: list[tuple[fx.Node, Kind]]) -> Kind:
-        """``bmm(x.unsqueeze(1), w[eid])``: a batched matmul whose batch dim is the rows of BOTH operands."""
-        a, b = n.args[0], n.args[1]
-        if self.kind(a) is None or self.kind(b) is None:
-            raise Unproven(f"{n.name}: {name} of rows with an outside tensor whose batch dim runs along the rows")
-        return self._data_kind(n, args)
+        """``bmm(x.unsqueeze(1), w[eid])``, ``q @ k.transpose(-2, -1)`` of ``[B, h, S, d]``, SDPA: an op whose
+        batch dim 0 is the rows of every tensor operand. An outside operand is shared when it broadcasts
+        over dim 0 (size 1 there, or lower rank), a row input when its dim 0 is the rows (whole-layer mode)."""
+        k = self._data_kind(n, args)
+        if k.tag == "row" and k.lead != 1:
+            raise Unproven(f"{n.name}: {name} batches over dim 0 of rows over {k.lead} leading dims")
+        out = tensor_value(n) if not isinstance(node_value(n), (tuple, list)) else tensor_value(n.args[0])
+        operands = [a for a in n.args[:4] if isinstance(a, fx.Node)] + [a for a in n.kwargs.values() if isinstance(a, fx.Node)]
+        for a in operands:
+            v = tensor_value(a)
+            if v is None or self.kind(a) is not None:
+                continue
+            if out is not None and rows.broadcast_spans_rows(tuple(v.shape), out.dim(), 1):
+                self._row_input(n, a, k, v.dim() == out.dim() and known_equal(v.shape[0], out.shape[0]))
+        if name == "aten.scaled_dot_product_attention":
+            p = op_arg(n, 4, "dropout_p", 0.0)
+            if p != 0.0:
+                raise Unproven(f"{n.name}: attention dropout (p={p}): chunks would draw other random masks")
+        return k
