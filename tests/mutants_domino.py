@@ -26,6 +26,10 @@ from torch.distributed._functional_collectives import all_to_all_single, all_to_
 log = logging.getLogger(__name__)
 
 HIDDEN, FFN, EXPERTS, TOP_K = 8, 8, 4, 2
+#: The group-limited router's block: 8 experts in 4 groups of 2, the top 2 groups kept per token (with
+#: EXPERTS = 4 the only split, 2 groups of 2 with one kept, would pick a whole group every time). On the
+#: corpus' inputs (7 tokens per rank) the group limit changes the experts of 4 of rank 0 and 1's 14 tokens.
+DEEPSEEK_EXPERTS, DEEPSEEK_GROUPS, DEEPSEEK_TOPK_GROUPS = 8, 4, 2
 
 EXPECTED: dict[str, tuple[str, str | None]] = {
     "reference": ("rewritten", None),
@@ -75,6 +79,11 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "experts_where_index_add_loop": ("rewritten", None),  # rows_e = torch.where(eid == e)[0]; out.index_add_(0, rows_e, ...)
     # DeepSeek-V3-style router: sigmoid scores, top-k of scores + an expert bias, weights gathered from scores.
     "sigmoid_bias_router": ("rewritten", None),
+    # DeepSeek-V3's group-limited router (issue 19): sigmoid scores + expert bias (selection only) viewed
+    # [T, G, E/G], group score = sum of the top 2 per group, the top groups kept by a [T, G] mask scattered
+    # in place and expanded over the experts (masked_fill), top-k of the masked choice, weights gathered
+    # from the unbiased scores and normalised.
+    "deepseek_group_limited_router": ("rewritten", None),
     # A shared expert beside the routed ones.
     "shared_expert": ("rewritten", None),
     # Neighbours that must stay refused: a counter buffer read before the region writes it, and a
@@ -130,17 +139,18 @@ class MutantBlock(nn.Module):
         self.mutation = mutation
         self.group = group
         self.ep = dist.get_world_size(group)
-        self.local = EXPERTS // self.ep
+        self.experts = DEEPSEEK_EXPERTS if mutation == "deepseek_group_limited_router" else EXPERTS
+        self.local = self.experts // self.ep
         g = torch.Generator().manual_seed(seed)
-        self.gate = nn.Parameter(torch.randn(EXPERTS, HIDDEN, generator=g) * 0.5)
+        self.gate = nn.Parameter(torch.randn(self.experts, HIDDEN, generator=g) * 0.5)
         rank = dist.get_rank(group)
-        w1 = torch.randn(EXPERTS, HIDDEN, FFN, generator=g) * 0.3
-        w2 = torch.randn(EXPERTS, FFN, HIDDEN, generator=g) * 0.3
+        w1 = torch.randn(self.experts, HIDDEN, FFN, generator=g) * 0.3
+        w2 = torch.randn(self.experts, FFN, HIDDEN, generator=g) * 0.3
         self.w1 = nn.Parameter(w1[rank * self.local:(rank + 1) * self.local].clone())
         self.w2 = nn.Parameter(w2[rank * self.local:(rank + 1) * self.local].clone())
-        if mutation == "sigmoid_bias_router":
+        if mutation in ("sigmoid_bias_router", "deepseek_group_limited_router"):
             # DeepSeek-V3's e_score_correction_bias: a buffer (it only picks experts; no gradient reaches it)
-            self.register_buffer("bias", torch.randn(EXPERTS, generator=g) * 0.1)
+            self.register_buffer("bias", torch.randn(self.experts, generator=g) * 0.1)
         if mutation == "shared_expert":
             self.ws1 = nn.Parameter(torch.randn(HIDDEN, FFN, generator=g) * 0.3)
             self.ws2 = nn.Parameter(torch.randn(FFN, HIDDEN, generator=g) * 0.3)
@@ -154,13 +164,14 @@ class MutantBlock(nn.Module):
         mut = self.mutation
         x = h.reshape(-1, HIDDEN)
         T = x.shape[0]
+        E = self.experts
         logits = F.linear(x, self.gate)
         if mut == "cumsum_tokens":
             logits = logits.cumsum(0)
         if mut == "mean_tokens":
             logits = logits - logits.mean(0, keepdim=True)
         if mut == "layer_norm_router":
-            logits = F.layer_norm(logits, (EXPERTS,))
+            logits = F.layer_norm(logits, (E,))
         if mut == "roll_tokens":  # DTensor's sharding rule decides (no explicit rule for roll)
             logits = torch.roll(logits, 1, 0)
         if mut == "roll_experts":
@@ -182,14 +193,25 @@ class MutantBlock(nn.Module):
             scores = torch.sigmoid(logits)
             _, selected = torch.topk(scores + self.bias, TOP_K, dim=-1)
             weights = scores.gather(1, selected)
+        if mut == "deepseek_group_limited_router":  # transformers' DeepseekV3TopkRouter / MoE.route_tokens_to_experts
+            scores = torch.sigmoid(logits)
+            choice = scores + self.bias  # the bias only picks experts
+            group_scores = choice.view(T, DEEPSEEK_GROUPS, -1).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+            group_idx = torch.topk(group_scores, k=DEEPSEEK_TOPK_GROUPS, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores)
+            group_mask.scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(T, DEEPSEEK_GROUPS, E // DEEPSEEK_GROUPS).reshape(T, -1)
+            choice = choice.masked_fill(~score_mask.bool(), 0.0)
+            selected = torch.topk(choice, k=TOP_K, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, selected)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         if mut in ("topk_second_norm_before_dispatch", "topk_second_norm_after_combine"):
             weights = weights / weights.sum(dim=0, keepdim=True) * T
         mask = None
         if mut in ("capacity_router", "capacity_mask_after_combine"):
-            one_hot = F.one_hot(selected, EXPERTS).sum(1)  # [T, E]
+            one_hot = F.one_hot(selected, E).sum(1)  # [T, E]
             position = one_hot.cumsum(0)  # position of each token in its expert's queue: crosses tokens
-            capacity = max(1, (T * TOP_K) // EXPERTS)
+            capacity = max(1, (T * TOP_K) // E)
             keep = (position <= capacity).gather(1, selected)  # [T, K]
             mask = keep.to(weights.dtype)
         flat = selected.reshape(-1)
@@ -204,22 +226,22 @@ class MutantBlock(nn.Module):
             scale = weights * mask if mask is not None else weights
             permuted = permuted * scale.reshape(-1)[order].unsqueeze(-1)
         if mut == "counts_scatter_add_inplace":
-            counts = torch.zeros(EXPERTS, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
+            counts = torch.zeros(E, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
         elif mut == "counts_index_add_inplace":
-            counts = torch.zeros(EXPERTS, dtype=torch.int64).index_add_(0, flat, torch.ones_like(flat))
+            counts = torch.zeros(E, dtype=torch.int64).index_add_(0, flat, torch.ones_like(flat))
         elif mut == "counts_inplace_buffer_read_twice":
-            buffer = torch.zeros(EXPERTS, dtype=torch.int64)
+            buffer = torch.zeros(E, dtype=torch.int64)
             before = buffer.sum()  # read before the in-place write: not a fresh counter
             counts = buffer.scatter_add_(0, flat, torch.ones_like(flat)) + before
         elif mut == "counts_scatter_add_positional_src":
             positional = torch.arange(flat.shape[0]) % 2 + 1  # fixed per position: chunk rows read other entries
-            counts = torch.zeros(EXPERTS, dtype=torch.int64).scatter_add(0, flat, positional) // positional.max()
+            counts = torch.zeros(E, dtype=torch.int64).scatter_add(0, flat, positional) // positional.max()
         elif mut == "counts_one_hot_sum":
-            counts = F.one_hot(flat, EXPERTS).sum(0)
+            counts = F.one_hot(flat, E).sum(0)
         elif mut == "counts_histc":
-            counts = torch.histc(flat.float(), bins=EXPERTS, min=0, max=EXPERTS - 1).long()
+            counts = torch.histc(flat.float(), bins=E, min=0, max=E - 1).long()
         else:
-            counts = torch.zeros(EXPERTS, dtype=torch.int64).scatter_add(0, flat, torch.ones_like(flat))
+            counts = torch.zeros(E, dtype=torch.int64).scatter_add(0, flat, torch.ones_like(flat))
         recv_counts = all_to_all_single(counts, [self.local] * self.ep, [self.local] * self.ep, self.group)
         input_splits = counts.view(self.ep, self.local).sum(dim=1).tolist()
         recv = recv_counts.view(self.ep, self.local)
