@@ -281,11 +281,14 @@ def summarize(reports: Iterable[dict[str, Any]]) -> BackendSummary:
 
 def _chunking(stats: dict[str, Any]) -> dict[str, str]:
     """Domino's regions in one graph -> "N chunks (mode, auto: why N)"."""
-    mode = stats.get("mode") or "token chunks"
+    modes = stats.get("modes") or {}
     out = {}
     for region, sizes in (stats.get("chunks", {}) or {}).items():
         how = (stats.get("auto") or {}).get(region)
-        out[region] = f"{len(sizes)} chunks ({mode}{', auto: ' + how if how else ''})"
+        why = modes.get(region, "")
+        mode = "whole-layer micro-batches" if why.startswith("layer:") else "token chunks"
+        fallback = f", {why.split(': ', 1)[1]}" if why.startswith("moe") else ""
+        out[region] = f"{len(sizes)} chunks ({mode}{fallback}{', auto: ' + how if how else ''})"
     return out
 
 
