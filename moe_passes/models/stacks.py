@@ -16,6 +16,10 @@ nodes (``loss_order``).
 Named constructors below give the configurations the package runs
 (``preset_stack``: the ``moe_stack`` preset; ``speed_stack``; ``router_stack``:
 the offload bench); the tests configure ``MoEStack`` directly.
+
+``DecoderStack`` (``decoder_stack``) is the other shape the speed bench runs: the
+reference model's own decoder layers (attention + MoE), on ``[B, S, H]`` inputs of
+B independent sequences, for the modes that split along the batch.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_passes.models.interns1_vl.config import InternS1VLConfig
 from moe_passes.models.interns1_vl.losses import load_balancing_loss, router_z_loss
+from moe_passes.models.interns1_vl.model import causal_attention_bias
 from moe_passes.models.interns1_vl.moe import SparseMoeBlock
+from moe_passes.models.interns1_vl.text import DecoderLayer, RMSNorm, TextRotaryEmbedding
 
 #: Main loss on the last hidden state ``h``: ``mse`` = ``mse_loss(h, target)``, ``square_mean`` =
 #: ``h.square().mean()``, ``pow2_mean`` = ``h.pow(2).mean()`` (same value, different graph op).
@@ -188,3 +195,55 @@ def router_stack(layers: int = 2, hidden: int = 16, experts: int = 4, top_k: int
     """Returns (loss ``x.pow(2).mean()``, logits per layer (detached unless ``detach_logits=False``), selected per layer)."""
     return MoEStack(layers, hidden, 2 * hidden, experts, top_k, ep_group=ep_group, blocks_name="blocks",
                     main_loss="pow2_mean", returns="router", detach_logits=detach_logits, init_std=(0.5, 0.2))
+
+
+class DecoderStack(nn.Module):
+    """The reference model's decoder layers as written (``text.DecoderLayer``: RMSNorm -> GQA attention with q/k
+    RMSNorm and M-RoPE -> residual -> RMSNorm -> ``SparseMoeBlock`` -> residual), then the final RMSNorm; loss
+    ``h.square().mean()``.
+
+    ``forward(x)``: ``x`` is ``[B, S, H]``, B independent sequences of S text tokens each: positions
+    ``0..S-1`` in all three M-RoPE streams and a causal mask per sequence are computed in the graph from
+    the shape, so every per-sequence tensor (cos/sin ``[B, S, D]``, the bias ``[B, 1, S, S]``) has the batch
+    dim in front. No embedding and no LM head: the bench times the layers.
+    """
+
+    def __init__(self, config: InternS1VLConfig, ep_group: dist.ProcessGroup | None = None,
+                 init_std: float | None = 0.02) -> None:
+        super().__init__()
+        text = config.text
+        self.layers = nn.ModuleList(DecoderLayer(config, i, ep_group) for i in range(text.num_hidden_layers))
+        self.norm = RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        self.rotary_emb = TextRotaryEmbedding(text)
+        if init_std is not None:  # the experts are allocated with torch.empty, the router with zeros
+            with torch.no_grad():
+                for layer in self.layers:
+                    for p in layer.mlp.parameters():
+                        p.normal_(0.0, init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        positions = torch.arange(seq_len, device=x.device).expand(3, batch, seq_len)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        attn_bias = causal_attention_bias(None, batch, seq_len, x.dtype, x.device)
+        for layer in self.layers:
+            x, _, _ = layer(x, cos, sin, attn_bias)
+        return self.norm(x).square().mean()
+
+
+def decoder_config(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, experts: int,
+                   top_k: int) -> InternS1VLConfig:
+    """The ``bench`` preset with these text sizes (every layer MoE; M-RoPE sections in the preset's 2:1:1
+    proportion, so ``head_dim`` must be a multiple of 8)."""
+    if head_dim % 8:
+        raise ValueError(f"head_dim={head_dim} must be a multiple of 8 (M-RoPE sections 2:1:1 of head_dim/2)")
+    text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=head_dim, moe_intermediate_size=ffn, num_experts=experts, num_experts_per_tok=top_k,
+                mrope_section=(head_dim // 4, head_dim // 8, head_dim // 8))
+    return InternS1VLConfig.bench(text=text, vision={"out_hidden_size": hidden})
+
+
+def decoder_stack(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, experts: int,
+                  top_k: int, ep_group: Any = None) -> DecoderStack:
+    """The speed bench's decoder-layer model: ``decoder_config(...)``'s layers, MoE parameters N(0, 0.02)."""
+    return DecoderStack(decoder_config(layers, hidden, heads, kv_heads, head_dim, ffn, experts, top_k), ep_group)
