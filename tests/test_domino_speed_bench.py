@@ -5,11 +5,24 @@ from __future__ import annotations
 import pytest
 
 from moe_passes.bench import BenchOptions
-from moe_passes.bench.speed import COLUMNS, VARIANTS, combine, exposed_us, run, shape
+from moe_passes.bench.speed import (
+    COLUMNS,
+    DECODER_VARIANTS,
+    VARIANTS,
+    combine,
+    decoder_shape,
+    exposed_us,
+    plan,
+    run,
+    shape,
+    target_notes,
+)
 
 
-def _cell(name: str, step: float, wait: float, note: str = "") -> dict:
-    return {"variant": name, "step_ms": step, "exposed_comm_ms": wait, "compile_s": 1.0, "note": note}
+def _cell(name: str, step: float, wait: float, note: str = "", model: str = "moe_only", compute: float = 60.0,
+          comm: float = 30.0, peak: int = 100 * 2**20) -> dict:
+    return {"model": model, "variant": name, "step_ms": step, "exposed_comm_ms": wait, "compute_ms": compute,
+            "comm_ms": comm, "peak_bytes": peak, "compile_s": 1.0, "all_to_alls": 10, "note": note}
 
 
 def test_rows_take_the_slowest_rank_and_ratios_to_inductor() -> None:
@@ -19,6 +32,7 @@ def test_rows_take_the_slowest_rank_and_ratios_to_inductor() -> None:
     rank0[VARIANTS.index("domino_n2")] = _cell("domino_n2", 70.0, 12.0)
     rows = {r["variant"]: r for r in combine([rank0, rank1])}
     assert set(rows) == set(VARIANTS) and all(set(COLUMNS) <= set(r) for r in rows.values())
+    assert all(r["model"] == "moe_only" for r in rows.values())
     assert rows["inductor"]["step_vs_inductor"] == 1.0
     assert rows["domino_n2"]["step_ms"] == 80.0 and rows["domino_n2"]["step_vs_inductor"] == 0.8
     assert rows["domino_n2"]["exposed_comm_ms"] == 12.0 and rows["domino_n2"]["exposed_vs_inductor"] == 0.3
@@ -28,14 +42,52 @@ def test_a_failed_variant_keeps_its_error_in_the_row() -> None:
     cells = [_cell(v, 100.0, 40.0) for v in VARIANTS]
     i = VARIANTS.index("inductor_overlap_scheduler")
     cells[i] = {
+        "model": "moe_only",
         "variant": VARIANTS[i],
         "step_ms": None,
         "exposed_comm_ms": None,
+        "compute_ms": None,
+        "comm_ms": None,
+        "peak_bytes": None,
         "compile_s": None,
         "note": "failed: No module named 'triton'",
     }
     row = combine([cells, cells])[i]
     assert row["note"] == "failed: No module named 'triton'" and row["step_vs_inductor"] is None
+    assert row["ideal_vs_inductor"] is None and row["peak_vs_inductor"] is None
+
+
+def test_ideal_bound_and_peak_are_computed_per_row_against_the_same_models_inductor() -> None:
+    """ideal = max(compute, comm) of the row / its model's Inductor step; peak over that Inductor row's peak."""
+    stack = [_cell(v, 100.0, 40.0) for v in VARIANTS]
+    decoder = [_cell(v, 200.0, 80.0, model="decoder", compute=150.0, comm=90.0, peak=200 * 2**20) for v in DECODER_VARIANTS]
+    decoder[1] = _cell("domino_moe_n2", 180.0, 30.0, model="decoder", compute=170.0, comm=95.0, peak=230 * 2**20)
+    decoder[3] = _cell("domino_layer_n2", 160.0, 10.0, model="decoder", compute=80.0, comm=120.0, peak=210 * 2**20)
+    slower = [dict(c) for c in decoder]
+    slower[3] = dict(decoder[3], compute_ms=70.0, comm_ms=130.0, peak_bytes=220 * 2**20)  # the other rank: max wins
+    rows = {(r["model"], r["variant"]): r for r in combine([stack + decoder, stack + slower])}
+    assert rows[("moe_only", "domino_n2")]["ideal_vs_inductor"] == 0.6  # max(60, 30) / 100
+    assert rows[("decoder", "inductor")]["ideal_vs_inductor"] == 0.75  # max(150, 90) / 200
+    moe, layer = rows[("decoder", "domino_moe_n2")], rows[("decoder", "domino_layer_n2")]
+    assert moe["ideal_vs_inductor"] == 0.85 and moe["peak_vs_inductor"] == 1.15 and moe["step_vs_inductor"] == 0.9
+    assert layer["compute_ms"] == 80.0 and layer["comm_ms"] == 130.0 and layer["ideal_ms"] == 130.0
+    assert layer["ideal_vs_inductor"] == 0.65 and layer["peak_vs_inductor"] == 1.1 and layer["peak_MiB"] == 220.0
+    notes = target_notes(list(rows.values()))
+    layer_note = next(n for n in notes if n.startswith("target domino_layer_n2:"))
+    assert "exposed 0.125 > 0.1" in layer_note and "step/ideal 1.231 > 1.05" in layer_note
+    assert "peak 1.1 <= 1.15" in layer_note and "step 160.0 < best domino_moe 180.0" in layer_note
+
+
+def test_the_decoder_model_splits_along_a_batch_of_sequences_and_variants_filter() -> None:
+    for quick in (False, True):
+        d = decoder_shape(BenchOptions(quick=quick))
+        assert d["batch"] >= 4 and d["batch"] % 4 == 0  # the layer mode splits B into 2 and 4 micro-batches
+    assert DECODER_VARIANTS == ["inductor", "domino_moe_n2", "domino_moe_n4", "domino_layer_n2", "domino_layer_n4",
+                                "domino_layer_n2_dw"]
+    assert plan(BenchOptions(variants=("decoder/domino_layer_n2",))) == [("decoder", "inductor"), ("decoder", "domino_layer_n2")]
+    assert len(plan(BenchOptions())) == len(VARIANTS) + len(DECODER_VARIANTS)
+    with pytest.raises(ValueError, match="unknown speed variant 'decoder/eager'"):
+        plan(BenchOptions(variants=("decoder/eager",)))
 
 
 def test_bad_options_are_rejected() -> None:
@@ -58,3 +110,35 @@ def test_exposed_time_is_communication_not_covered_by_compute() -> None:
     assert exposed_us(comm, compute) == 5.0 + 11.0
     assert exposed_us(comm, []) == 25.0
     assert exposed_us([], compute) == 0.0
+
+
+def test_bench_flags_are_checked_before_any_rank_starts(tmp_path, capsys) -> None:
+    from moe_passes.cli import main
+
+    assert main(["bench", "--section", "speed", "--variants", "decoder/eager", "--device", "cpu", "-q"]) == 2
+    assert "--variants: unknown speed variant 'decoder/eager'" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", "--section", "speed", "--trace", str(blocker / "traces"), "--device", "cpu", "-q"]) == 2
+    assert "--trace" in capsys.readouterr().err
+
+
+def test_decoder_stack_is_the_reference_layers_on_a_batch_of_causal_sequences() -> None:
+    import torch
+
+    from moe_passes.models.interns1_vl.model import causal_attention_bias
+    from moe_passes.models.stacks import decoder_stack
+
+    model = decoder_stack(2, 32, 4, 2, 8, 16, 4, 2)
+    assert all(p.abs().sum() > 0 for p in model.layers[0].mlp.parameters())  # router and experts initialised
+    x = torch.randn(3, 5, 32)
+    positions = torch.arange(5).expand(3, 3, 5)
+    cos, sin = model.rotary_emb(positions, x.dtype)
+    h = x
+    for layer in model.layers:
+        h, _, _ = layer(h, cos, sin, causal_attention_bias(None, 3, 5, x.dtype, x.device))
+    torch.testing.assert_close(model(x), model.norm(h).square().mean(), rtol=0, atol=0)
+    # the sequences are independent (per-sequence attention; routing is per token): the batch's loss is the
+    # mean of each sequence's own
+    per_seq = [model(x[i:i + 1]) for i in range(3)]
+    torch.testing.assert_close(model(x), torch.stack(per_seq).mean(), rtol=1e-5, atol=1e-6)

@@ -29,7 +29,7 @@ SECTIONS: dict[str, str] = {
 #: One line per section for ``moe-passes bench --help`` (kept here, beside ``SECTIONS``: listing them
 #: must not import the section modules, which import torch).
 SECTION_HELP: dict[str, str] = {
-    "speed": "step and exposed all-to-all time: eager, Inductor, Domino EP (real ranks)",
+    "speed": "step, exposed all-to-all, ideal bound, peak memory: Inductor vs Domino EP (real ranks)",
     "memory": "peak memory of a step: stacked vs layer-wise router aux loss",
     "offload": "router tensors' device bytes at the end of a step, async_offload off/on",
     "compile": "cold-cache compile time vs experts and layers, passes off/on",
@@ -50,11 +50,17 @@ def row_failure(row: dict[str, Any]) -> str | None:
 
 @dataclass
 class BenchOptions:
+    """What every section reads. ``trace_dir`` (speed section): write a Chrome trace per variant and rank and a
+    timeline PNG per model there. ``variants`` (speed section): only these ``model/variant`` rows (plus each
+    named model's ``inductor`` row, the baseline of its ratios); None: every row."""
+
     quick: bool = False
     world_size: int = 2
     steps: int = 7
     warmup: int = 2
     device: str = "cpu"
+    trace_dir: str | None = None
+    variants: tuple[str, ...] | None = None
 
 
 @dataclass

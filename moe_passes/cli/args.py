@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--world-size", type=positive_int, default=2, metavar="N", help="ranks for the multi-rank sections")
     bench.add_argument("--steps", type=positive_int, default=7, metavar="N", help="timed steps per variant")
     bench.add_argument("--warmup", type=non_negative_int, default=2, metavar="N", help="warm-up steps per variant (the first compiles)")
+    bench.add_argument("--trace", metavar="DIR",
+                       help="speed section: write a Chrome trace of one step per variant and rank, and a timeline PNG "
+                            "per model (compute vs all-to-all per rank), to DIR (created if missing)")
+    bench.add_argument("--variants", nargs="+", metavar="MODEL/VARIANT",
+                       help="speed section: only these rows, e.g. decoder/domino_layer_n2 (each model's inductor row, "
+                            "the baseline, always runs)")
     return parser
 
 

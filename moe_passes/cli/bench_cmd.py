@@ -39,8 +39,23 @@ def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise CLIError(f"unknown bench section(s) {unknown}; known: {sorted(SECTIONS)}")
+    trace_dir = getattr(args, "trace", None)
+    if trace_dir:
+        try:
+            Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CLIError(f"--trace {trace_dir}: cannot create the directory ({e.strerror or e})") from None
+        check_writable(str(Path(trace_dir) / "timeline.png"), "--trace")
+    variants = tuple(args.variants) if getattr(args, "variants", None) else None
+    if variants:
+        from moe_passes.bench.speed import plan
+
+        try:
+            plan(BenchOptions(variants=variants))
+        except ValueError as e:
+            raise CLIError(f"--variants: {e}") from None
     options = BenchOptions(quick=args.quick, world_size=args.world_size, steps=args.steps, warmup=args.warmup,
-                           device=bench_device(args.device, args.world_size))
+                           device=bench_device(args.device, args.world_size), trace_dir=trace_dir, variants=variants)
     progress(f"bench on {options.device}: {', '.join(names)} (world size {options.world_size}, {options.steps} steps, "
              f"{options.warmup} warm-up{', quick' if options.quick else ''})")
     out = Writer(sys.stdout, output_width(sys.stdout), use_colour(sys.stdout))
