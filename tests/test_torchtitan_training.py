@@ -312,16 +312,19 @@ def test_torchtitan_ac_block_chunked_with_symbolic_tokens(ac: str, dynamic: str)
             capture_scalar_outputs=True, skip_fwd_side_effects_in_bwd_under_checkpoint=True):
         warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
         cfg = tf.TitanConfig(batch=1, seq=13)
-        model = _prepared(0, 2, ac, cfg)
         x, _ = tf.titan_inputs(0, cfg)
         torch._dynamo.reset()
         if dynamic == "mark_dynamic":
             torch._dynamo.mark_dynamic(x, 1)
         try:
+            model = _prepared(0, 2, ac, cfg)
             torch.compile(model.blocks[0], backend=recording, fullgraph=True,
                           dynamic=True if dynamic == "dynamic=True" else None)(x.requires_grad_())
         finally:
             torch._dynamo.reset()
+            # the AC policy's apply() turns Dynamo's LRU cache-entry order off process-wide
+            # (torchtitan's _disable_dynamo_lru_cache); later tests in this process get the default back
+            torch._C._dynamo.eval_frame._set_lru_cache(True)
     assert "tag_activation_checkpoint" in hops, hops
     (graph,) = backend.reports
     (domino,) = [r for r in graph["pre_grad"] if r["name"] == "domino_ep"]
