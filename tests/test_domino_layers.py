@@ -140,8 +140,9 @@ def _layers_run(rank: int, lowering: str, shapes: list[tuple[int, int]], mode: s
             worst["grad_err"] = max(worst["grad_err"], (grads[name] - ref).abs().max().item())
             worst["grad_scale"] = max(worst["grad_scale"], ref.abs().max().item())
             worst["grads"] += 1
-    modes = [r["stats"].get("modes", {}) for g in backend.reports for r in g["pre_grad"] if r["name"] == "domino_ep"]
-    return {**worst, "modes": modes}
+    domino = [r for g in backend.reports for r in g["pre_grad"] if r["name"] == "domino_ep"]
+    modes = [r["stats"].get("modes", {}) for r in domino]
+    return {**worst, "modes": modes, "symbolic": sum("symbolic" in r["stats"] for r in domino)}
 
 
 def _check(results: list[dict[str, Any]]) -> None:
@@ -163,7 +164,10 @@ def test_whole_layer_micro_batches_equal_eager_on_two_ranks() -> None:
     """Padded batches of 3 sequences (not divisible by 2 micro-batches), then 2 longer ones (a recompile with
     symbolic batch and length), whole-model compile and each decoder layer compiled on its own: loss and
     every gradient equal eager (AOTAutograd's backward of the chunked layers; Inductor in the slow test)."""
-    _check(run_distributed(layers_worker, 2, "aot_eager", [(3, 8), (2, 12)], ("whole", "regional"), timeout_s=400))
+    results = run_distributed(layers_worker, 2, "aot_eager", [(3, 8), (2, 12), (5, 7)], ("whole", "regional"), timeout_s=400)
+    _check(results)
+    # the recompile after the first step has a symbolic batch and length: chunk sizes are SymInt expressions
+    assert all(r["symbolic"] >= 1 for by_mode in results for r in by_mode.values()), results
 
 
 @pytest.mark.slow

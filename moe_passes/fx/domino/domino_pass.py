@@ -188,12 +188,14 @@ class DominoEPPass(GraphPass):
             new_graph.lint()
             gm.graph = new_graph
             gm.recompile()
-            repropagate(gm, record=True)  # fresh unbacked symbols per chunk, bound on their nodes
+            _repropagate(gm)  # fresh unbacked symbols per chunk, bound on their nodes
             if any([assert_data_dependent_rows(gm.graph, r, s) for s, r in reassembled_all]):
                 gm.recompile()
-                repropagate(gm, record=True)
+                _repropagate(gm)
             for sizes, reassembled in reassembled_all:
                 check_rows(reassembled, sizes)
+            for node in gm.graph.nodes:  # graph nodes in meta would travel into AOTAutograd's copies
+                node.meta.pop("domino_rows", None)
             for region, n, _label in planned:
                 sizes = result.stats["chunks"][region.path]
                 if any(isinstance(c, fx.Node) for c in sizes):  # report the expressions the size nodes compute
@@ -217,6 +219,16 @@ class DominoEPPass(GraphPass):
             log.info("domino_ep: %s: %s tokens split into chunks %s", label, region.num_tokens, result.stats["chunks"][region.path])
         result.changed = True
         return result
+
+
+def _repropagate(gm: fx.GraphModule) -> None:
+    """Shapes of the rewritten graph, size-oblivious: a chunk size whose hint is 1 (``(B + 1) // 2`` for
+    B = 2 sequences) is not taken for a literal 1 by a contiguity check (which would record a guard
+    ``Eq((B + 1) // 2, 1)`` and simplify the chunk's shapes to 1 row)."""
+    import torch.fx.experimental._config as shape_config
+
+    with shape_config.patch(backed_size_oblivious=True):
+        repropagate(gm, record=True)
 
 
 def _map_region(region: MoERegion, val_map: dict[fx.Node, fx.Node]) -> MoERegion:

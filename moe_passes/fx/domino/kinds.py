@@ -96,20 +96,80 @@ def lead_of(k: Any) -> int:
     return k.lead if isinstance(k, Kind) and k.tag == "row" else 1
 
 
-def token_prefix(shape: Any, T: Any) -> tuple[int, int] | None:
+def token_prefix(shape: Any, T: Any) -> tuple[int, Any] | None:
     """(lead, m): the shortest prefix of ``shape`` whose product is a positive multiple ``m * T`` of T, else None.
 
     Sizes and T may be SymInts (dynamic shapes): the quotient ``prod / T`` must then be a positive
     sympy ``Integer`` on its own (``[1, s0, 16]`` over ``T = s0`` -> ``(2, 1)``; ``[2*s0]`` -> ``(1, 2)``),
+    or a monomial of the sizes' symbols with a positive integer coefficient (whole-layer mode, B
+    sequences of a symbolic length S: ``[B*S*K]`` over ``T = B`` -> ``(1, K*S)``, a sympy expression),
     decided from the expressions alone: no guard, no specialisation on the current sizes.
     """
     prod: Any = 1
     for i, s in enumerate(shape):
         prod = prod * s
         m = positive_quotient(prod, T)
+        if m is None:
+            m = monomial_quotient(prod, T)
         if m is not None:
             return i + 1, m
     return None
+
+
+def size_expr(v: Any) -> Any:
+    """A size as a sympy expression (ints, SymInts, sympy expressions), else None."""
+    import sympy
+
+    if isinstance(v, torch.SymInt):
+        return v.node.expr
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return sympy.Integer(v)
+    return v if isinstance(v, sympy.Expr) else None
+
+
+def monomial_quotient(prod: Any, T: Any) -> Any:
+    """``prod / T`` when it is a product of size symbols (positive powers) and a positive integer, else None."""
+    import sympy
+
+    p, t = size_expr(prod), size_expr(T)
+    if p is None or t is None or t == 0:
+        return None
+    q = sympy.cancel(p / t)
+    if q.is_Integer or not q.free_symbols:
+        return None
+    coeff, rest = q.as_coeff_Mul()
+    factors = rest.args if rest.is_Mul else (rest,)
+    ok = coeff.is_Integer and coeff > 0 and all(
+        f.is_Symbol or (f.is_Pow and f.base.is_Symbol and f.exp.is_Integer and f.exp > 0) for f in factors)
+    return q if ok else None
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """``a == b`` for ints, SymInts and sympy sizes, decided from the expressions (no guard; unknown: False)."""
+    import sympy
+
+    ea, eb = size_expr(a), size_expr(b)
+    if ea is None or eb is None:
+        return False
+    try:
+        return sympy.simplify(ea - eb) == 0
+    except Exception:  # noqa: BLE001 - unknown means not equal
+        return False
+
+
+def divides(q: int, m: Any) -> Any:
+    """``m // q`` when ``q`` divides the multiplicity ``m`` (int or monomial), else None."""
+    if isinstance(m, int):
+        return m // q if q > 0 and m % q == 0 else None
+    import sympy
+
+    d = sympy.cancel(m / q)
+    if d.is_Integer:
+        return int(d) if d > 0 else None
+    coeff, _ = d.as_coeff_Mul()
+    return d if coeff.is_Integer and coeff > 0 else None
 
 
 def positive_quotient(prod: Any, T: Any) -> int | None:

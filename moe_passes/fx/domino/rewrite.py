@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 
-from moe_passes.fx.domino.kinds import Kind
+from moe_passes.fx.domino.kinds import Kind, same_size, size_expr
 from moe_passes.fx.domino.regions import MoERegion
 from moe_passes.ir.facts import is_mutation, node_value, op_label, tensor_value
 from moe_passes.ir.rows import NotRowLocal
@@ -68,14 +68,54 @@ def _value(a: Any) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """``a == b`` for ints / SymInts, decided without a guard (unknown: False)."""
+    """``a == b`` for ints / SymInts / sympy sizes (symbolic multiplicities), decided without a guard
+    (unknown: False)."""
+    if not all(isinstance(x, (int, torch.SymInt)) for x in (a, b)):
+        return same_size(a, b)
     try:
         return bool(statically_known_true(a == b))
     except Exception:  # noqa: BLE001 - unknown means not equal
         return False
 
 
-def _multiplicities(region: MoERegion) -> set[int]:
+def _mul(a: Any, m: Any) -> Any:
+    """``a * m`` for a size ``a`` and a multiplicity ``m`` (int, or a sympy monomial: then a sympy size)."""
+    if isinstance(m, int):
+        return a * m
+    return size_expr(a) * m
+
+
+def _size_node(graph: fx.Graph, m: Any, sources: list[fx.Node]) -> Any:
+    """An int, or a node computing the symbolic multiplicity ``m`` (a monomial of size symbols) from the
+    sizes of ``sources`` (X and the row inputs: whole-layer mode's symbolic sequence length)."""
+    if isinstance(m, int):
+        return m
+
+    dims: dict[Any, tuple[fx.Node, int]] = {}
+    for src in sources:
+        v = tensor_value(src)
+        for j, d in enumerate(v.shape if v is not None else ()):
+            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol and d.node.expr not in dims:
+                dims[d.node.expr] = (src, j)
+    made: dict[Any, fx.Node] = {}
+
+    def size_of(sym: Any) -> fx.Node:
+        if sym not in made:
+            made[sym] = graph.call_function(aten.sym_size.int, dims[sym])
+        return made[sym]
+
+    coeff, rest = m.as_coeff_Mul()
+    out: Any = int(coeff)
+    for f in (rest.args if rest.is_Mul else (rest,)):
+        base, exp = (f.base, int(f.exp)) if f.is_Pow else (f, 1)
+        if base not in dims:
+            raise NotRowLocal(f"rows per sequence {m}: no size of the region's inputs gives {base}")
+        for _ in range(exp):
+            out = size_of(base) if isinstance(out, int) and out == 1 else graph.call_function(operator.mul, (out, size_of(base)))
+    return out
+
+
+def _multiplicities(region: MoERegion) -> set[Any]:
     ms = {1}
     for k in region.kinds.values():
         if isinstance(k, Kind) and k.tag in ("row", "perm", "tokidx", "bag"):
@@ -108,11 +148,18 @@ def _retarget(new: fx.Node, old: fx.Node, region: MoERegion, rows: dict[int, Any
         pos = _SIZE_ARG[name]
         if len(new.args) > pos and isinstance(old.args[pos], (list, tuple)) and len(old.args[pos]) >= kind.lead:
             sizes = list(new.args[pos])
+            oshape = tuple(tensor_value(old).shape) if tensor_value(old) is not None else ()
+            if len(oshape) == len(sizes) and not isinstance(T, int):
+                # a -1 past the row dims is a static size of the original (heads in ``view(B, S, -1, d)``): spell
+                # it out, so the copy's shape is not inferred through a chunk size whose hint may be 1
+                sizes[kind.lead:] = [oshape[i] if isinstance(s, int) and s == -1 and isinstance(oshape[i], int) else s
+                                     for i, s in enumerate(sizes) if i >= kind.lead]
+                new.args = (*new.args[:pos], type(new.args[pos])(sizes), *new.args[pos + 1:])
             lead = [outside(a) for a in old.args[pos][:kind.lead]]
             if all(v is not None for v in lead):
                 if any(isinstance(v, int) and v == -1 for v in lead):  # -1 absorbs the chunk's rows; other token dims -> 1
                     sizes[:kind.lead] = [-1 if isinstance(v, int) and v == -1 else 1 for v in lead]
-                elif _same(_prod(lead), T * kind.m):
+                elif _same(_prod(lead), _mul(T, kind.m)):
                     c = rows[kind.m]
                     if isinstance(c, fx.Node) and kind.lead > 1 and name in _VIEWS:
                         new.args = (*new.args[:pos], type(new.args[pos])([c, *sizes[kind.lead:]]), *new.args[pos + 1:])
@@ -126,7 +173,7 @@ def _retarget(new: fx.Node, old: fx.Node, region: MoERegion, rows: dict[int, Any
             if v is None or (isinstance(v, int) and v == 0):
                 continue
             for m in _multiplicities(region):
-                if _same(v, T * m):
+                if _same(v, _mul(T, m)):
                     args[i] = rows[m]
                     break
         new.args = tuple(args)
@@ -160,10 +207,11 @@ def assert_data_dependent_rows(graph: fx.Graph, reassembled: list[tuple[fx.Node,
             continue
         for piece, c, v in zip(pieces, sizes, values):
             dim0 = tensor_value(piece).shape[0]
-            if not free_unbacked_symbols(dim0) or _same(dim0, v * kind.m):
+            if not free_unbacked_symbols(dim0) or _same(dim0, _mul(v, kind.m)):
                 continue
             with graph.inserting_before(new):
-                rows = c * kind.m if isinstance(c, int) else graph.call_function(operator.mul, (c, kind.m))
+                rows = new.meta["domino_rows"][pieces.index(piece)] if "domino_rows" in new.meta else (
+                    c * kind.m if isinstance(c, int) else graph.call_function(operator.mul, (c, kind.m)))
                 size = graph.call_function(aten.sym_size.int, (piece, 0))
                 same = graph.call_function(operator.eq, (size, rows))
                 graph.call_function(ASSERT, (same, f"domino: a chunk of {new.name} does not have its {c} tokens' rows"))
@@ -226,10 +274,12 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int, join: Jo
         split = None if join is not None else graph.call_function(aten.split_with_sizes.default, (flat, list(sizes), 0))
         if split is not None:
             split.meta["nn_module_stack"] = stack
-        chunk_rows: list[dict[int, Any]] = []
+        chunk_rows: list[dict[Any, Any]] = []
+        mults = sorted(_multiplicities(region) | {k.m for k in region.row_inputs.values()}, key=str)
+        m_nodes = {m: _size_node(graph, m, [region.tokens, *region.row_inputs]) for m in mults}
         for c in sizes:
-            chunk_rows.append({m: c if m == 1 else (graph.call_function(operator.mul, (c, m)) if symbolic else c * m)
-                               for m in sorted(_multiplicities(region) | {k.m for k in region.row_inputs.values()})})
+            chunk_rows.append({m: c if m == 1 else (graph.call_function(operator.mul, (c, m_nodes[m]))
+                                                    if symbolic or not isinstance(m, int) else c * m) for m in mults})
         # values read by row from outside (whole-layer mode: rotary tables, masks): each chunk its own rows
         input_splits = {a: graph.call_function(aten.split_with_sizes.default, (a, [r[k.m] for r in chunk_rows], 0))
                         for a, k in region.row_inputs.items()}
@@ -252,6 +302,13 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int, join: Jo
             for v in rows.values():  # a row count no copy reads
                 if isinstance(v, fx.Node) and v is not c and not v.users:
                     graph.erase_node(v)
+        for v in m_nodes.values():  # a symbolic multiplicity no row count reads (and the sizes it read)
+            todo = [v] if isinstance(v, fx.Node) else []
+            while todo:
+                d = todo.pop()
+                if d.graph is graph and not d.users and d.op == "call_function":
+                    todo.extend(a for a in d.all_input_nodes if a.op == "call_function")
+                    graph.erase_node(d)
         for out, users in outside_users.items():
             kind = region.kinds[out]
             pieces = [env[out] for env in copies]
@@ -267,9 +324,9 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int, join: Jo
                     if all(isinstance(d, int) and d == 1 for d in oshape[:kind.lead - 1]):
                         new = _unsqueeze(graph, cat, kind.lead - 1)
                     else:
-                        new = graph.call_function(aten.reshape.default, (cat, _restore_shape(oshape, out)))
+                        new = graph.call_function(aten.reshape.default, (cat, _restore_shape(oshape, out, graph, region.tokens)))
                 else:
-                    flat_pieces = [graph.call_function(aten.reshape.default, (p, [c * kind.m, *rest])) for p, c in zip(pieces, sizes)]
+                    flat_pieces = [graph.call_function(aten.reshape.default, (p, [r[kind.m], *rest])) for p, r in zip(pieces, chunk_rows)]
                     cat = graph.call_function(aten.cat.default, (flat_pieces, 0))
                     new = graph.call_function(aten.reshape.default, (cat, list(oshape)))
             else:  # per-expert counts: the sum of the chunks' counts
@@ -278,6 +335,8 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, num_chunks: int, join: Jo
                     new = graph.call_function(aten.add.Tensor, (new, p))
             new.meta["nn_module_stack"] = dict(out.meta.get("nn_module_stack") or {})
             reassembled.append((new, pieces, tuple(tensor_value(out).shape), kind))
+            if kind.tag == "row":
+                new.meta["domino_rows"] = [r[kind.m] for r in chunk_rows]
             if replaced is not None:
                 replaced[out] = new
                 if "val" in out.meta:  # until shapes are propagated again: the value it stands for
@@ -328,12 +387,19 @@ def _tag_glue(region: MoERegion, created: list[fx.Node], stack: dict[str, Any]) 
         n.meta.setdefault("nn_module_stack", stack)
 
 
-def _restore_shape(shape: tuple, out: fx.Node) -> list[Any]:
-    """A size list for ``shape`` without SymInts: one symbolic dim becomes -1 (the rest are static)."""
+def _restore_shape(shape: tuple, out: fx.Node, graph: fx.Graph, tokens: fx.Node) -> list[Any]:
+    """A size list for ``shape`` without SymInts: one symbolic dim becomes -1, the others are read from the
+    token matrix's sizes (``[B, S, H]`` with both symbolic: ``[-1, sym_size(X, 1), H]``)."""
     symbolic = [i for i, s in enumerate(shape) if not isinstance(s, int)]
-    if len(symbolic) > 1:
-        raise RuntimeError(f"{out.name} has more than one symbolic dim {tuple(shape)}; cannot restore its shape")
-    return [-1 if i in symbolic else s for i, s in enumerate(shape)]
+    xs = tuple(tensor_value(tokens).shape)
+    out_sizes: list[Any] = [-1 if i == (symbolic[0] if symbolic else None) else s for i, s in enumerate(shape)]
+    for i in symbolic[1:]:
+        j = next((j for j, d in enumerate(xs) if _same(d, shape[i])), None)
+        if j is None:
+            raise NotRowLocal(f"{out.name} has more than one symbolic dim {tuple(shape)} and {shape[i]} is not a size of "
+                              f"{tokens.name}; cannot restore its shape")
+        out_sizes[i] = graph.call_function(aten.sym_size.int, (tokens, j))
+    return out_sizes
 
 
 def size_values(sizes: list[Any]) -> list[Any]:
@@ -354,7 +420,7 @@ def check_rows(reassembled: list[tuple[fx.Node, list[fx.Node], Any, Kind]], size
         got = [tuple(tensor_value(p).shape) for p in pieces]
         if kind.tag == "row":
             got = [(_prod(list(g[:kind.lead])), *g[kind.lead:]) for g in got]
-            expected = [(c * kind.m, *shape[kind.lead:]) for c in values]
+            expected = [(_mul(c, kind.m), *shape[kind.lead:]) for c in values]
             if kind.lead == 1:  # the whole is the cat of the pieces checked here: its rows are theirs
                 shape = (tensor_value(new).shape[0], *shape[1:])
         else:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.domino.kinds import ADD, BLOCKED, DATA_TAGS, META, NONE, Kind, Unproven, lead_of, row, token_prefix
+from moe_passes.fx.domino.kinds import ADD, BLOCKED, DATA_TAGS, META, NONE, Kind, Unproven, divides, lead_of, row, token_prefix
 from moe_passes.ir import rows
 from moe_passes.ir.facts import (
     is_all_to_all,
@@ -232,8 +232,9 @@ class RowAnalysis:
         if name == "aten.floor_divide" or (name == "aten.div" and op_arg(n, 2, "rounding_mode") == "floor"):
             a, k = args[0]
             q = n.args[1]
-            if k.tag == "perm" and len(args) == 1 and n.args[0] is a and isinstance(q, int) and q > 0 and k.m % q == 0:
-                return Kind("tokidx", k.m, k.key, per=k.m // q)  # MoE mode: q == m (the token of each copy)
+            per = divides(q, k.m) if isinstance(q, int) and not isinstance(q, bool) else None
+            if k.tag == "perm" and len(args) == 1 and n.args[0] is a and per is not None:
+                return Kind("tokidx", k.m, k.key, per=per)  # MoE mode: q == m (the token of each copy)
         if tags & {"perm", "tokidx"} and family_of(n) not in ("view", "identity") and name not in ("aten.expand", "aten.unsqueeze"):
             raise Unproven(f"{n.name}: {name} on a permutation/gather index (only // top_k, reshape and expand are understood)")
         if name in _ALLOC_LIKE:
