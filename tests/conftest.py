@@ -56,6 +56,9 @@ def _small_cpu_footprint() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # num_chunks="auto" reads calibrated rates from the user's cache: tests use the built-in ones (the
+    # same on every machine, and in every rank process, which inherits the variable)
+    os.environ["MOE_PASSES_CALIBRATION"] = os.path.join(os.path.dirname(__file__), "no-calibration.json")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,11 @@ SECTIONS: dict[str, str] = {
     "offload": "moe_passes.bench.offload",
     "compile": "moe_passes.bench.compile",
     "checkpointing": "moe_passes.bench.checkpointing",
+    "calibrate": "moe_passes.bench.calibrate",
 }
+#: Sections a plain ``moe-passes bench`` (no ``--section``) leaves out: calibrate writes the cost model's
+#: rates to the user's cache file, which only an explicit ``--section calibrate`` should do.
+OPT_IN: frozenset[str] = frozenset({"calibrate"})
 
 #: One line per section for ``moe-passes bench --help`` (kept here, beside ``SECTIONS``: listing them
 #: must not import the section modules, which import torch).
@@ -34,6 +38,7 @@ SECTION_HELP: dict[str, str] = {
     "offload": "router tensors' device bytes at the end of a step, async_offload off/on",
     "compile": "cold-cache compile time vs experts and layers, passes off/on",
     "checkpointing": "peak memory of Domino with and without per-layer activation checkpointing",
+    "calibrate": "GEMM rate, all-to-all bandwidth and latency for num_chunks='auto' (saved; only when named)",
 }
 
 

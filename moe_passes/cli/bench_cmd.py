@@ -32,10 +32,10 @@ def bench_device(name: str, world_size: int) -> str:
 def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
     check_writable(args.json, "--json")
     progress("importing torch and the bench sections")
-    from moe_passes.bench import SECTIONS, BenchOptions, row_failure, run_section
+    from moe_passes.bench import OPT_IN, SECTIONS, BenchOptions, row_failure, run_section
     from moe_passes.cli.render import Writer, output_width, use_colour
 
-    names = args.section or list(SECTIONS)
+    names = args.section or [n for n in SECTIONS if n not in OPT_IN]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise CLIError(f"unknown bench section(s) {unknown}; known: {sorted(SECTIONS)}")

@@ -19,6 +19,7 @@ from typing import Any
 import torch.fx as fx
 from torch._inductor.pattern_matcher import stable_topological_sort
 
+from moe_passes.cost.overlap import Rates, choose_chunks, describe, load_rates
 from moe_passes.errors import error_summary
 from moe_passes.fx.domino.layers import layer_regions
 from moe_passes.fx.domino.regions import MoERegion, RegionError, build_region, describe_trigger, hop_all_to_alls, pair_all_to_alls
@@ -29,10 +30,11 @@ from moe_passes.fx.domino.rewrite import (
     rewrite_region,
     size_values,
 )
+from moe_passes.fx.domino.work import region_work
 from moe_passes.ir.canonical import is_canonical
 from moe_passes.ir.facts import copy_node_attributes, tensor_value
 from moe_passes.ir.fake_mode import repropagate
-from moe_passes.ir.rows import NotRowLocal, family_of
+from moe_passes.ir.rows import NotRowLocal
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
 
 log = logging.getLogger(__name__)
@@ -58,36 +60,14 @@ def find_regions(gm: fx.GraphModule, result: PassResult) -> list[MoERegion]:
     return regions
 
 
-def _weight_root(node: fx.Node) -> fx.Node | None:
-    """The graph input (parameter) a 3-D outside operand is a view or cast of, else None."""
-    cur = node
-    while cur.op == "call_function" and family_of(cur) in ("view", "shape", "identity", "expand") \
-            and len(cur.all_input_nodes) == 1:
-        cur = cur.all_input_nodes[0]
-    v = tensor_value(cur)
-    return cur if cur.op in ("placeholder", "get_attr") and v is not None and v.dim() == 3 else None
-
-
-def _auto_chunks(region: MoERegion) -> tuple[int, str]:
-    """N from rank-invariant sizes (local expert weights), never from local token counts."""
-    weights = {}
-    inside = set(region.nodes) | {region.tokens}
-    for n in region.nodes:
-        for a in n.all_input_nodes:
-            v = tensor_value(a)
-            if a in inside or v is None or v.dim() != 3:
-                continue
-            root = _weight_root(a)  # grouped GEMMs read ``w.transpose(1, 2)``, casts: count the parameter once
-            if root is not None:
-                weights[root] = tensor_value(root)
-    elems = sum(w.numel() for w in weights.values())
-    if not isinstance(elems, int):  # symbolic weight shapes: decide without guarding on one rank's sizes
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        n = 4 if statically_known_true(elems >= (1 << 20)) else 2
-        return n, f"{elems} (symbolic) local expert weight elements -> {n} chunks"
-    n = 2 if elems < (1 << 20) else 4
-    return n, f"{elems} local expert weight elements -> {n} chunks"
+def _auto_chunks(region: MoERegion, rates: Rates) -> tuple[int, str, dict[str, Any]]:
+    """N from the cost model (``moe_passes.cost.overlap``): rank-invariant work per token, calibrated rates."""
+    work = region_work(region)
+    if work is None:
+        return 2, "2 chunks (the cost model could not size this region: a symbolic feature size)", {}
+    tokens = region.num_tokens if region.mode == "moe" else None
+    n, choice = choose_chunks(work, rates, tokens if isinstance(tokens, int) else None)
+    return n, describe(choice), choice
 
 
 class DominoEPPass(GraphPass):
@@ -95,7 +75,8 @@ class DominoEPPass(GraphPass):
 
     Rank-invariant collectives (a hard rule): every rank must issue the same collectives in the same
     order, so whether a region is chunked and into how many chunks depends only on what every rank
-    shares: the program, weight shapes (``num_chunks="auto"``) and the config, never on one rank's
+    shares: the program, weight shapes (``num_chunks="auto"``: the cost model at a reference token count,
+    with the rates calibrated on this machine) and the config, never on one rank's
     token count, data or recompile history. A symbolic token count (``dynamic=True``,
     ``mark_dynamic``, Dynamo's automatic-dynamic recompile) is chunked like a static one, with the
     chunk sizes computed in the graph as SymInt expressions (``(T + N - 1 - k) // N``: the last
@@ -112,6 +93,17 @@ class DominoEPPass(GraphPass):
     # The aux-loss pass recognises each layer's router logits as one row-local tensor; after
     # chunking they are a concatenation of chunks, so it runs first.
     runs_after = ("layerwise_aux_loss",)
+
+    def uuid(self) -> str:
+        """The package and config (``GraphPass.uuid``), and with ``num_chunks="auto"`` the cost model's rates:
+        a graph chunked with other rates must not be served from Inductor's cache."""
+        base = super().uuid()
+        if self.config.num_chunks != "auto":
+            return base
+        import hashlib
+
+        rates = [load_rates(d) for d in ("cpu", "cuda")]
+        return hashlib.sha256(f"{base}|{[(r.flops_per_s, r.bytes_per_s, r.latency_s) for r in rates]}".encode()).hexdigest()
 
     def trigger(self, gm: fx.GraphModule) -> str | None:
         """The all-to-alls the graph holds (any spelling), or None."""
@@ -142,10 +134,13 @@ class DominoEPPass(GraphPass):
         new_graph._codegen = gm.graph._codegen
         copy_node_attributes(gm.graph, new_graph)
         planned: list[tuple[MoERegion, int, str]] = []
+        rates = load_rates(_device_of(gm)) if self.config.num_chunks == "auto" else None
         for region in regions:
             if self.config.num_chunks == "auto":
-                n, why = _auto_chunks(region)
+                n, why, choice = _auto_chunks(region, rates)
                 result.stats.setdefault("auto", {})[region.path] = why
+                if choice:
+                    result.stats.setdefault("predicted", {})[region.path] = choice
                 log.info("domino_ep: %s: auto num_chunks: %s", region.label, why)
             else:
                 n = int(self.config.num_chunks)
@@ -219,6 +214,15 @@ class DominoEPPass(GraphPass):
             log.info("domino_ep: %s: %s tokens split into chunks %s", label, region.num_tokens, result.stats["chunks"][region.path])
         result.changed = True
         return result
+
+
+def _device_of(gm: fx.GraphModule) -> str:
+    """"cuda" when the graph's inputs live on a GPU, else "cpu" (which calibrated rates apply)."""
+    for n in gm.graph.nodes:
+        v = tensor_value(n) if n.op == "placeholder" else None
+        if v is not None and v.device.type != "meta":
+            return v.device.type
+    return "cpu"
 
 
 def _repropagate(gm: fx.GraphModule) -> None:
