@@ -10,6 +10,7 @@ from moe_passes.bench.speed import (
     DECODER_VARIANTS,
     VARIANTS,
     combine,
+    contention_notes,
     decoder_shape,
     exposed_us,
     plan,
@@ -63,6 +64,7 @@ def test_ideal_bound_and_peak_are_computed_per_row_against_the_same_models_induc
     decoder = [_cell(v, 200.0, 80.0, model="decoder", compute=150.0, comm=90.0, peak=200 * 2**20) for v in DECODER_VARIANTS]
     decoder[1] = _cell("domino_moe_n2", 180.0, 30.0, model="decoder", compute=170.0, comm=95.0, peak=230 * 2**20)
     decoder[3] = _cell("domino_layer_n2", 160.0, 10.0, model="decoder", compute=80.0, comm=120.0, peak=210 * 2**20)
+    decoder[0] = dict(decoder[0], compute_alone_ms=75.0)  # the baseline also timed one rank alone
     slower = [dict(c) for c in decoder]
     slower[3] = dict(decoder[3], compute_ms=70.0, comm_ms=130.0, peak_bytes=220 * 2**20)  # the other rank: max wins
     rows = {(r["model"], r["variant"]): r for r in combine([stack + decoder, stack + slower])}
@@ -76,6 +78,9 @@ def test_ideal_bound_and_peak_are_computed_per_row_against_the_same_models_induc
     layer_note = next(n for n in notes if n.startswith("target domino_layer_n2:"))
     assert "exposed 0.125 > 0.1" in layer_note and "step/ideal 1.231 > 1.05" in layer_note
     assert "peak 1.1 <= 1.15" in layer_note and "step 160.0 < best domino_moe 180.0" in layer_note
+    assert contention_notes(list(rows.values())) == [
+        "decoder: compute with the ranks at once / one rank alone = 150.0 / 75.0 ms = 2.00 (1: a core per rank; "
+        "higher: the ranks share cores)"]
 
 
 def test_the_decoder_model_splits_along_a_batch_of_sequences_and_variants_filter() -> None:

@@ -40,6 +40,12 @@ Per row (the slowest rank for each number; ranks are barrier-aligned):
   chunking are unchanged: no recompile). The ranks still run at the same time
   (same CPU contention), each on its own. The ranks' agreement check
   (``rank_check``) finds no peers there and does nothing.
+  Where the ranks share cores (a 2-core machine running other work), all ranks
+  computing at once is slower than the compute inside a real step, in which a
+  waiting rank leaves its core to the others: then ``compute_ms`` can exceed
+  ``step_ms`` and the bound is no lower bound. The ``inductor`` rows also time
+  the compute one rank at a time (``compute_alone_ms``, json) and the notes give
+  the ratio (about 1 with a core per rank).
 - ``comm_ms``: the all-to-alls alone: the calls one profiled step issued
   (``_c10d_functional::all_to_all_single`` with its split sizes and dtype, from
   ``record_shapes``) replayed in the same order with the same sizes on the real
@@ -417,6 +423,16 @@ def _measure(rank: int, options: BenchOptions, model_name: str, name: str, group
             computes.append(timed(i))
         comms.append(replay_seconds(buffers, group, device) if buffers else 0.0)
     del buffers
+    alone = []
+    if name == "inductor":  # the baseline also times its compute one rank at a time: how much the ranks contend
+        for i in range(min(3, options.steps)):
+            for r in range(dist.get_world_size(group)):
+                dist.barrier()
+                if r == dist.get_rank(group):
+                    with local_collectives(group):
+                        t = time.perf_counter()
+                        step(i)
+                        alone.append(time.perf_counter() - t)
     median = statistics.median(steps)
     waits = []
     for i in range(min(3, options.steps)):
@@ -438,6 +454,7 @@ def _measure(rank: int, options: BenchOptions, model_name: str, name: str, group
         "peak_bytes": peak,
         "compile_s": max(0.0, first - median) if name != "eager" else 0.0,
         "all_to_alls": len(calls),
+        "compute_alone_ms": statistics.median(alone) * 1000.0 if alone else None,
         "samples_ms": {"step": [round(t * 1000.0, 1) for t in steps], "compute": [round(t * 1000.0, 1) for t in computes],
                        "comm": [round(t * 1000.0, 1) for t in comms]},
         "note": "; ".join(notes),
@@ -575,6 +592,8 @@ def combine(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         row["peak_MiB"] = max(c["peak_bytes"] for c in cells) / MiB
         row["all_to_alls"] = max(c.get("all_to_alls") or 0 for c in cells)
         row["samples_ms"] = [c.get("samples_ms") for c in cells]  # per rank, in the json only
+        alone = [c.get("compute_alone_ms") for c in cells]
+        row["compute_alone_ms"] = max(alone) if all(a is not None for a in alone) else None
         row["note"] = cells[0]["note"]
         rows.append(row)
     for r in rows:
@@ -586,10 +605,24 @@ def combine(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         r["ideal_vs_inductor"] = _ratio(ideal, base.get("step_ms"))
         r["peak_vs_inductor"] = _ratio(r["peak_MiB"], base.get("peak_MiB"))
     for r in rows:
-        for col in ("step_ms", "exposed_comm_ms", "compute_ms", "comm_ms", "ideal_ms", "peak_MiB", "compile_s"):
+        for col in ("step_ms", "exposed_comm_ms", "compute_ms", "comm_ms", "ideal_ms", "peak_MiB", "compile_s",
+                    "compute_alone_ms"):
             if r.get(col) is not None:
                 r[col] = round(r[col], 2)
     return rows
+
+
+def contention_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model, the Inductor row's compute with every rank computing at once over one rank computing alone: about
+    1 where each rank has a core of its own; towards the rank count where they share cores (then the compute of
+    the other rows, measured with all ranks at once, is no lower bound of a step in which ranks also wait)."""
+    notes = []
+    for r in rows:
+        if r["variant"] == "inductor" and r.get("compute_alone_ms") and r.get("compute_ms") is not None:
+            notes.append(f"{r['model']}: compute with the ranks at once / one rank alone = "
+                         f"{r['compute_ms']} / {r['compute_alone_ms']} ms = {r['compute_ms'] / r['compute_alone_ms']:.2f}"
+                         " (1: a core per rank; higher: the ranks share cores)")
+    return notes
 
 
 def target_notes(rows: list[dict[str, Any]]) -> list[str]:
@@ -661,6 +694,7 @@ def run(options: BenchOptions) -> BenchSection:
         + ("torch.cuda.max_memory_allocated" if on_gpu else "profiler allocator events (profile_memory=True), peak of the running sum")
         + " over one step, vs the model's Inductor row",
         "targets (moe_only): exposed_vs_inductor <= 0.4 and step_vs_inductor <= 0.85 for the domino rows",
+        *contention_notes(rows),
         *target_notes(rows),
     ]
     if options.trace_dir:
