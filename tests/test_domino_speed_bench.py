@@ -147,3 +147,24 @@ def test_decoder_stack_is_the_reference_layers_on_a_batch_of_causal_sequences() 
     # mean of each sequence's own
     per_seq = [model(x[i:i + 1]) for i in range(3)]
     torch.testing.assert_close(model(x), torch.stack(per_seq).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_local_collectives_route_the_groups_all_to_alls_to_a_local_copy_and_restore_it() -> None:
+    """Inside the block an all-to-all naming the group returns this rank's own input (the same bytes, copied
+    locally); after it the group's own all-to-all is back (the fake group's: every slot gets slot 0)."""
+    import torch
+    from torch.distributed._functional_collectives import all_to_all_single
+
+    from moe_passes.bench.speed import local_collectives
+    from tests.distributed import fake_group
+
+    x = torch.arange(12.0).view(6, 2)
+    with fake_group(2) as group:
+        with local_collectives(group) as local:
+            assert local.getBackendName() == "local_copy"
+            counts = all_to_all_single(torch.tensor([3, 1, 0, 2]), [2, 2], [2, 2], group)
+            assert counts.tolist() == [3, 1, 0, 2]
+            torch.testing.assert_close(all_to_all_single(x, [2, 4], [2, 4], group), x, rtol=0, atol=0)
+            with pytest.raises(RuntimeError, match="matching split sizes"):
+                all_to_all_single(x, [1, 5], [2, 4], group).sum()
+        assert all_to_all_single(torch.tensor([3, 1, 0, 2]), [2, 2], [2, 2], group).tolist() == [3, 1, 3, 1]
