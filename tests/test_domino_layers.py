@@ -79,6 +79,28 @@ def test_one_sequence_per_rank_keeps_token_chunks_and_says_why() -> None:
         assert why.startswith("moe (token chunks): one sequence per rank"), why
 
 
+def test_checkpointed_layers_keep_token_chunks_and_say_why() -> None:
+    """Under activation checkpointing whole-layer mode steps back (a torch 2.13 Inductor bug in the recomputed
+    backward with a symbolic batch, see ``fx/domino/layers.py``): decided from the program, so every rank agrees."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+
+    with fake_group(2) as group:
+        cfg = InternS1VLConfig.tiny()
+        torch.manual_seed(0)
+        model = InternS1VLForConditionalGeneration(cfg, ep_group=group)
+        layers = model.model.language_model.layers
+        for i in range(len(layers)):
+            layers[i] = checkpoint_wrapper(layers[i])
+        b = make_batch(cfg, 0, batch=2, seq_len=8)
+        (gm,) = capture_without_running(lambda ids, lab: model(input_ids=ids, labels=lab).loss, b["input_ids"], b["labels"])
+        result = _layer_pass(gm)
+    assert result.changed
+    for why in result.stats["modes"].values():
+        assert why.startswith("moe (token chunks): activation checkpointing"), why
+
+
 def test_moe_mode_is_unchanged_by_default() -> None:
     with fake_group(2) as group:
         gm, _ = _model_graph(group, batch=2)

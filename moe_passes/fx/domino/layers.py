@@ -112,6 +112,14 @@ def layer_regions(regions: list[MoERegion]) -> tuple[list[MoERegion], dict[str, 
     graph = regions[0].dispatch.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     regions = sorted(regions, key=lambda r: order[r.dispatch])
+    recomputed = [r for r in regions if any(n.meta.get("recompute") is not None for n in r.nodes)]
+    if recomputed:
+        # Decided from the program (checkpointing is the same on every rank), never from one rank's shapes.
+        why = ("moe (token chunks): activation checkpointing recomputes this layer in backward, and with a "
+               "symbolic batch Inductor's backward then asserts the recomputed all-to-all's sizes against a "
+               "batch size it was not given (torch 2.13: NameError in the generated code); whole-layer "
+               "micro-batches are not used under checkpointing")
+        return regions, {r.path: why for r in regions}
     chosen: list[MoERegion] = []
     modes: dict[str, str] = {}
     taken: set[fx.Node] = set()

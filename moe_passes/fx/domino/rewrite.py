@@ -391,14 +391,17 @@ def _restore_shape(shape: tuple, out: fx.Node, graph: fx.Graph, tokens: fx.Node)
     """A size list for ``shape`` without SymInts: one symbolic dim becomes -1, the others are read from the
     token matrix's sizes (``[B, S, H]`` with both symbolic: ``[-1, sym_size(X, 1), H]``)."""
     symbolic = [i for i, s in enumerate(shape) if not isinstance(s, int)]
-    xs = tuple(tensor_value(tokens).shape)
     out_sizes: list[Any] = [-1 if i == (symbolic[0] if symbolic else None) else s for i, s in enumerate(shape)]
+    sources = [tokens]  # X, then the values it is computed from ([B, S, H] before its flattening)
+    for src in sources:
+        if len(sources) < 16:
+            sources.extend(a for a in src.all_input_nodes if a not in sources and tensor_value(a) is not None)
     for i in symbolic[1:]:
-        j = next((j for j, d in enumerate(xs) if _same(d, shape[i])), None)
-        if j is None:
+        found = next(((src, j) for src in sources for j, d in enumerate(tensor_value(src).shape) if _same(d, shape[i])), None)
+        if found is None:
             raise NotRowLocal(f"{out.name} has more than one symbolic dim {tuple(shape)} and {shape[i]} is not a size of "
-                              f"{tokens.name}; cannot restore its shape")
-        out_sizes[i] = graph.call_function(aten.sym_size.int, (tokens, j))
+                              f"{tokens.name} or what it is computed from; cannot restore its shape")
+        out_sizes[i] = graph.call_function(aten.sym_size.int, found)
     return out_sizes
 
 
