@@ -276,19 +276,14 @@ def test_torchtitan_ac_variable_lengths_domino_exact() -> None:
     check(per_rank, CASES)
 
 
-#: ``dynamic=True`` makes torchtitan's ``route_scale`` (a Python float) a graph input read with ``.item()``,
-#: an unbacked float ``zuf0``; Domino's chunked graph then fails the validator's fake re-run ("zuf1 possible
-#: memo disaster": the re-run hits the input fake's item memo from the rewrite's own re-run, the same epoch),
-#: the pass is rolled back and the graph compiles unchunked. Fix (not in this test's scope):
-#: ``moe_passes.ir.fake_mode.repropagate`` bumps ``mode.epoch`` before each re-run, as torch's
-#: ``FakeTensorProp`` does; checked by hand, Domino then chunks it.
-DYNAMIC_TRUE_BUG = ("dynamic=True: torchtitan's route_scale float becomes an unbacked .item(); the validator's fake "
-                    "re-run hits the item memo ('zuf1 possible memo disaster') and Domino is rolled back")
+# ``dynamic=True`` makes torchtitan's route_scale float an unbacked ``.item()``; the validator's fake re-run used
+# to hit the item memo of the rewrite's own re-run ("zuf1 possible memo disaster") and Domino was rolled back.
+# ``moe_passes.ir.fake_mode.repropagate`` now starts a new fake-mode epoch per re-run, as torch's FakeTensorProp does.
 
 
 @pytest.mark.parametrize("ac,dynamic", [
     ("full", "mark_dynamic"), ("selective", "mark_dynamic"),
-    pytest.param("full", "dynamic=True", marks=pytest.mark.xfail(reason=DYNAMIC_TRUE_BUG, strict=True)),
+    ("full", "dynamic=True"),
 ])
 def test_torchtitan_ac_block_chunked_with_symbolic_tokens(ac: str, dynamic: str) -> None:
     """The fast member (one process, torchtitan's MoE block on a fake 2-rank group; forward only, the

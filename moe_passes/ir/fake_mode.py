@@ -132,6 +132,9 @@ def repropagate(gm: fx.GraphModule, example_inputs: Sequence[Any] = (), *, recor
             raise RuntimeError("graph placeholders do not carry fake tensors of one fake mode; cannot re-propagate shapes")
         mode = FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True), allow_non_fake_inputs=True)
     interp = _FakeRerun(gm, mode, record)
+    # A new epoch, as torch's FakeTensorProp starts one: a fake tensor's ``.item()`` memo from an earlier run
+    # (torchtitan's route_scale under dynamic=True) must not be served for this run's fresh values.
+    mode.epoch += 1
     with ExitStack() as stack:
         if record:
             stack.enter_context(mode)
