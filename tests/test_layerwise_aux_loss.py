@@ -539,3 +539,25 @@ def test_regional_compile_loss_graph_has_no_stacked_tensor_and_costs_less_memory
         f"stacked {before / 2**20:.2f} MiB -> layer-wise {after / 2**20:.2f} MiB"
     )
     assert after < 0.6 * before, (before, after)
+
+
+def test_grouped_router_top_k_over_an_expert_split_view_is_recognised() -> None:
+    """Intern-S1-Pro's grouped routing takes the top-k of ``softmax(logits).view(T, G, E/G)``: the router is the
+    softmax behind that view, and the model's stacked balancing loss is rewritten per layer (it was silent)."""
+    from moe_passes.config import BackendConfig
+    from moe_passes.fx.aux_loss import LayerwiseAuxLossPass
+    from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration
+    from moe_passes.testing import run_pass
+    from tests.distributed import fake_group
+    from tests.domino_helpers import capture_without_running
+    from tests.model_inputs import make_batch
+
+    with fake_group(2) as group:
+        cfg = InternS1VLConfig.tiny(group_routing=True, text={"num_experts_per_tok": 2})
+        model = InternS1VLForConditionalGeneration(cfg, ep_group=group)
+        b = make_batch(cfg, 0, batch=2, seq_len=8)
+        (gm,) = capture_without_running(lambda ids, lab: model(input_ids=ids, labels=lab).loss, b["input_ids"], b["labels"])
+        result = run_pass(LayerwiseAuxLossPass(BackendConfig()), gm)
+    assert result.changed and result.error is None, result.as_dict()
+    (matched,) = result.matched
+    assert "layers.0.mlp.gate" in matched and "layers.1.mlp.gate" in matched

@@ -333,10 +333,9 @@ def expected_decision(condition: str, mode: str, name: str) -> str:
     The aux loss is computed in the model's forward: in the whole-model graph, where the pass rewrites it; under
     ``compile_regions`` it runs eagerly outside the compiled layers (compiling the loss functions too would swap
     them module-wide, the eager reference's included), so nothing there triggers the pass. With
-    ``group_routing=True`` the pass does not recognise the router (its top-k reads ``softmax.view(T, G, E/G)``;
-    ``fx/aux_loss/recognise.find_routers`` takes the view for the logits), finds no stacked loss over router
-    logits and stays silent: pinned here so that a fix shows up as a changed expectation."""
-    if name == "layerwise_aux_loss" and (mode == "regional" or condition == "grouped"):
+    ``group_routing=True`` the router's top-k reads ``softmax.view(T, G, E/G)``, a view that only splits the expert
+    dim (``fx/aux_loss/recognise._through_expert_split`` looks through it): applied like the others."""
+    if name == "layerwise_aux_loss" and mode == "regional":
         return "skipped: nothing to do (not triggered)"
     return "applied"
 

@@ -58,7 +58,7 @@ def find_routers(graph: fx.Graph) -> Routers:
     for node in graph.nodes:
         if node.target is not aten.topk.default:
             continue
-        x = sem.through_exact_casts(node.args[0])
+        x = _through_expert_split(sem.through_exact_casts(node.args[0]))
         soft = None
         if isinstance(x, fx.Node) and sem.softmax_key(x) is not None:
             soft = x
@@ -76,6 +76,24 @@ def find_routers(graph: fx.Graph) -> Routers:
         if soft is not None:
             out.softmax[x] = soft
     return out
+
+
+def _through_expert_split(x: Any) -> Any:
+    """Grouped routing (Intern-S1-Pro, DeepSeek's groups) takes the top-k of ``scores.view(T, G, E // G)``: a
+    view that only splits the last (expert) dim of ``scores``; the router's scores are behind it. Anything
+    else is returned as it is."""
+    if not (isinstance(x, fx.Node) and x.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default)):
+        return x
+    src = x.args[0]
+    sv, xv = tensor_value(src), tensor_value(x)
+    if sv is None or xv is None or xv.dim() != sv.dim() + 1:
+        return x
+    lead = sv.dim() - 1
+    same_lead = all(sv.shape[i] == xv.shape[i] for i in range(lead) if isinstance(sv.shape[i], int) and isinstance(xv.shape[i], int)) \
+        and all(isinstance(sv.shape[i], int) == isinstance(xv.shape[i], int) for i in range(lead))
+    split = isinstance(sv.shape[-1], int) and isinstance(xv.shape[-1], int) and isinstance(xv.shape[-2], int) \
+        and xv.shape[-2] * xv.shape[-1] == sv.shape[-1]
+    return sem.through_exact_casts(src) if same_lead and split else x
 
 
 def _through_sigmoid_scores(x: Any) -> Any:
