@@ -88,7 +88,7 @@ from moe_passes.errors import error_summary
 
 progress = logging.getLogger("moe_passes.progress")  # printed as progress lines by the CLI
 
-COLUMNS = ["model", "variant", "step_ms", "exposed_comm_ms", "compute_ms", "comm_ms", "peak_MiB", "compile_s",
+COLUMNS = ["model", "variant", "step_ms", "exposed_comm_ms", "predicted_exposed_ms", "compute_ms", "comm_ms", "peak_MiB", "compile_s",
            "step_vs_inductor", "exposed_vs_inductor", "ideal_vs_inductor", "peak_vs_inductor", "note"]
 #: The attention-free stack's rows (names as before the decoder model was added).
 VARIANTS = ["eager", "inductor", "inductor_reorder_comm", "inductor_overlap_scheduler", "domino_n2", "domino_n4",
@@ -350,6 +350,32 @@ def replay_seconds(buffers: list[tuple[Any, ...]], group: Any, device: str) -> f
     return time.perf_counter() - t
 
 
+def predicted_exposed_ms(backend: Any, device: str) -> float | None:
+    """The cost model's exposed all-to-all of one training step, summed over the chunked regions
+    (``moe_passes.cost.overlap``; the rates it would use on ``device``): per region the forward's GEMM FLOPs
+    and all-to-all bytes at this rank's token count, with the backward taken as twice the forward's GEMMs and
+    the same exchanges again (so a step is 3x the FLOPs and 2x the bytes, each chunked alike). None without
+    a chunked region."""
+    if backend is None:
+        return None
+    from moe_passes.cost.overlap import RegionWork, load_rates
+
+    rates = load_rates(device)
+    total, seen = 0.0, False
+    for graph in backend.reports:
+        for r in graph["pre_grad"]:
+            if r["name"] != "domino_ep" or not r.get("changed"):
+                continue
+            for p in (r["stats"].get("predicted") or {}).values():
+                here = p.get("here")
+                if not here:
+                    continue
+                step = RegionWork(3 * p["flops_per_token"], 2 * p["bytes_per_token"], p.get("world_size", 2))
+                total += step.predict(here["tokens"], p["chunks"], rates)["exposed_s"] * 1000.0
+                seen = True
+    return total if seen else None
+
+
 def _domino_note(backend: Any) -> str:
     """The backend summary's domino_ep line (regions chunked, mode, or why not)."""
     if backend is None:
@@ -449,6 +475,7 @@ def _measure(rank: int, options: BenchOptions, model_name: str, name: str, group
         "variant": name,
         "step_ms": median * 1000.0,
         "exposed_comm_ms": statistics.median(waits),
+        "predicted_exposed_ms": predicted_exposed_ms(variant.backend, device),
         "compute_ms": compute * 1000.0,
         "comm_ms": comm * 1000.0,
         "peak_bytes": peak,
@@ -462,7 +489,8 @@ def _measure(rank: int, options: BenchOptions, model_name: str, name: str, group
 
 
 def _failed_cell(model: str, name: str, error: BaseException) -> dict[str, Any]:
-    return {"model": model, "variant": name, "step_ms": None, "exposed_comm_ms": None, "compute_ms": None,
+    return {"model": model, "variant": name, "step_ms": None, "exposed_comm_ms": None, "predicted_exposed_ms": None,
+            "compute_ms": None,
             "comm_ms": None, "peak_bytes": None, "compile_s": None, "all_to_alls": None,
             "note": f"failed: {error_summary(error)[:300]}"}
 
@@ -590,6 +618,8 @@ def combine(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         for col in ("step_ms", "exposed_comm_ms", "compute_ms", "comm_ms", "compile_s"):
             row[col] = max(c[col] for c in cells)
         row["peak_MiB"] = max(c["peak_bytes"] for c in cells) / MiB
+        predicted = [c.get("predicted_exposed_ms") for c in cells]
+        row["predicted_exposed_ms"] = max(predicted) if all(p is not None for p in predicted) else None
         row["all_to_alls"] = max(c.get("all_to_alls") or 0 for c in cells)
         row["samples_ms"] = [c.get("samples_ms") for c in cells]  # per rank, in the json only
         alone = [c.get("compute_alone_ms") for c in cells]
@@ -605,8 +635,8 @@ def combine(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         r["ideal_vs_inductor"] = _ratio(ideal, base.get("step_ms"))
         r["peak_vs_inductor"] = _ratio(r["peak_MiB"], base.get("peak_MiB"))
     for r in rows:
-        for col in ("step_ms", "exposed_comm_ms", "compute_ms", "comm_ms", "ideal_ms", "peak_MiB", "compile_s",
-                    "compute_alone_ms"):
+        for col in ("step_ms", "exposed_comm_ms", "predicted_exposed_ms", "compute_ms", "comm_ms", "ideal_ms", "peak_MiB",
+                    "compile_s", "compute_alone_ms"):
             if r.get(col) is not None:
                 r[col] = round(r[col], 2)
     return rows

@@ -60,14 +60,36 @@ def find_regions(gm: fx.GraphModule, result: PassResult) -> list[MoERegion]:
     return regions
 
 
+def _tokens_here(region: MoERegion) -> int | None:
+    """This rank's token count in the region (static sizes only; reports, never decisions)."""
+    if region.mode == "moe":
+        return region.num_tokens if isinstance(region.num_tokens, int) else None
+    v = tensor_value(region.tokens)
+    t = v.shape[0] * v.shape[1] if v is not None and v.dim() > 1 else None
+    return t if isinstance(t, int) else None
+
+
 def _auto_chunks(region: MoERegion, rates: Rates) -> tuple[int, str, dict[str, Any]]:
     """N from the cost model (``moe_passes.cost.overlap``): rank-invariant work per token, calibrated rates."""
     work = region_work(region)
     if work is None:
         return 2, "2 chunks (the cost model could not size this region: a symbolic feature size)", {}
-    tokens = region.num_tokens if region.mode == "moe" else None
-    n, choice = choose_chunks(work, rates, tokens if isinstance(tokens, int) else None)
+    n, choice = choose_chunks(work, rates, _tokens_here(region))
     return n, describe(choice), choice
+
+
+def _prediction(region: MoERegion, n: int, rates: Rates) -> dict[str, Any]:
+    """The cost model's view of a region chunked into ``n`` (fixed ``num_chunks``): work and bytes per token,
+    and at this rank's token count the predicted forward compute / communication / exposure."""
+    work = region_work(region)
+    if work is None:
+        return {}
+    out: dict[str, Any] = {"chunks": n, "flops_per_token": work.flops_per_token, "bytes_per_token": work.bytes_per_token,
+                           "world_size": work.world_size, "rates": rates.source}
+    tokens = _tokens_here(region)
+    if tokens:
+        out["here"] = {"tokens": tokens, **work.predict(tokens, n, rates)}
+    return out
 
 
 class DominoEPPass(GraphPass):
@@ -134,7 +156,7 @@ class DominoEPPass(GraphPass):
         new_graph._codegen = gm.graph._codegen
         copy_node_attributes(gm.graph, new_graph)
         planned: list[tuple[MoERegion, int, str]] = []
-        rates = load_rates(_device_of(gm)) if self.config.num_chunks == "auto" else None
+        rates = load_rates(_device_of(gm))
         for region in regions:
             if self.config.num_chunks == "auto":
                 n, why, choice = _auto_chunks(region, rates)
@@ -144,6 +166,9 @@ class DominoEPPass(GraphPass):
                 log.info("domino_ep: %s: auto num_chunks: %s", region.label, why)
             else:
                 n = int(self.config.num_chunks)
+                prediction = _prediction(region, n, rates)
+                if prediction:
+                    result.stats.setdefault("predicted", {})[region.path] = prediction
             if region.mode == "layer" and isinstance(region.num_tokens, int) and region.num_tokens < n:
                 result.stats.setdefault("capped", {})[region.path] = (
                     f"{region.num_tokens} sequences: {region.num_tokens} micro-batches instead of {n}")
