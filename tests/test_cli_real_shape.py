@@ -27,3 +27,18 @@ def test_interns1_pro_traces_at_the_real_shape_without_allocating(tmp_path: Path
     assert before["peak_live_bytes"] > 2**30  # GiB-scale activations and weights, never allocated
     assert data["real_shape"][0].startswith("bytes communicated per layer: 2.00 GiB")
     assert "x 94 layers: 188.00 GiB" in data["real_shape"][1]
+
+
+@pytest.mark.slow  # ~20-60 s: three real-shape decoder layers traced on the meta device
+def test_interns1_pro_domino_chunks_every_traced_layer(tmp_path: Path) -> None:
+    """Issue 19: Intern-S1-Pro's grouped router at its real shape (group_routing, top-8 of 512 experts in 8 groups)
+    is chunked in every layer the diff traces, well within the 5-minute meta-device budget."""
+    out = tmp_path / "pro.json"
+    proc = moe_passes_cli("diff", "interns1-pro", "--pass", "domino_ep", "--format", "json", "--output", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    result = data["sections"][0]["result"]
+    assert data["num_layers"] >= 3 and len(result["matched"]) == data["num_layers"], result
+    assert not result["skipped"], result["skipped"]
+    for sizes in result["stats"]["chunks"].values():  # 8,192 tokens per rank, equal chunks
+        assert sum(sizes) == 8192 and len(set(sizes)) == 1
