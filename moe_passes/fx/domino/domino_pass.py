@@ -169,10 +169,6 @@ class DominoEPPass(GraphPass):
                 prediction = _prediction(region, n, rates)
                 if prediction:
                     result.stats.setdefault("predicted", {})[region.path] = prediction
-            if region.mode == "layer" and isinstance(region.num_tokens, int) and region.num_tokens < n:
-                result.stats.setdefault("capped", {})[region.path] = (
-                    f"{region.num_tokens} sequences: {region.num_tokens} micro-batches instead of {n}")
-                n = region.num_tokens
             if n == 1:
                 result.skip(region.label, "num_chunks=1: nothing to split")
                 continue
