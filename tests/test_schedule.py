@@ -28,6 +28,7 @@ from moe_passes.inductor.schedule import (
     is_heavy,
     overlap_order,
     overlap_stats,
+    plan_overlap,
 )
 from moe_passes.ir.canonical import canonicalize
 from moe_passes.ir.facts import is_all_to_all as is_a2a
@@ -246,31 +247,91 @@ def test_in_place_writes_keep_their_readers_on_the_right_side() -> None:
     assert order.index(a) < order.index(t)
 
 
-def test_checkpoint_recomputation_is_not_hoisted_above_a_pending_wait() -> None:
-    """In a backward graph, the ops activation checkpointing recomputes (``recompute`` policy + ``ac_graph_id``
-    in meta) are ready from the start; the scheduler sinks waits below ready compute, so without a rule it
-    would run every layer's recomputation first and keep it alive (measured 1.37x the checkpointed peak,
-    ``moe-passes bench --section checkpointing``). They run after the pending wait, in their own order."""
+def _tangent(g: fx.Graph, name: str) -> fx.Node:
+    """A placeholder AOTAutograd labels as a tangent (the incoming gradient of a backward graph)."""
+    from torch._functorch._aot_autograd.descriptors import PlainAOTOutput, TangentAOTInput
+
+    t = g.placeholder(name)
+    t.meta["desc"] = TangentAOTInput(PlainAOTOutput(0))
+    return t
+
+
+def _a2a(g: fx.Graph, x: fx.Node) -> tuple[fx.Node, fx.Node]:
+    a = g.call_function(torch.ops._c10d_functional.all_to_all_single.default, (x, [2, 2], [2, 2], "0"))
+    return a, g.call_function(torch.ops._c10d_functional.wait_tensor.default, (a,))
+
+
+def _recompute_graph(tagged: bool, tangent: bool) -> tuple[fx.Graph, fx.Node, list[fx.Node]]:
+    """A backward graph: the incoming gradient's all-to-all, and the next layer's recomputed forward (three
+    matmuls from a saved input, ready from the start) that only the gradient after the wait needs."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     g = fx.Graph()
-    x, saved, w = g.placeholder("grad"), g.placeholder("saved_layer_input"), g.placeholder("weight")
-    a2a = g.call_function(torch.ops._c10d_functional.all_to_all_single.default, (x, [2, 2], [2, 2], "0"))
-    wait = g.call_function(torch.ops._c10d_functional.wait_tensor.default, (a2a,))
+    x = _tangent(g, "grad") if tangent else g.placeholder("grad")
+    saved, w = g.placeholder("saved_layer_input"), g.placeholder("weight")
+    _, wait = _a2a(g, x)
     grad_in = g.call_function(torch.ops.aten.mm.default, (wait, w))
     recompute = []
     h = saved
-    for _ in range(3):  # the next layer's recomputed forward
+    for _ in range(3):
         h = g.call_function(torch.ops.aten.mm.default, (h, w))
-        h.meta.update(recompute=CheckpointPolicy.PREFER_RECOMPUTE, ac_graph_id=1)
+        if tagged:
+            h.meta.update(recompute=CheckpointPolicy.PREFER_RECOMPUTE, ac_graph_id=1)
         recompute.append(h)
-    out = g.call_function(torch.ops.aten.add.Tensor, (grad_in, h))
-    g.output(out)
-    order = [n.name for n in overlap_order(g, max_in_flight=2)]
+    g.output(g.call_function(torch.ops.aten.add.Tensor, (grad_in, h)))
+    return g, wait, recompute
+
+
+@pytest.mark.parametrize("tagged, tangent", [(True, True), (False, True), (True, False)],
+                         ids=["checkpoint-tags", "gradient-independent", "tags-only-fallback"])
+def test_checkpoint_recomputation_is_not_hoisted_above_a_pending_wait(tagged: bool, tangent: bool) -> None:
+    """In a backward graph, recomputation (and any other work that does not depend on the incoming gradient)
+    is ready from the start; the scheduler sinks waits below ready compute, so without a rule it would run
+    every layer's recomputation first and keep it alive (measured 1.37x the checkpointed peak,
+    ``moe-passes bench --section checkpointing``). It runs after the pending wait, in its own order. Found
+    from data flow (no path from a tangent input, as AOTAutograd labels them) with or without checkpoint
+    tags; from the tags alone where the graph has no tangent labels but is known to be a backward graph."""
+    g, wait, recompute = _recompute_graph(tagged, tangent)
+    order = [n.name for n in overlap_order(g, max_in_flight=2, backward=True)]
     assert order.index(wait.name) < min(order.index(r.name) for r in recompute), order
     assert [n for n in order if n in {r.name for r in recompute}] == [r.name for r in recompute], order
-    # without the tags the same ops are ordinary compute, run while the all-to-all is in flight
-    for r in recompute:
-        r.meta.clear()
-    order = [n.name for n in overlap_order(g, max_in_flight=2)]
+
+
+def test_forward_graphs_overlap_checkpointed_compute() -> None:
+    """A forward graph carries the same checkpoint tags on everything a checkpointed layer computes; they
+    must not hold its compute behind the wait (they did: 0 of 24 forward all-to-alls overlapped with
+    per-layer checkpointing, bench --section checkpointing)."""
+    g, wait, recompute = _recompute_graph(tagged=True, tangent=False)
+    order = [n.name for n in overlap_order(g, max_in_flight=2)]  # no tangent: a forward graph
     assert order.index(recompute[0].name) < order.index(wait.name), order
+
+
+def test_recomputation_feeding_the_next_all_to_alls_fills_the_open_window() -> None:
+    """Backward of one checkpointed Domino layer, two chunks: each chunk's gradient all-to-all needs that
+    chunk's recomputed routing. Chunk 1's recomputation is hoisted into chunk 0's all-to-all window (the
+    next ``max_in_flight`` all-to-alls' inputs run early: the overlap), the next layer's only once an
+    all-to-all before it has issued (bounded: nothing is recomputed for all-to-alls that cannot issue yet)."""
+    g = fx.Graph()
+    grad = _tangent(g, "grad")
+    saved, w = g.placeholder("saved"), g.placeholder("w")
+    recomputed: list[fx.Node] = []
+    issues: list[fx.Node] = []
+    waits: list[fx.Node] = []
+    carry = grad
+    for _layer in range(2):
+        outs = []
+        for _chunk in range(2):
+            r = g.call_function(torch.ops.aten.mm.default, (saved, w))  # this chunk's recomputed routing
+            recomputed.append(r)
+            a, t = _a2a(g, g.call_function(torch.ops.aten.mul.Tensor, (carry, r)))
+            issues.append(a)
+            waits.append(t)
+            outs.append(g.call_function(torch.ops.aten.mm.default, (t, w)))
+        carry = g.call_function(torch.ops.aten.add.Tensor, tuple(outs))
+    g.output(carry)
+    plan = plan_overlap(g, max_in_flight=2)
+    pos = {n: i for i, n in enumerate(plan.order)}
+    assert plan.deferred == 4
+    assert pos[issues[0]] < pos[recomputed[1]] < pos[waits[0]], "chunk 1's recompute runs in chunk 0's window"
+    assert pos[recomputed[2]] > pos[issues[0]], "the next layer's recompute waits for an all-to-all to issue"
+    assert pos[recomputed[3]] > pos[issues[1]], "... and the one after it for the next"

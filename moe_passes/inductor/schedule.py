@@ -14,6 +14,17 @@ matmul in between (count exchange -> dispatch) counts as such work, every other 
 sinks below all ready compute and retires in issue order (FIFO); original
 order breaks ties.
 
+In a backward graph, work that does not depend on the incoming gradient
+(activation checkpointing's recomputation, the partitioner's own, terms of
+the backward computed from saved values) is ready from the start; run first,
+every layer's share would stay alive until its gradient arrives. It runs
+just in time instead (after pending waits, in its own order), except what
+the next ``max_chunks_in_flight`` gradient all-to-alls need (hoisted: their
+windows fill with the next chunk's recomputation) and cheap inputs (no
+matmul, no collective) of gradient work that is otherwise ready.
+``moe-passes bench --section checkpointing`` measures the memory, the
+schedule's report (``overlapped_by_matmul``) the overlap.
+
 Inductor's scheduler keeps this order in its output code only with
 ``reorder_for_peak_memory`` off (measured on torch 2.13: its peak-memory
 reordering moves every wait back next to its all-to-all, and control
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
@@ -165,8 +177,68 @@ def ordering_edges(nodes: list[fx.Node]) -> dict[fx.Node, set[fx.Node]]:
     return extra
 
 
-def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
+def tangent_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The backward graph's tangent inputs (the incoming gradients), as AOTAutograd labels them
+    (``TangentAOTInput`` in the placeholder's ``meta["desc"]``); empty in a forward graph."""
+    try:
+        from torch._functorch._aot_autograd.descriptors import TangentAOTInput
+    except ImportError:  # pragma: no cover - other torch versions
+        return []
+    return [n for n in nodes if n.op == "placeholder" and isinstance(n.meta.get("desc"), TangentAOTInput)]
+
+
+def gradient_independent(nodes: list[fx.Node], backward: bool | None = None) -> set[fx.Node]:
+    """Backward work that does not depend on the incoming gradient: checkpoint recomputation, the partitioner's
+    own recomputation (a norm's affine, a cheap cast) and backward terms computed from saved values alone
+    (``sigmoid(x)`` of a SiLU's backward, zero buffers). All of it is ready at the start of backward; a list
+    scheduler that runs ready work first would run every layer's share up front and keep it alive until its
+    layer's gradient arrives (measured: 1.37x the checkpointed peak at 4 layers). ``overlap_order`` runs it
+    just in time instead, except what the next all-to-alls need.
+
+    Found from data flow: every call not reachable from a tangent input. Without tangent descriptors (a graph
+    AOTAutograd did not label) and ``backward`` set, the ops checkpointing tagged for recomputation
+    (``recomputed``); in a forward graph, nothing."""
+    tangents = tangent_inputs(nodes)
+    if not tangents:
+        if backward:
+            return {n for n in nodes if recomputed(n) and not is_all_to_all(n)}
+        return set()
+    dependent: set[fx.Node] = set(tangents)
+    for n in nodes:
+        if n not in dependent and any(a in dependent for a in n.all_input_nodes):
+            dependent.add(n)
+    return {n for n in nodes if n.op == "call_function" and n not in dependent}
+
+
+@dataclass
+class OverlapPlan:
+    """The order ``plan_overlap`` chose and what it decided on the way."""
+
+    order: list[fx.Node]
+    #: gradient-independent nodes (run just in time) / of those, hoisted to feed the next all-to-alls
+    deferred: int = 0
+    hoisted: int = 0
+
+
+def overlap_order(graph: fx.Graph, max_in_flight: int, *, backward: bool | None = None) -> list[fx.Node]:
     """A topological order that issues all-to-alls early and waits late, bounded by ``max_in_flight``."""
+    return plan_overlap(graph, max_in_flight, backward=backward).order
+
+
+def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None = None) -> OverlapPlan:
+    """List-schedule ``graph`` (see the module docstring); ``backward``: the graph is an AOT backward graph
+    (None: known from its tangent inputs).
+
+    In a backward graph, gradient-independent work (``gradient_independent``) runs just in time, in its
+    original order, after pending waits, except the part that feeds one of the next ``max_in_flight``
+    gradient all-to-alls not yet issued: that part is hoisted, so those all-to-alls issue early and their
+    windows fill with the next chunk's recomputation (a window can hold at most that many all-to-alls, so
+    work for later ones would only be held). Gradient work whose gradient inputs are all done gets its
+    gradient-independent inputs at once when they are cheap (``hoist_if_cheap``). With activation
+    checkpointing this keeps the overlap and the checkpointed memory (``moe-passes bench --section
+    checkpointing``: 1.157x -> 1.048x of checkpointing alone at 4 layers, 34 of 40 backward all-to-alls
+    overlapped, 30 by a matmul).
+    """
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     urgency = comm_urgency(nodes)
@@ -180,19 +252,80 @@ def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
     missing = {n: len(set(n.all_input_nodes) | extra[n]) for n in nodes}
     output = next(n for n in reversed(nodes) if n.op == "output")
 
+    if backward is None:
+        backward = bool(tangent_inputs(nodes))
+    deferred = gradient_independent(nodes, backward) if backward else set()
+    gradient_a2a = [n for n in nodes if is_all_to_all(n) and n not in deferred]
+    plan = OverlapPlan(order=[], deferred=len(deferred))
+
     issued: dict[fx.Node, int] = {}
+    hoisted: set[fx.Node] = set()
+    done: set[fx.Node] = set()
+    in_heap: set[fx.Node] = set()
 
     def key(n: fx.Node) -> tuple[int, int, int]:
         if n.op == "placeholder":
             return (-1, 0, index[n])
         if is_wait(n) and split_urgency[n] > 0:  # sink: after all ready compute, oldest all-to-all first
             return (_FAR + 1, issued.get(n.args[0], 0), index[n])
-        if recomputed(n) and not is_all_to_all(n):  # just in time, in its own order (see ``recomputed``)
+        if n in deferred and n not in hoisted and not is_all_to_all(n):  # just in time, in its own order
             return (_FAR + 2, 0, index[n])
         return (urgency[n], 1 if is_wait(n) else 0, index[n])
 
-    ready: list[tuple[tuple[int, int, int], fx.Node]] = [(key(n), n) for n in nodes if missing[n] == 0 and n is not output]
-    heapq.heapify(ready)
+    ready: list[tuple[tuple[int, int, int], fx.Node]] = []
+
+    def push(n: fx.Node) -> None:
+        in_heap.add(n)
+        heapq.heappush(ready, (key(n), n))
+
+    def hoist_for(root: fx.Node) -> None:
+        """Hoist the gradient-independent ancestors of ``root`` (stopping at hoisted ones: theirs are hoisted)."""
+        stack = [root]
+        while stack:
+            x = stack.pop()
+            for p in x.all_input_nodes:
+                if p in done or p in hoisted:
+                    continue
+                if p in deferred:
+                    hoisted.add(p)
+                    if p in in_heap:  # re-queue under its new key; the stale entry is skipped when popped
+                        heapq.heappush(ready, (key(p), p))
+                stack.append(p)
+
+    def hoist_for_next_all_to_alls() -> None:
+        """The next ``max_in_flight`` gradient all-to-alls not yet issued: what they need runs now."""
+        for a in [a for a in gradient_a2a if a not in issued][:max_in_flight]:
+            hoist_for(a)
+
+    def hoist_if_cheap(root: fx.Node) -> None:
+        """Gradient work whose gradient inputs are all done waits only on gradient-independent ones: hoist those
+        if they are cheap (no matmul, no collective: a softmax backward's ``neg``, a zero buffer), so the
+        gradient chain is not held behind a pending wait; recomputation with matmuls or all-to-alls stays
+        just in time."""
+        closure: list[fx.Node] = []
+        stack, seen = [root], {root}
+        while stack:
+            x = stack.pop()
+            for p in x.all_input_nodes:
+                if p in seen or p in done or p in hoisted or p not in deferred:
+                    continue
+                if is_heavy(p) or is_all_to_all(p) or is_wait(p):
+                    return
+                seen.add(p)
+                closure.append(p)
+                stack.append(p)
+        for p in closure:
+            hoisted.add(p)
+            if p in in_heap:
+                heapq.heappush(ready, (key(p), p))
+
+    # gradient inputs (not gradient-independent) each node still misses
+    gradient_missing = {n: len([a for a in set(n.all_input_nodes) | extra[n] if a not in deferred]) for n in nodes}
+    if deferred:
+        hoist_for_next_all_to_alls()
+    for n in nodes:
+        if missing[n] == 0 and n is not output:
+            push(n)
     blocked: list[fx.Node] = []  # all-to-alls held back by the in-flight bound
     in_flight: list[fx.Node] = []
     order: list[fx.Node] = []
@@ -201,26 +334,42 @@ def overlap_order(graph: fx.Graph, max_in_flight: int) -> list[fx.Node]:
             for n in blocked:
                 heapq.heappush(ready, (key(n), n))
             blocked.clear()
+        while ready and (ready[0][1] in done or ready[0][0] != key(ready[0][1])):
+            heapq.heappop(ready)  # stale entry of a re-keyed node
+        if not ready:
+            if blocked:
+                raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
+            break  # only stale entries were left
         _, n = heapq.heappop(ready)
         if is_all_to_all(n) and len(in_flight) >= max_in_flight:
             blocked.append(n)
             if not ready:  # only blocked all-to-alls are left: cannot happen while a wait is pending
                 raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
             continue
+        in_heap.discard(n)
+        done.add(n)
         order.append(n)
         if is_all_to_all(n):
             in_flight.append(n)
             issued[n] = len(issued)
+            if deferred and n not in deferred:
+                hoist_for_next_all_to_alls()
         elif is_wait(n) and n.args[0] in in_flight:
             in_flight.remove(n.args[0])
         for u in successors[n]:
             missing[u] -= 1
             if missing[u] == 0 and u is not output:
-                heapq.heappush(ready, (key(u), u))
+                push(u)
+            elif deferred and n not in deferred and u not in deferred and u is not output:
+                gradient_missing[u] -= 1
+                if gradient_missing[u] == 0:
+                    hoist_if_cheap(u)
     order.append(output)
     if len(order) != len(nodes):
         raise RuntimeError(f"schedule_overlap: scheduled {len(order)} of {len(nodes)} nodes (cycle?)")
-    return order
+    plan.order = order
+    plan.hoisted = len(hoisted)
+    return plan
 
 
 def apply_order(graph: fx.Graph, order: list[fx.Node]) -> None:
@@ -233,16 +382,23 @@ def apply_order(graph: fx.Graph, order: list[fx.Node]) -> None:
 
 
 def overlap_stats(graph: fx.Graph) -> dict[str, int]:
-    """How many compute nodes run between each all-to-all and its wait (0 everywhere = no overlap)."""
+    """How many all-to-alls have compute between their issue and their wait (0 everywhere = no overlap), how many
+    of those a matmul-class op (``is_heavy``), and the most issued at once."""
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     a2as = [n for n in nodes if is_all_to_all(n)]
     overlapped = 0
+    by_matmul = 0
     max_in_flight = 0
     for a in a2as:
         waits = [u for u in a.users if is_wait(u)]
-        if waits and any(not is_wait(x) and not is_all_to_all(x) and x.op == "call_function" for x in nodes[pos[a] + 1 : pos[waits[0]]]):
+        if not waits:
+            continue
+        window = nodes[pos[a] + 1 : pos[waits[0]]]
+        if any(not is_wait(x) and not is_all_to_all(x) and x.op == "call_function" for x in window):
             overlapped += 1
+        if any(is_heavy(x) for x in window):
+            by_matmul += 1
     live = 0
     for n in nodes:
         if is_all_to_all(n):
@@ -250,7 +406,8 @@ def overlap_stats(graph: fx.Graph) -> dict[str, int]:
             max_in_flight = max(max_in_flight, live)
         elif is_wait(n) and is_all_to_all(n.args[0]):
             live -= 1
-    return {"all_to_all": len(a2as), "overlapped": overlapped, "max_in_flight": max_in_flight}
+    return {"all_to_all": len(a2as), "overlapped": overlapped, "overlapped_by_matmul": by_matmul,
+            "max_in_flight": max_in_flight}
 
 
 class ScheduleOverlapPass(GraphPass):
@@ -271,6 +428,8 @@ class ScheduleOverlapPass(GraphPass):
         return ("forward", "inference") if self.config.schedule_overlap == "forward" else ("forward", "backward", "inference")
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
+        from moe_passes.inductor.backend import graph_kind
+
         result = PassResult(self.name)
         graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
         before = overlap_stats(graph)
@@ -278,12 +437,15 @@ class ScheduleOverlapPass(GraphPass):
             result.skip("graph", "no all-to-all in this graph")
             return result
         original = list(graph.nodes)
-        order = overlap_order(graph, self.config.max_chunks_in_flight)
-        apply_order(graph, order)
+        kind = graph_kind(graph)
+        backward = None if kind == "unknown" else kind == "backward"  # unknown: from the graph's tangent inputs
+        plan = plan_overlap(graph, self.config.max_chunks_in_flight, backward=backward)
+        apply_order(graph, plan.order)
         graph.lint()
         after = overlap_stats(graph)
-        result.stats = {"before": before, "after": after}
-        result.changed = order != original
+        result.stats = {"before": before, "after": after, "gradient_independent": plan.deferred,
+                        "hoisted_for_next_all_to_alls": plan.hoisted}
+        result.changed = plan.order != original
         result.matched.append(f"{after['all_to_all']} all-to-alls")
         log.info("schedule_overlap: %s -> %s", before, after)
         return result
