@@ -45,10 +45,14 @@ class BackendConfig:
         and the report says which mode each region got and why.
     passes: pre-grad passes to run (names from ``moe_passes.registry``); the order they run in is
         declared by the passes themselves (``moe_passes.pipeline.order``), not the order listed here.
-    schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs (True), on the
-        forward graphs only ("forward": with activation checkpointing this keeps Domino's peak within
-        1.1x of checkpointing alone, ``moe-passes bench --section checkpointing``), or not at all (False).
+    schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs (True; with activation
+        checkpointing the backward recomputation runs just in time, ``moe-passes bench --section
+        checkpointing``), on the forward graphs only ("forward"), or not at all (False).
     max_chunks_in_flight: bound on all-to-alls issued but not yet waited (memory bound).
+    defer_weight_grads: in the backward schedule, run the weight-gradient GEMMs (those that feed parameter
+        gradients only) inside open all-to-all windows, first among the work that does not issue the next
+        all-to-all, and with no window open last of all (``moe_passes.inductor.dw_deferral``; the report
+        says where each went and the bytes held for them); needs ``schedule_overlap=True``.
     offload_targets: "auto" (every router tensor among the graph outputs) or a tuple of the kinds
         ``async_offload`` knows (``OFFLOAD_TARGET_KINDS``: "router_logits", "selected_experts").
     strict: raise when a requested pass finds nothing it can safely apply.
@@ -73,6 +77,7 @@ class BackendConfig:
     passes: tuple[str, ...] = DEFAULT_PASSES
     schedule_overlap: bool | str = True
     max_chunks_in_flight: int = 2
+    defer_weight_grads: bool = False
     offload_targets: str | tuple[str, ...] = "auto"
     strict: bool = False
     verify: bool = False
@@ -87,9 +92,12 @@ class BackendConfig:
             raise ValueError(f"domino_mode must be 'moe' or 'layer', got {self.domino_mode!r}")
         if self.schedule_overlap not in (True, False, "forward") or type(self.schedule_overlap) not in (bool, str):
             raise ValueError(f"schedule_overlap must be True, False or 'forward', got {self.schedule_overlap!r}")
-        for name in ("strict", "verify", "rank_check"):  # "yes" or 1 must not pass as a bool
+        for name in ("strict", "verify", "rank_check", "defer_weight_grads"):  # "yes" or 1 must not pass as a bool
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.defer_weight_grads and self.schedule_overlap is not True:
+            raise ValueError("defer_weight_grads=True places weight-gradient GEMMs in the backward overlap schedule: it "
+                             f"needs schedule_overlap=True, got schedule_overlap={self.schedule_overlap!r}")
         if self.lowering not in LOWERINGS:
             raise ValueError(f"lowering must be one of {list(LOWERINGS)}, got {self.lowering!r}")
         for name in ("verify_rtol", "verify_atol"):

@@ -335,3 +335,53 @@ def test_recomputation_feeding_the_next_all_to_alls_fills_the_open_window() -> N
     assert pos[issues[0]] < pos[recomputed[1]] < pos[waits[0]], "chunk 1's recompute runs in chunk 0's window"
     assert pos[recomputed[2]] > pos[issues[0]], "the next layer's recompute waits for an all-to-all to issue"
     assert pos[recomputed[3]] > pos[issues[1]], "... and the one after it for the next"
+
+
+def test_weight_gradient_gemms_fill_all_to_all_windows() -> None:
+    """``defer_weight_grads``: a GEMM that feeds only a parameter's gradient output runs inside an open
+    all-to-all window instead of before the next issue; the report names the window and the bytes its
+    inputs are held for. Parameter gradients come from AOTAutograd's output descriptors and the forward's
+    static (parameter) input indices, here given by hand."""
+    from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moe_passes.inductor.dw_deferral import deferral_report, parameter_gradient_outputs, weight_gradient_gemms
+
+    mode = FakeTensorMode()
+    g = fx.Graph()
+    grad = _tangent(g, "grad")
+    x, w = g.placeholder("x_saved"), g.placeholder("w")
+    with mode:
+        for n, shape in ((grad, (8, 4)), (x, (8, 4)), (w, (4, 4))):
+            n.meta["val"] = torch.empty(shape)
+
+    def op(target: Any, *args: Any) -> fx.Node:
+        node = g.call_function(target, args)
+        with mode:
+            node.meta["val"] = target(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in args])
+        return node
+
+    dgrad = op(torch.ops.aten.mm.default, grad, op(torch.ops.aten.permute.default, w, [1, 0]))  # dX = dY @ W^T
+    x_in = op(torch.ops.aten.mul.Tensor, x, 2.0)  # the activation the weight gradient needs, freed after it
+    a = op(torch.ops._c10d_functional.all_to_all_single.default, dgrad, [4, 4], [4, 4], "0")
+    wgrad = op(torch.ops.aten.mm.default, op(torch.ops.aten.permute.default, x_in, [1, 0]), grad)  # dW = X^T @ dY
+    t = op(torch.ops._c10d_functional.wait_tensor.default, a)
+    out = g.output((op(torch.ops.aten.mm.default, t, w), None, wgrad))
+    out.meta["desc"] = [GradAOTOutput(PlainAOTInput(0)), None, GradAOTOutput(PlainAOTInput(2))]
+    ctx = TracingContext(mode)
+    ctx.fw_metadata = type("Meta", (), {"static_input_indices": [2]})()  # input 2 is the parameter
+    with tracing(ctx):
+        params = parameter_gradient_outputs(g)
+        assert params.positions == {2}
+        assert weight_gradient_gemms(g, is_heavy) == [wgrad]
+        plan = plan_overlap(g, 2, defer_weight_grads=True)
+    pos = {n: i for i, n in enumerate(plan.order)}
+    assert plan.weight_grads == [wgrad]
+    assert pos[a] < pos[wgrad] < pos[t], [n.name for n in plan.order]
+    report = deferral_report(plan.order, plan.weight_grads)
+    assert report.in_windows == 1 and report.windows == {a.name: [wgrad.name]}
+    assert report.held_bytes == 8 * 4 * 4  # x_in (8x4 fp32) kept past its last other use (there is none) until dW
+    ctx.fw_metadata = type("Meta", (), {"static_input_indices": []})()  # no parameter: nothing is a dW GEMM
+    with tracing(ctx):
+        assert weight_gradient_gemms(g, is_heavy) == []

@@ -377,9 +377,13 @@ def make_backend(
         argument name) that differs.
     keep_graphs: False (default); True: keep readable pre/post-grad graph texts in the reports.
     schedule_overlap: True (default): the post-grad overlap schedule runs after ``domino_ep``, on the
-        forward and backward graphs; "forward": on the forward graphs only (with activation checkpointing
-        it keeps Domino's peak within 1.1x of checkpointing alone); False: off.
+        forward and backward graphs (with activation checkpointing Domino's peak stays within 1.1x of
+        checkpointing alone: the recomputation runs just in time); "forward": on the forward graphs only;
+        False: off.
     max_chunks_in_flight: int >= 1 (default 2): all-to-alls issued but not yet waited.
+    defer_weight_grads: False (default); True: the backward schedule runs weight-gradient GEMMs (those feeding
+        parameter gradients only) inside open all-to-all windows, else late; needs schedule_overlap=True.
+        The report gives per backward graph where each went and the bytes held for them.
     offload_targets: "auto" (default: every router tensor among the graph outputs) or a tuple of
         kinds: "router_logits", "selected_experts".
     verify_rtol, verify_atol: None (default): per compared tensor from its dtype (torch's

@@ -23,7 +23,9 @@ the next ``max_chunks_in_flight`` gradient all-to-alls need (hoisted: their
 windows fill with the next chunk's recomputation) and cheap inputs (no
 matmul, no collective) of gradient work that is otherwise ready.
 ``moe-passes bench --section checkpointing`` measures the memory, the
-schedule's report (``overlapped_by_matmul``) the overlap.
+schedule's report (``overlapped_by_matmul``) the overlap. With
+``defer_weight_grads`` the weight-gradient GEMMs fill open windows
+(``moe_passes.inductor.dw_deferral``).
 
 Inductor's scheduler keeps this order in its output code only with
 ``reorder_for_peak_memory`` off (measured on torch 2.13: its peak-memory
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
@@ -144,9 +146,9 @@ def recomputed(n: fx.Node) -> bool:
     ``recompute`` policy in ``meta``). Its inputs are the checkpoint's saved inputs, ready from the start of
     backward, so a list scheduler that sinks every wait below all ready compute runs every layer's
     recomputation up front and keeps it alive, undoing what checkpointing frees (measured: 1.37x the
-    checkpointed peak at 4 layers). Recomputation runs last among ready nodes (after pending waits), in its
-    original order: just in time for the backward that needs it; an all-to-all inside it is still issued
-    as soon as it is ready and waited late."""
+    checkpointed peak at 4 layers). ``gradient_independent`` finds this work (and more) from data flow; these
+    tags are its fallback in a backward graph without AOTAutograd's tangent descriptors. In a forward graph
+    the same tags mark everything a checkpointed layer computes, and mean nothing to the schedule."""
     return n.meta.get("recompute") in _RECOMPUTED and "ac_graph_id" in n.meta
 
 
@@ -218,14 +220,19 @@ class OverlapPlan:
     #: gradient-independent nodes (run just in time) / of those, hoisted to feed the next all-to-alls
     deferred: int = 0
     hoisted: int = 0
+    #: weight-gradient GEMMs the order placed (``defer_weight_grads``), and why none when none
+    weight_grads: list[fx.Node] = field(default_factory=list)
+    weight_grad_reason: str = ""
 
 
-def overlap_order(graph: fx.Graph, max_in_flight: int, *, backward: bool | None = None) -> list[fx.Node]:
+def overlap_order(graph: fx.Graph, max_in_flight: int, *, backward: bool | None = None,
+                  defer_weight_grads: bool = False) -> list[fx.Node]:
     """A topological order that issues all-to-alls early and waits late, bounded by ``max_in_flight``."""
-    return plan_overlap(graph, max_in_flight, backward=backward).order
+    return plan_overlap(graph, max_in_flight, backward=backward, defer_weight_grads=defer_weight_grads).order
 
 
-def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None = None) -> OverlapPlan:
+def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None = None,
+                 defer_weight_grads: bool = False) -> OverlapPlan:
     """List-schedule ``graph`` (see the module docstring); ``backward``: the graph is an AOT backward graph
     (None: known from its tangent inputs).
 
@@ -238,6 +245,10 @@ def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None =
     checkpointing this keeps the overlap and the checkpointed memory (``moe-passes bench --section
     checkpointing``: 1.157x -> 1.048x of checkpointing alone at 4 layers, 34 of 40 backward all-to-alls
     overlapped, 30 by a matmul).
+
+    ``defer_weight_grads``: weight-gradient GEMMs (``dw_deferral.weight_gradient_gemms``) run inside an open
+    all-to-all window, after the work that issues the next all-to-all and before any other filler; with no
+    window open they wait, last among ready nodes, for the next one (or the end of the graph).
     """
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
@@ -257,6 +268,17 @@ def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None =
     deferred = gradient_independent(nodes, backward) if backward else set()
     gradient_a2a = [n for n in nodes if is_all_to_all(n) and n not in deferred]
     plan = OverlapPlan(order=[], deferred=len(deferred))
+    dw: set[fx.Node] = set()
+    if defer_weight_grads and backward:
+        from moe_passes.inductor.dw_deferral import parameter_gradient_outputs, weight_gradient_gemms
+
+        params = parameter_gradient_outputs(graph)
+        plan.weight_grads = weight_gradient_gemms(graph, is_heavy, params)
+        plan.weight_grad_reason = params.reason if params.positions is None else (
+            "" if plan.weight_grads else "no GEMM feeds parameter gradients only")
+        dw = set(plan.weight_grads)
+    elif defer_weight_grads:
+        plan.weight_grad_reason = "not a backward graph"
 
     issued: dict[fx.Node, int] = {}
     hoisted: set[fx.Node] = set()
@@ -273,10 +295,14 @@ def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None =
         return (urgency[n], 1 if is_wait(n) else 0, index[n])
 
     ready: list[tuple[tuple[int, int, int], fx.Node]] = []
+    dw_ready: list[tuple[int, fx.Node]] = []  # weight-gradient GEMMs, placed by the window state
 
     def push(n: fx.Node) -> None:
-        in_heap.add(n)
-        heapq.heappush(ready, (key(n), n))
+        if n in dw:
+            heapq.heappush(dw_ready, (index[n], n))
+        else:
+            in_heap.add(n)
+            heapq.heappush(ready, (key(n), n))
 
     def hoist_for(root: fx.Node) -> None:
         """Hoist the gradient-independent ancestors of ``root`` (stopping at hoisted ones: theirs are hoisted)."""
@@ -329,24 +355,28 @@ def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None =
     blocked: list[fx.Node] = []  # all-to-alls held back by the in-flight bound
     in_flight: list[fx.Node] = []
     order: list[fx.Node] = []
-    while ready or blocked:
+    window_key = (_FAR - 1, 0, 0)  # a dW GEMM in an open window: after work that issues the next all-to-all
+    while ready or blocked or dw_ready:
         if blocked and len(in_flight) < max_in_flight:
             for n in blocked:
                 heapq.heappush(ready, (key(n), n))
             blocked.clear()
         while ready and (ready[0][1] in done or ready[0][0] != key(ready[0][1])):
             heapq.heappop(ready)  # stale entry of a re-keyed node
-        if not ready:
-            if blocked:
-                raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
-            break  # only stale entries were left
-        _, n = heapq.heappop(ready)
-        if is_all_to_all(n) and len(in_flight) >= max_in_flight:
-            blocked.append(n)
-            if not ready:  # only blocked all-to-alls are left: cannot happen while a wait is pending
-                raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
-            continue
-        in_heap.discard(n)
+        if dw_ready and (not ready or (in_flight and ready[0][0] > window_key)):
+            _, n = heapq.heappop(dw_ready)
+        else:
+            if not ready:
+                if blocked:
+                    raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
+                break  # only stale entries were left
+            _, n = heapq.heappop(ready)
+            if is_all_to_all(n) and len(in_flight) >= max_in_flight:
+                blocked.append(n)
+                if not ready and not dw_ready:  # only blocked all-to-alls are left: cannot happen while a wait is pending
+                    raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
+                continue
+            in_heap.discard(n)
         done.add(n)
         order.append(n)
         if is_all_to_all(n):
@@ -439,12 +469,21 @@ class ScheduleOverlapPass(GraphPass):
         original = list(graph.nodes)
         kind = graph_kind(graph)
         backward = None if kind == "unknown" else kind == "backward"  # unknown: from the graph's tangent inputs
-        plan = plan_overlap(graph, self.config.max_chunks_in_flight, backward=backward)
+        defer = self.config.defer_weight_grads
+        plan = plan_overlap(graph, self.config.max_chunks_in_flight, backward=backward, defer_weight_grads=defer)
+        # where the weight-gradient GEMMs would sit without the deferral (same graph, same tie-breaks)
+        without = (plan_overlap(graph, self.config.max_chunks_in_flight, backward=backward).order
+                   if plan.weight_grads else None)
         apply_order(graph, plan.order)
         graph.lint()
         after = overlap_stats(graph)
         result.stats = {"before": before, "after": after, "gradient_independent": plan.deferred,
                         "hoisted_for_next_all_to_alls": plan.hoisted}
+        if defer and plan.weight_grad_reason != "not a backward graph":
+            from moe_passes.inductor.dw_deferral import deferral_report
+
+            result.stats["weight_grads"] = deferral_report(plan.order, plan.weight_grads, without,
+                                                           plan.weight_grad_reason).as_dict()
         result.changed = plan.order != original
         result.matched.append(f"{after['all_to_all']} all-to-alls")
         log.info("schedule_overlap: %s -> %s", before, after)
