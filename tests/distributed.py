@@ -17,7 +17,6 @@ model without peers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import pickle
 import socket
@@ -30,7 +29,6 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from filelock import FileLock
 
 from moe_passes.harness.fake_group import FakeGroupUnusable, fake_process_group
 
@@ -54,24 +52,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def inductor_compiles_one_at_a_time(lock_path: str) -> Iterator[None]:
-    """Serialise Inductor's inner compile (forward and lazily compiled backward) across processes."""
-    import torch._inductor.compile_fx as compile_fx
+def inductor_compiles_one_at_a_time(lock_path: str) -> Any:
+    """Serialise Inductor's inner compile (forward and lazily compiled backward) across processes: the
+    speed bench's lock (``moe_passes.bench.speed.compiles_one_rank_at_a_time``), shared, not copied."""
+    from moe_passes.bench.speed import compiles_one_rank_at_a_time
 
-    inner = compile_fx._compile_fx_inner
-    lock = FileLock(lock_path)
-
-    @functools.wraps(inner)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        with lock:
-            return inner(*args, **kwargs)
-
-    compile_fx._compile_fx_inner = locked
-    try:
-        yield
-    finally:
-        compile_fx._compile_fx_inner = inner
+    return compiles_one_rank_at_a_time(lock_path)
 
 
 def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable[..., Any], args: tuple, timeout_s: float) -> None:

@@ -110,19 +110,6 @@ def _compile(model: torch.nn.Module, world_size: int, backend: Any) -> None:
     apply_compile(_Layers(model.blocks), compile_config=CompileConfig(enable=True, backend=backend), parallel_dims=pd)
 
 
-def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    loss = model(x, target)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
-    if missing:
-        raise AssertionError(f"parameters without a gradient: {missing}")
-    grads["input"] = x.grad.detach().clone()
-    return loss.detach().clone(), grads
-
-
 def _compare(got: tuple[torch.Tensor, dict[str, torch.Tensor]],
              ref: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> tuple[list[str], dict[str, float]]:
     """Mismatches (readable lines) and the worst errors: |dloss|, the largest error of an expert weight's
@@ -166,8 +153,8 @@ def run_case(rank: int, world_size: int, ac: str, lowering: str, reference: str,
     worst = {"loss": 0.0, "expert_rel": 0.0, "other_rel": 0.0}
     for step, length in enumerate(lengths):
         x, target = tf.titan_inputs(rank, tf.TitanConfig(batch=1, seq=length), step=step)
-        ref = _step(ref_model, x, target)
-        got = _step(model, x, target)
+        ref = tf.step(ref_model, ref_model, x, target)
+        got = tf.step(model, model, x, target)
         errs, w = _compare(got, ref)
         errors += [f"step {step} (length {length}): {e}" for e in errs]
         worst = {k: max(worst[k], w[k]) for k in worst}
