@@ -32,7 +32,7 @@ from moe_passes.fx.domino.rewrite import (
 )
 from moe_passes.fx.domino.work import region_work
 from moe_passes.ir.canonical import is_canonical
-from moe_passes.ir.facts import copy_node_attributes, tensor_value
+from moe_passes.ir.facts import copy_node_attributes, known_equal, tensor_value
 from moe_passes.ir.fake_mode import repropagate
 from moe_passes.ir.rows import NotRowLocal
 from moe_passes.pipeline.pass_base import GraphPass, PassResult
@@ -182,7 +182,7 @@ class DominoEPPass(GraphPass):
         for region, n, _label in planned:
             mapped = _map_region(region, val_map)
             # X may be the previous region's output (whole-layer regions in a row): run chunk to chunk
-            join = joins.get(mapped.tokens) if prev is not None and prev[1] == n and _same_rows(prev[0], mapped.num_tokens) else None
+            join = joins.get(mapped.tokens) if prev is not None and prev[1] == n and known_equal(prev[0], mapped.num_tokens) else None
             if mapped.tokens in replaced:
                 mapped.kinds[replaced[mapped.tokens]] = mapped.kinds[mapped.tokens]
                 mapped.tokens = replaced[mapped.tokens]
@@ -267,11 +267,6 @@ def _map_region(region: MoERegion, val_map: dict[fx.Node, fx.Node]) -> MoERegion
     m.mode = region.mode
     m.row_inputs = {val_map[a]: k for a, k in region.row_inputs.items()}
     m.token_matrix = val_map.get(region.token_matrix) if region.token_matrix is not None else None
+    m.topk = val_map.get(region.topk) if region.topk is not None else None
     return m
 
-
-def _same_rows(a: Any, b: Any) -> bool:
-    """Two regions chunk the same number of rows (ints or SymInts, decided without a guard)."""
-    from moe_passes.ir.facts import known_equal
-
-    return bool(known_equal(a, b))

@@ -22,8 +22,8 @@ first one the analysis proves wins, unless a value it reads by row belongs to
 another region (then the candidate does not start the layer: the residual
 stream enters it from the side).  Consecutive regions are then rebuilt so that
 each region's extension stops where the next one starts, and the rewrite joins
-them chunk to chunk (``rewrite.join_chunks``: no concatenation between
-layers).  A region with no provable start keeps MoE-mode token chunks; the
+them chunk to chunk (``rewrite.rewrite_region(join=...)``: no concatenation
+between layers).  A region with no provable start keeps MoE-mode token chunks; the
 report says which mode each region got and why.
 
 Rank-invariance: the decision reads the program and shapes' structure (which
@@ -83,7 +83,7 @@ def layer_start(region: MoERegion, after: int, taken: set[fx.Node]) -> tuple[MoE
     for _size, a, B in sized[:MAX_CANDIDATES]:
         try:
             r = grow_region(region.dispatch, region.combine, a, B, region.top_k, region.count_exchange,
-                            _topk_of(region), row_inputs=True, mode="layer")
+                            region.topk, row_inputs=True, mode="layer")
         except (RegionError, Unproven) as e:
             reasons.append(f"from {a.name}: {e}")
             continue
@@ -94,14 +94,6 @@ def layer_start(region: MoERegion, after: int, taken: set[fx.Node]) -> tuple[MoE
         r.path, r.token_matrix = region.path, region.tokens
         return r, f"whole layers from {a.name} ({B} sequences)"
     return None, "no start proven: " + "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
-
-
-def _topk_of(region: MoERegion) -> fx.Node:
-    from moe_passes.ir.facts import is_topk
-
-    tops = [n for n in _ancestors([region.dispatch]) if is_topk(n)]
-    order = {n: i for i, n in enumerate(region.dispatch.graph.nodes)}
-    return max(tops, key=order.__getitem__)
 
 
 def layer_regions(regions: list[MoERegion]) -> tuple[list[MoERegion], dict[str, str]]:
@@ -138,9 +130,9 @@ def layer_regions(regions: list[MoERegion]) -> tuple[list[MoERegion], dict[str, 
         nxt = chosen[i + 1].tokens if i + 1 < len(chosen) else None
         stop = frozenset(_descendants(nxt) - {nxt}) if nxt is not None else frozenset()
         if nxt is not None and set(r.nodes) & stop:
-            r2 = grow_region(r.dispatch, r.combine, r.tokens, r.num_tokens, r.top_k, r.count_exchange, _topk_of(r),
+            r2 = grow_region(r.dispatch, r.combine, r.tokens, r.num_tokens, r.top_k, r.count_exchange, r.topk,
                              row_inputs=r.mode == "layer", stop=stop, mode=r.mode)
-            r2.path, r2.token_matrix, r2.extra = r.path, r.token_matrix, r2.extra
+            r2.path, r2.token_matrix = r.path, r.token_matrix
             r = r2
         final.append(r)
     return final, modes

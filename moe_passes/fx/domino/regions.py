@@ -75,6 +75,7 @@ class MoERegion:
     row_inputs: dict[fx.Node, Any] = field(default_factory=dict)
     #: the MoE-mode token matrix, kept for reports (the layer region contains it)
     token_matrix: fx.Node | None = None
+    topk: fx.Node | None = None  # the router's top-k the expert ids come from
 
     @property
     def label(self) -> str:
@@ -256,7 +257,7 @@ def grow_region(d: fx.Node, c: fx.Node, X: fx.Node, T: Any, K: int, count: fx.No
     check_contexts(graph, core)
     region_set = set(core)
     try:
-        analysis = RowAnalysis(X, T, region_set, private, row_inputs=row_inputs)
+        analysis = RowAnalysis(X, T, region_set, private, row_inputs=row_inputs, from_rows=desc)
     except Unproven as e:
         raise RegionError(str(e)) from None
     try:
@@ -303,7 +304,8 @@ def grow_region(d: fx.Node, c: fx.Node, X: fx.Node, T: Any, K: int, count: fx.No
     nodes = sorted(region_set, key=order.__getitem__)
     path = module_path(d) or "<root>"
     region = MoERegion(path, X, d, c, count, T, (K or 1), nodes=nodes, kinds=analysis.kinds, mode=mode,
-                       row_inputs={a: k for a, k in analysis.inputs.items() if any(u in region_set for u in a.users)})
+                       row_inputs={a: k for a, k in analysis.inputs.items() if any(u in region_set for u in a.users)},
+                       topk=topk)
     region.extra = [e for e in extra if any(n.name == e for n in nodes)]
     region.outputs = [n for n in nodes if any(u not in region_set for u in n.users)]
     check_outputs(region)

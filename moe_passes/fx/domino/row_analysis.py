@@ -85,20 +85,6 @@ def at_source(node: fx.Node, message: str) -> str:
     return f"{message} [at {where}]" if where else message
 
 
-def _ancestors_upto(node: fx.Node, stop: fx.Node) -> set[fx.Node]:
-    """Ancestors of ``node``; the walk ends at ``stop`` (found: it is in the set)."""
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        m = todo.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        if m is not stop:
-            todo.extend(m.all_input_nodes)
-    return seen
-
-
 def _dim0(node: Any) -> Any:
     v = tensor_value(node)
     return v.shape[0] if v is not None and v.dim() > 0 else None
@@ -108,13 +94,14 @@ class RowAnalysis:
     """Kinds of the region's nodes; ``X`` is ``row(1)``, nodes outside the region are outside (replicated)."""
 
     def __init__(self, tokens: fx.Node, num_tokens: int, region: set[fx.Node], private: set[fx.Node] = frozenset(),
-                 row_inputs: bool = False) -> None:
+                 row_inputs: bool = False, from_rows: set[fx.Node] = frozenset()) -> None:
         self.X = tokens
         self.T = num_tokens
         self.region = region
         #: whole-layer mode: values from outside the region whose dim 0 an op aligns with the rows (rotary
         #: tables ``[B, S, d]``, per-sequence masks): each chunk reads its own rows of them (``row_input``)
         self.allow_inputs = row_inputs
+        self.from_rows = from_rows  # values computed from X (the region builder's descendants of X)
         self.inputs: dict[fx.Node, Kind] = {}
         #: zero buffers made outside X's data flow, written in place only by the region (per-expert counters
         #: ``torch.zeros(E).scatter_add_(...)``): each chunk gets its own copy (``regions.private_buffers``)
@@ -345,7 +332,7 @@ class RowAnalysis:
         if not (self.allow_inputs and aligned and k.tag == "row" and k.lead == 1):
             raise Unproven(f"{n.name}: operand {a.name} from outside the region spans the token dim "
                            f"(shape {tuple(v.shape) if v is not None else '?'}): it is not replicated across chunks")
-        if self.X in _ancestors_upto(a, self.X):
+        if a in self.from_rows:
             raise Unproven(f"{n.name}: operand {a.name} is computed from the chunked rows outside the region")
         old = self.inputs.get(a)
         if old is not None and old != k:
