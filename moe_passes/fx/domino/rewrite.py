@@ -91,28 +91,33 @@ def _size_node(graph: fx.Graph, m: Any, sources: list[fx.Node]) -> Any:
     if isinstance(m, int):
         return m
 
-    dims: dict[Any, tuple[fx.Node, int]] = {}
-    for src in sources:
-        v = tensor_value(src)
-        for j, d in enumerate(v.shape if v is not None else ()):
-            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol and d.node.expr not in dims:
-                dims[d.node.expr] = (src, j)
     made: dict[Any, fx.Node] = {}
 
     def size_of(sym: Any) -> fx.Node:
         if sym not in made:
-            made[sym] = graph.call_function(aten.sym_size.int, dims[sym])
+            made[sym] = graph.call_function(aten.sym_size.int, _size_source(sources, sym))
         return made[sym]
 
     coeff, rest = m.as_coeff_Mul()
     out: Any = int(coeff)
     for f in (rest.args if rest.is_Mul else (rest,)):
         base, exp = (f.base, int(f.exp)) if f.is_Pow else (f, 1)
-        if base not in dims:
+        if _size_source(sources, base) is None:
             raise NotRowLocal(f"rows per sequence {m}: no size of the region's inputs gives {base}")
         for _ in range(exp):
             out = size_of(base) if isinstance(out, int) and out == 1 else graph.call_function(operator.mul, (out, size_of(base)))
     return out
+
+
+def _size_source(sources: list[fx.Node], size: Any) -> tuple[fx.Node, int] | None:
+    """(node, dim) of the first of ``sources`` with a dim provably equal to ``size`` (a SymInt or a sympy
+    size), for a ``sym_size`` node that computes it in the graph; None if none has it."""
+    for src in sources:
+        v = tensor_value(src)
+        for j, d in enumerate(v.shape if v is not None else ()):
+            if not isinstance(d, int) and _same(d, size):
+                return src, j
+    return None
 
 
 def _multiplicities(region: MoERegion) -> set[Any]:
@@ -205,13 +210,12 @@ def assert_data_dependent_rows(graph: fx.Graph, reassembled: list[tuple[fx.Node,
     for new, pieces, _shape, kind in reassembled:
         if kind.tag != "row" or kind.lead != 1:
             continue
-        for piece, c, v in zip(pieces, sizes, values):
+        # each chunk's row count (``c * m``: an int or a node), as the rewrite computed it for this output
+        for piece, c, v, rows in zip(pieces, sizes, values, new.meta["domino_rows"]):
             dim0 = tensor_value(piece).shape[0]
             if not free_unbacked_symbols(dim0) or _same(dim0, _mul(v, kind.m)):
                 continue
             with graph.inserting_before(new):
-                rows = new.meta["domino_rows"][pieces.index(piece)] if "domino_rows" in new.meta else (
-                    c * kind.m if isinstance(c, int) else graph.call_function(operator.mul, (c, kind.m)))
                 size = graph.call_function(aten.sym_size.int, (piece, 0))
                 same = graph.call_function(operator.eq, (size, rows))
                 graph.call_function(ASSERT, (same, f"domino: a chunk of {new.name} does not have its {c} tokens' rows"))
@@ -397,7 +401,7 @@ def _restore_shape(shape: tuple, out: fx.Node, graph: fx.Graph, tokens: fx.Node)
         if len(sources) < 16:
             sources.extend(a for a in src.all_input_nodes if a not in sources and tensor_value(a) is not None)
     for i in symbolic[1:]:
-        found = next(((src, j) for src in sources for j, d in enumerate(tensor_value(src).shape) if _same(d, shape[i])), None)
+        found = _size_source(sources, shape[i])
         if found is None:
             raise NotRowLocal(f"{out.name} has more than one symbolic dim {tuple(shape)} and {shape[i]} is not a size of "
                               f"{tokens.name} or what it is computed from; cannot restore its shape")
