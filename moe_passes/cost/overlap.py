@@ -74,7 +74,7 @@ def load_rates(device: str) -> Rates:
     try:
         data = json.loads(path.read_text())[device]
         return Rates(float(data["flops_per_s"]), float(data["bytes_per_s"]), float(data["latency_s"]),
-                     f"calibrated {data.get('when', '')} ({path})".replace(" (", " (", 1))
+                     f"calibrated {data.get('when', '')} ({path})")
     except FileNotFoundError:
         pass
     except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:

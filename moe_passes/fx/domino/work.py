@@ -29,8 +29,7 @@ def _elems(shape: Any) -> float | None:
 
 def _per_token(m: Any, tokens_per_unit: Any) -> float | None:
     """Rows per token: the kind's rows per chunked unit over the unit's tokens (1, or S per sequence)."""
-    q = sympy.cancel(size_expr(m) / size_expr(tokens_per_unit)) if not isinstance(m, int) or not isinstance(tokens_per_unit, int) \
-        else sympy.Rational(m, tokens_per_unit)
+    q = sympy.cancel(size_expr(m) / size_expr(tokens_per_unit))
     return float(q) if q.is_number else None
 
 
