@@ -125,16 +125,16 @@ def _loss_and_grads(model: torch.nn.Module, fn: Any, batch: dict[str, torch.Tens
 
 
 def layers_worker(rank: int, world_size: int, lowering: str, shapes: list[tuple[int, int]],
-                  modes: tuple[str, ...] = ("whole",)) -> dict[str, Any]:
+                  modes: tuple[str, ...] = ("whole",), num_chunks: int = 2) -> dict[str, Any]:
     torch._dynamo.config.capture_scalar_outputs = True
     out = {}
     for mode in modes:
         torch._dynamo.reset()
-        out[mode] = _layers_run(rank, lowering, shapes, mode)
+        out[mode] = _layers_run(rank, lowering, shapes, mode, num_chunks)
     return out
 
 
-def _layers_run(rank: int, lowering: str, shapes: list[tuple[int, int]], mode: str) -> dict[str, Any]:
+def _layers_run(rank: int, lowering: str, shapes: list[tuple[int, int]], mode: str, num_chunks: int) -> dict[str, Any]:
     from moe_passes import make_backend
     from moe_passes.models.interns1_vl import InternS1VLConfig, InternS1VLForConditionalGeneration, load_hf_state_dict
     from moe_passes.regional import compile_regions
@@ -145,7 +145,7 @@ def _layers_run(rank: int, lowering: str, shapes: list[tuple[int, int]], mode: s
     eager, model = (InternS1VLForConditionalGeneration(config, ep_group=dist.group.WORLD) for _ in range(2))
     for m in (eager, model):
         load_hf_state_dict(m, full_sd)
-    backend = make_backend(passes=("domino_ep",), num_chunks=2, domino_mode="layer", lowering=lowering)
+    backend = make_backend(passes=("domino_ep",), num_chunks=num_chunks, domino_mode="layer", lowering=lowering)
     if mode == "whole":
         compiled: Any = torch.compile(model, backend=backend)
     else:  # each decoder layer compiled on its own: x, rotary tables and mask enter as graph inputs
@@ -190,6 +190,13 @@ def test_whole_layer_micro_batches_equal_eager_on_two_ranks() -> None:
     _check(results)
     # the recompile after the first step has a symbolic batch and length: chunk sizes are SymInt expressions
     assert all(r["symbolic"] >= 1 for by_mode in results for r in by_mode.values()), results
+
+
+@pytest.mark.slow
+def test_fewer_sequences_than_micro_batches_leave_empty_micro_batches_and_stay_exact() -> None:
+    """N = 4 over 2 and 3 sequences: the last micro-batches are empty (N never depends on one rank's batch)
+    and still issue their collectives; views with -1 are spelled out, so an empty chunk reshapes."""
+    _check(run_distributed(layers_worker, 2, "aot_eager", [(2, 8), (3, 9)], ("whole",), 4, timeout_s=400))
 
 
 @pytest.mark.slow

@@ -154,9 +154,10 @@ def _retarget(new: fx.Node, old: fx.Node, region: MoERegion, rows: dict[int, Any
         if len(new.args) > pos and isinstance(old.args[pos], (list, tuple)) and len(old.args[pos]) >= kind.lead:
             sizes = list(new.args[pos])
             oshape = tuple(tensor_value(old).shape) if tensor_value(old) is not None else ()
-            if len(oshape) == len(sizes) and not isinstance(T, int):
+            if len(oshape) == len(sizes):
                 # a -1 past the row dims is a static size of the original (heads in ``view(B, S, -1, d)``): spell
-                # it out, so the copy's shape is not inferred through a chunk size whose hint may be 1
+                # it out, so the copy's shape is not inferred through a chunk size whose hint may be 1, nor from
+                # an empty chunk (0 elements: torch cannot infer -1 there)
                 sizes[kind.lead:] = [oshape[i] if isinstance(s, int) and s == -1 and isinstance(oshape[i], int) else s
                                      for i, s in enumerate(sizes) if i >= kind.lead]
                 new.args = (*new.args[:pos], type(new.args[pos])(sizes), *new.args[pos + 1:])
