@@ -268,5 +268,6 @@ def _map_region(region: MoERegion, val_map: dict[fx.Node, fx.Node]) -> MoERegion
     m.row_inputs = {val_map[a]: k for a, k in region.row_inputs.items()}
     m.token_matrix = val_map.get(region.token_matrix) if region.token_matrix is not None else None
     m.topk = val_map.get(region.topk) if region.topk is not None else None
+    m.seeds = tuple(val_map[a] for a in region.seeds)
     return m
 

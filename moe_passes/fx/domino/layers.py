@@ -83,7 +83,7 @@ def layer_start(region: MoERegion, after: int, taken: set[fx.Node]) -> tuple[MoE
     for _size, a, B in sized[:MAX_CANDIDATES]:
         try:
             r = grow_region(region.dispatch, region.combine, a, B, region.top_k, region.count_exchange,
-                            region.topk, row_inputs=True, mode="layer")
+                            region.topk, row_inputs=True, mode="layer", seeds=region.seeds)
         except (RegionError, Unproven) as e:
             reasons.append(f"from {a.name}: {e}")
             continue
@@ -131,7 +131,7 @@ def layer_regions(regions: list[MoERegion]) -> tuple[list[MoERegion], dict[str, 
         stop = frozenset(_descendants(nxt) - {nxt}) if nxt is not None else frozenset()
         if nxt is not None and set(r.nodes) & stop:
             r2 = grow_region(r.dispatch, r.combine, r.tokens, r.num_tokens, r.top_k, r.count_exchange, r.topk,
-                             row_inputs=r.mode == "layer", stop=stop, mode=r.mode)
+                             row_inputs=r.mode == "layer" or bool(r.seeds), stop=stop, mode=r.mode, seeds=r.seeds)
             r2.path, r2.token_matrix = r.path, r.token_matrix
             r = r2
         final.append(r)

@@ -42,6 +42,7 @@ from moe_passes.ir.facts import (
     op_label,
     op_namespace_and_name,
     source_line,
+    storage_aliases,
     tensor_value,
 )
 from moe_passes.ir.rows import prod
@@ -76,6 +77,8 @@ class MoERegion:
     #: the MoE-mode token matrix, kept for reports (the layer region contains it)
     token_matrix: fx.Node | None = None
     topk: fx.Node | None = None  # the router's top-k the expert ids come from
+    #: graph inputs that are token rows from the start (the router's ``top_k_index`` when it is not in this graph)
+    seeds: tuple[fx.Node, ...] = ()
 
     @property
     def label(self) -> str:
@@ -178,8 +181,21 @@ def _row_gather(dispatch: fx.Node) -> fx.Node:
     raise RegionError("no row gather src[sorted index] feeds the dispatch all-to-all (tokens are not permuted by expert before it)")
 
 
-def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
-    """(X, top-k node): the latest value on the gather source's chain that also feeds the router's top-k."""
+def _routing_input(sort: fx.Node) -> fx.Node | None:
+    """The graph input the sorted expert ids are read from (``top_k_index.reshape(-1)``), when the router
+    is not in this graph: the end of the sort input's first-tensor-operand chain, if that is a placeholder."""
+    n: Any = sort.args[0]
+    while isinstance(n, fx.Node) and n.op == "call_function":
+        tensors = [a for a in n.all_input_nodes if tensor_value(a) is not None]
+        n = tensors[0] if tensors else None
+    return n if isinstance(n, fx.Node) and n.op == "placeholder" and tensor_value(n) is not None else None
+
+
+def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node, fx.Node | None]:
+    """(X, top-k node, sort, routing input): X is the latest value on the gather source's chain that also feeds
+    the router's top-k. When the router is not in this graph (the experts module compiled on its own, or
+    behind a graph break: transformers' own EP under FSDP2 hands it ``top_k_index`` and the weights), X is the
+    gathered matrix and the ids come from a graph input, which becomes a token-row input of the region."""
     order = {n: i for i, n in enumerate(gather.graph.nodes)}
     index = next(i for i in gather.args[1] if i is not None)
     sorts = [a for a in _ancestors([index]) if _is_sort(a) and tensor_value(a.args[0]) is not None and tensor_value(a.args[0]).dim() == 1]
@@ -188,14 +204,18 @@ def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
     sort = max(sorts, key=order.__getitem__)
     topks = [a for a in _ancestors([sort]) if is_topk(a)]
     if not topks:
-        raise RegionError(at_source(sort, f"the expert ids sorted by {sort.name} do not come from a top-k (the router "
-                                          "is not in this graph: a graph break or a module compiled on its own?)"))
+        routing = _routing_input(sort)
+        src = gather.args[0]
+        if routing is None or not isinstance(src, fx.Node) or tensor_value(src) is None:
+            raise RegionError(at_source(sort, f"the expert ids sorted by {sort.name} do not come from a top-k "
+                                              "nor from a graph input (the router is not in this graph)"))
+        return src, None, sort, routing
     topk = max(topks, key=order.__getitem__)
     router_inputs = _ancestors([topk])
     n: Any = gather.args[0]
     while isinstance(n, fx.Node):
         if n in router_inputs:
-            return n, topk, sort
+            return n, topk, sort, None
         tensors = [a for a in n.all_input_nodes if tensor_value(a) is not None]
         n = tensors[0] if n.op == "call_function" and tensors else None
     raise RegionError(f"the gathered rows ({gather.args[0].name}) and the router's top-k ({topk.name}) share no token matrix")
@@ -203,13 +223,13 @@ def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
 
 def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     gather = _row_gather(d)
-    X, topk, sort = _token_matrix(gather)
-    K = topk.args[1] if len(topk.args) > 1 else None
+    X, topk, sort, routing = _token_matrix(gather)
     copies = tensor_value(sort.args[0]).shape[0]
     # The token count may be symbolic (dynamic shapes: ``dynamic=True``, ``mark_dynamic``, Dynamo's
     # automatic-dynamic recompile): every test below is decided from the expressions, never guarded,
     # so the decision does not depend on the length one rank happens to see.
-    if not isinstance(K, int):
+    K = (topk.args[1] if len(topk.args) > 1 else None) if topk is not None else None
+    if topk is not None and not isinstance(K, int):
         raise RegionError(f"top-k {K} of {topk.name} is not a constant")
     # Tokens are the rows of the token matrix (every dim but the hidden one); each token sends
     # ``copies / T`` copies. That is top-k's k for a plain router, and G * (K/G) for a grouped one
@@ -220,30 +240,38 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     if per_token is None:
         raise RegionError(f"{copies} sorted expert ids are not provably a whole number of copies per token "
                           f"of the token matrix {X.name}")
-    if per_token % K != 0:
+    if K is not None and per_token % K != 0:
         raise RegionError(f"{per_token} expert copies per token are not a multiple of top-k {K} of {topk.name}")
     K = per_token
     count = _count_exchange(d)
+    if routing is not None:
+        return grow_region(d, c, X, T, K, count, None, row_inputs=True, seeds=(routing,))
     return grow_region(d, c, X, T, K, count, topk)
 
 
-def grow_region(d: fx.Node, c: fx.Node, X: fx.Node, T: Any, K: int, count: fx.Node | None, topk: fx.Node, *,
-                row_inputs: bool = False, stop: frozenset[fx.Node] = frozenset(), mode: str = "moe") -> MoERegion:
+def grow_region(d: fx.Node, c: fx.Node, X: fx.Node, T: Any, K: int, count: fx.Node | None, topk: fx.Node | None, *,
+                row_inputs: bool = False, stop: frozenset[fx.Node] = frozenset(), mode: str = "moe",
+                seeds: tuple[fx.Node, ...] = ()) -> MoERegion:
     """The region between X and the combine (plus its proven extension), its kinds proven by the row
     analysis with X's ``T`` rows as the chunked unit. ``stop``: nodes the extension must not take (the next
-    whole-layer region); ``row_inputs``: outside values may be read by row (whole-layer mode)."""
+    whole-layer region); ``row_inputs``: outside values may be read by row (whole-layer mode, or a router
+    outside the graph); ``seeds``: graph inputs that are token rows of X from the start (``top_k_index``
+    arriving as an input: its dim 0 must be X's rows; the analysis proves the rest, jointly with X)."""
     graph = d.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     desc = _descendants(X)
     for required, what in ((d, "dispatch"), (c, "combine"), (topk, "router top-k")):
-        if required not in desc:
+        if required is not None and required not in desc:
             raise RegionError(f"{what} {required.name} does not depend on the token matrix {X.name}")
-    core = (desc & _ancestors([c])) - {X}
+    roots = {X, *seeds}
+    for s in seeds:
+        desc |= _descendants(s)
+    core = (desc & _ancestors([c])) - roots
     while True:  # in-place writers of core values (``buf[perm] = rows`` then ``buf`` is read) belong to the core
         writers = {u for n in core for u in n.users if u not in core and n in mutated_args(u)}
         if not writers:
             break
-        core |= (desc & _ancestors(list(writers))) - {X}
+        core |= (desc & _ancestors(list(writers))) - roots
     private = private_buffers(core, desc)
     core |= private
     for n in core:
@@ -257,7 +285,7 @@ def grow_region(d: fx.Node, c: fx.Node, X: fx.Node, T: Any, K: int, count: fx.No
     check_contexts(graph, core)
     region_set = set(core)
     try:
-        analysis = RowAnalysis(X, T, region_set, private, row_inputs=row_inputs, from_rows=desc)
+        analysis = RowAnalysis(X, T, region_set, private, row_inputs=row_inputs, from_rows=desc, seeds=seeds)
     except Unproven as e:
         raise RegionError(str(e)) from None
     try:
@@ -267,9 +295,9 @@ def grow_region(d: fx.Node, c: fx.Node, X: fx.Node, T: Any, K: int, count: fx.No
     # proven extension: descendants of X reading only the region or X-independent values
     extra: list[str] = []
     for n in graph.nodes:
-        if n in region_set or n is X or n not in desc or n.op != "call_function" or n in stop:
+        if n in region_set or n in roots or n not in desc or n.op != "call_function" or n in stop:
             continue
-        if any(a not in region_set and a is not X and a in desc for a in n.all_input_nodes):
+        if any(a not in region_set and a not in roots and a in desc for a in n.all_input_nodes):
             continue
         if is_all_to_all(n):
             continue
@@ -305,11 +333,35 @@ def grow_region(d: fx.Node, c: fx.Node, X: fx.Node, T: Any, K: int, count: fx.No
     path = module_path(d) or "<root>"
     region = MoERegion(path, X, d, c, count, T, (K or 1), nodes=nodes, kinds=analysis.kinds, mode=mode,
                        row_inputs={a: k for a, k in analysis.inputs.items() if any(u in region_set for u in a.users)},
-                       topk=topk)
+                       topk=topk, seeds=tuple(seeds))
     region.extra = [e for e in extra if any(n.name == e for n in nodes)]
     region.outputs = [n for n in nodes if any(u not in region_set for u in n.users)]
     check_outputs(region)
+    check_interleaved_writes(region)
     return region
+
+
+def check_interleaved_writes(region: MoERegion) -> None:
+    """The chunk copies run where the region ends; a node outside the region but inside its span (graph
+    order) that writes a value the region reads (the token matrix, a row input, a weight, or a view
+    sharing their storage) would then run before every chunk instead of between the region's own reads."""
+    inside = set(region.nodes)
+    read = {region.tokens, *region.row_inputs, *(a for n in region.nodes for a in n.all_input_nodes if a not in inside)}
+    shared: set[fx.Node] = set()
+    for a in read:
+        shared |= storage_aliases(a)
+    first, last = region.nodes[0], region.nodes[-1]
+    span = False
+    for n in first.graph.nodes:
+        if n is first:
+            span = True
+        if span and n not in inside:
+            hit = [b.name for b in mutated_args(n) if isinstance(b, fx.Node) and b in shared]
+            if hit:
+                raise RegionError(at_source(n, f"{n.name} writes {hit} in place between the region's reads (the chunks "
+                                               "would all read it after the write)"))
+        if n is last:
+            break
 
 
 _ALLOCATIONS = {"aten.zeros", "aten.empty", "aten.full", "aten.ones", "aten.new_zeros", "aten.new_empty", "aten.new_full",

@@ -30,6 +30,7 @@ positional mask applied to rows, no metadata used as a row value).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from typing import Any
@@ -40,7 +41,9 @@ import torch.fx as fx
 from moe_passes.fx.domino.kinds import ADD, BLOCKED, DATA_TAGS, META, NONE, Kind, Unproven, divides, lead_of, row, token_prefix
 from moe_passes.ir import rows
 from moe_passes.ir.facts import (
+    functional_form,
     is_all_to_all,
+    is_grouped_mm,
     is_wait,
     known_equal,
     mutated_args,
@@ -48,8 +51,10 @@ from moe_passes.ir.facts import (
     normalize_dim,
     op_arg,
     op_label,
+    op_meaning_label,
     op_namespace_and_name,
     source_line,
+    storage_aliases,
     tensor_ndim,
     tensor_value,
 )
@@ -71,12 +76,22 @@ def _name(node: fx.Node) -> str:
 _ALLOC_LIKE = {"aten.zeros_like", "aten.empty_like", "aten.ones_like", "aten.full_like", "aten.new_zeros",
                "aten.new_empty", "aten.new_ones", "aten.new_full", "aten.empty_strided", "aten.new_empty_strided"}
 _ZERO_ALLOC = {"aten.zeros", "aten.zeros_like", "aten.new_zeros"}
-_GROUPED = {"aten._grouped_mm", "moe_models.grouped_mm"}
-#: Custom ops known to mean ``aten.scatter_add(out, 0, index, src)`` (functional): torchtitan's deterministic combine.
-SCATTER_ADD_DIM0 = {"torchtitan.deterministic_scatter_add"}
+_ALLOCATIONS = {"aten.zeros", "aten.empty", "aten.full", "aten.ones", "aten.empty_strided"}
 _SYM_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                   operator.neg, operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
                   torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_int, torch.sym_float}
+
+
+def _identity_index(p: Any) -> Any:
+    """``p`` with ``p // 1`` steps removed (transformers gathers received rows by ``order // 1``, its top-1 view of
+    the sort order): the same index values."""
+    while isinstance(p, fx.Node) and p.op == "call_function" and len(p.args) == 2 and p.args[1] == 1 and (
+            op_label(p) == "aten.floor_divide" or (op_label(p) == "aten.div" and op_arg(p, 2, "rounding_mode") == "floor")):
+        v = tensor_value(p)
+        if v is None or v.dtype.is_floating_point:
+            break
+        p = p.args[0]
+    return p
 
 
 def at_source(node: fx.Node, message: str) -> str:
@@ -94,7 +109,7 @@ class RowAnalysis:
     """Kinds of the region's nodes; ``X`` is ``row(1)``, nodes outside the region are outside (replicated)."""
 
     def __init__(self, tokens: fx.Node, num_tokens: int, region: set[fx.Node], private: set[fx.Node] = frozenset(),
-                 row_inputs: bool = False, from_rows: set[fx.Node] = frozenset()) -> None:
+                 row_inputs: bool = False, from_rows: set[fx.Node] = frozenset(), seeds: tuple[fx.Node, ...] = ()) -> None:
         self.X = tokens
         self.T = num_tokens
         self.region = region
@@ -108,10 +123,19 @@ class RowAnalysis:
         self.private = set(private)
         self.alias: dict[fx.Node, fx.Node] = {}  # result of an in-place write -> the buffer it wrote
         self.masked: set[fx.Node] = set()  # fresh received-row buffers filled by masked/indexed puts
+        #: ``inv[p] = arange(len(p))`` into a fresh buffer, ``p`` a sort's indices: buffer -> ``p`` (``inv`` is p's inverse)
+        self.inverse: dict[fx.Node, fx.Node] = {}
         pre = token_prefix(tuple(tensor_value(tokens).shape), num_tokens)
         if pre is None or pre[1] != 1:
             raise Unproven(f"{tokens.name}: its leading dims do not flatten to the {num_tokens} tokens")
         self.kinds: dict[fx.Node, Any] = {tokens: row(1, pre[0])}
+        for s in seeds:  # graph inputs that are token rows alongside X (``top_k_index`` when the router is elsewhere)
+            v = tensor_value(s)
+            sp = token_prefix(tuple(v.shape), num_tokens) if v is not None else None
+            if sp is None or sp[1] != 1:
+                raise Unproven(f"{s.name}: its leading dims are not the {num_tokens} tokens of {tokens.name} "
+                               f"(shape {tuple(v.shape) if v is not None else '?'}): not a per-token input")
+            self.inputs[s] = self.kinds[s] = row(1, sp[0])
         self.written: dict[fx.Node, list[fx.Node]] = {}  # fresh buffer -> its in-place writers, in order
         self.order = {n: i for i, n in enumerate(tokens.graph.nodes)}
 
@@ -200,9 +224,9 @@ class RowAnalysis:
             return self._unpermute(n, name)
         if name in ("aten.scatter_add", "aten.scatter", "aten.scatter_reduce"):
             return self._scatter(n, name)
-        if name in SCATTER_ADD_DIM0:  # custom ops with aten.scatter_add(out, 0, index, src) meaning
+        if name != op_meaning_label(n) and op_meaning_label(n) == "aten.scatter_add":  # a library's dim-0 scatter_add
             return self._scatter(n, "aten.scatter_add", dim0=True)
-        if name in _GROUPED:
+        if is_grouped_mm(n):
             return self._grouped(n)
         if name == "aten.repeat_interleave" and isinstance(n.args[0], fx.Node) and len(args) == 1 and n.args[0] is args[0][0]:
             return self._repeat_rows(n, args[0][1])
@@ -305,6 +329,7 @@ class RowAnalysis:
 
     def _pointwise(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> Kind:
         self._scalar_args_ok(n)
+        args = self._drop_row_layout(n, args)
         k = self._data_kind(n, args)
         out = tensor_value(n)
         if out is None or out.dim() == 0:
@@ -322,6 +347,23 @@ class RowAnalysis:
                 if rows.broadcast_spans_rows(tuple(v.shape), out.dim(), lead):
                     self._row_input(n, a, k, v.dim() == out.dim() and known_equal(v.shape[0], out.shape[0]))
         return k
+
+    def _drop_row_layout(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> list[tuple[fx.Node, Kind]]:
+        """Received rows meeting layout metadata of those rows (``rows.masked_fill(expert_id >= E, 0)``: the
+        sentinel rows of a padded grouped GEMM; ``rows * ones[order]``): the metadata is per received row and
+        computed from the chunk's counts (the trust boundary of the module docstring, as ``w1[expert_of_row]``),
+        so it is read like an expert weight gathered per row. Any other metadata operand stays and is refused."""
+        if not any(k.tag == "recv" for _, k in args):
+            return args
+        out = tensor_value(n)
+        keep = []
+        for a, k in args:
+            v = tensor_value(a)
+            per_row = (k.tag == "meta" and v is not None and out is not None and v.dim() == out.dim() and v.dim() > 0
+                       and known_equal(v.shape[0], out.shape[0]) and self._from_counts(a))
+            if not per_row:
+                keep.append((a, k))
+        return keep
 
     def _row_input(self, n: fx.Node, a: fx.Node, k: Kind, aligned: bool) -> None:
         """An outside operand that varies along the rows: in whole-layer mode, when the op aligns its dim 0
@@ -431,7 +473,14 @@ class RowAnalysis:
             return Kind("bag", ki.m, ki.key)
         if ks.tag == "recv" and ks.p is None and ki.tag == "meta" and tensor_ndim(idx[0]) == 1:
             return Kind("recv", key=ks.key, p=idx[0])
+        if ks.tag == "recv" and ks.p is not None and ki.tag == "meta" and self._inverse_of(idx[0]) is _identity_index(ks.p):
+            return Kind("recv", key=ks.key, p=None)  # rows[p][inv(p)]: the received order again
         raise Unproven(f"{n.name}: index of a {ks} value by a {ki} index (not a gather by a routing permutation)")
+
+    def _inverse_of(self, idx: fx.Node) -> fx.Node | None:
+        """The sort indices ``p`` whose inverse ``idx`` is (``_note_inverse``), seen through its writes."""
+        p = self.inverse.get(self.alias.get(idx, idx))
+        return _identity_index(p) if p is not None else None
 
     def _unpermute(self, n: fx.Node, name: str) -> Kind:
         dst = n.args[0]
@@ -585,6 +634,21 @@ class RowAnalysis:
                            + ("; it is read outside the region too, so the chunks cannot each get their own"
                               if self._is_zero_alloc(buf) else ""))
         writers = self.written.get(root, [])
+        if name == "aten.copy_" and not writers and self._whole_overwrite(n, root):
+            return self._record_write(n, root, self._copied_kind(n))
+        own = self._own_buffer(n, root)
+        if own is None and kb.tag == "meta" and all(k.tag in ("meta", "add") for _, k in args) and not self._any_perm(args):
+            # layout metadata edited in place (``ids.clamp_(max=E - 1)``, ``inv[p] = arange(n)``): still metadata
+            # of this chunk (each chunk edits its own copy); ``inv[p] = arange(len(p))`` is p's inverse
+            self._note_inverse(n, name, root)
+            return self._record_write(n, root, META)
+        functional = functional_form(n.target)
+        if own is None and functional is not None and torch.Tag.pointwise in functional.tags and kb.tag in DATA_TAGS:
+            # ``rows.masked_fill_(mask, 0)`` on rows the region computed: the functional op's rule, layout kept
+            k = self._pointwise(n, args)
+            if dataclasses.replace(k, fresh=False) != dataclasses.replace(kb, fresh=False):
+                raise Unproven(f"{n.name}: in-place {name} would change the layout of {buf.name} ({kb} -> {k})")
+            return self._record_write(n, root, kb)
         repeat = bool(writers) and root in self.masked and name in ("aten.index_put_", "aten._unsafe_index_put_", "aten.index_add_")
         if not repeat and (not kb.fresh or writers):
             raise Unproven(f"{n.name}: {name} mutates {buf.name} in place")
@@ -604,12 +668,93 @@ class RowAnalysis:
             k = self._unpermute(n, functional)
         else:
             k = self._scatter(n, functional)
-        self.written[root] = [*writers, n]
+        return self._record_write(n, root, k)
+
+    def _record_write(self, n: fx.Node, root: fx.Node, k: Kind) -> Kind:
+        """After ``n`` wrote buffer ``root`` in place: later readers of the buffer (and its aliases) see ``k``."""
+        mine = {root, *(a for a, r in self.alias.items() if r is root)}
+        self.written[root] = [*self.written.get(root, []), n]
         self.alias[n] = root
-        self.kinds[root] = k  # later readers of the buffer see the written value
         for a in mine:
             self.kinds[a] = k
         return k
+
+    def _own_buffer(self, n: fx.Node, root: fx.Node) -> str | None:
+        """None when ``n`` may write ``root`` in place as a per-chunk edit: the region computed ``root`` (each
+        chunk has its own copy), ``root`` is no view of another value (the write would reach that value too),
+        and no node outside the region reads it or a view of it (they would see one chunk's edit); else why not."""
+        if root not in self.region:
+            return f"{root.name} is not computed by the region"
+        aliases = storage_aliases(root)
+        if any(a not in self.region for a in aliases) or (root.all_input_nodes and root.all_input_nodes[0] in aliases):
+            return f"{root.name} shares its storage with a value outside the region"
+        mine = aliases | {a for a, r in self.alias.items() if r is root}
+        outside = [u.name for b in mine for u in b.users if u not in self.region]
+        return f"{root.name} is read outside the region ({outside})" if outside else None
+
+    @staticmethod
+    def _any_perm(args: list[tuple[fx.Node, Kind]]) -> bool:
+        return any(k.tag in ("perm", "tokidx") for _, k in args)
+
+    def _note_inverse(self, n: fx.Node, name: str, root: fx.Node) -> None:
+        """Record ``inv[p] = arange(len(p))`` (``index_put_``, fresh ``empty_like(p)`` / ``new_empty`` buffer of
+        p's length, first write, no accumulation, ``p`` the indices of a sort): ``inv`` is ``p``'s inverse."""
+        if name not in ("aten.index_put_", "aten._unsafe_index_put_") or self.written.get(root):
+            return
+        if op_label(root) not in ("aten.empty_like", "aten.zeros_like", "aten.new_empty", "aten.new_zeros", "aten.empty"):
+            return
+        indices, values = n.args[1], n.args[2]
+        if op_arg(n, 3, "accumulate", False) or len(indices) != 1 or not isinstance(indices[0], fx.Node):
+            return
+        p = indices[0]
+        pv, bv, vv = tensor_value(p), tensor_value(root), tensor_value(values) if isinstance(values, fx.Node) else None
+        if pv is None or bv is None or vv is None or pv.dim() != 1 or bv.dim() != 1 or vv.dim() != 1:
+            return
+        if not (known_equal(pv.shape[0], bv.shape[0]) and known_equal(vv.shape[0], pv.shape[0])):
+            return
+        if not (self._is_sort_indices(p) and self._is_iota(values)):
+            return
+        self.inverse[root] = p
+
+    @staticmethod
+    def _is_sort_indices(p: fx.Node) -> bool:
+        """The indices of a sort (``argsort(x)``, ``sort(x)[1]``) of a 1-D value: a permutation of ``range(len)``."""
+        if op_label(p) == "aten.argsort":
+            return True
+        src = p.args[0] if p.target is operator.getitem and p.args[1] == 1 and isinstance(p.args[0], fx.Node) else None
+        return src is not None and op_label(src) == "aten.sort"
+
+    @staticmethod
+    def _is_iota(v: Any) -> bool:
+        """``arange(n)`` (start 0, step 1)."""
+        if not isinstance(v, fx.Node) or op_label(v) != "aten.arange":
+            return False
+        if v.target is aten.arange.default:
+            return True
+        if v.target is aten.arange.start and v.args[1:2] and v.args[0] == 0:
+            return True
+        return v.target is aten.arange.start_step and v.args[0] == 0 and (v.args[2] if len(v.args) > 2 else 1) == 1
+
+    def _whole_overwrite(self, n: fx.Node, root: fx.Node) -> bool:
+        """``buf.copy_(src)`` as the first write of a buffer the region allocated (``empty_like`` / ``zeros`` /
+        ``new_empty`` ...), nobody reading it before, ``src`` of the buffer's own shape: every element of the
+        buffer becomes ``src``'s (a c10d in-place collective traced as its functional form, then
+        ``output.copy_(result)``: transformers' ``all_to_all_single(recv_counts, send_counts)``)."""
+        if root not in self.region or op_label(root) not in _ALLOC_LIKE | _ALLOCATIONS:
+            return False
+        if any(u is not n and self.order[u] < self.order[n] for u in root.users):
+            return False
+        dst, src = tensor_value(n.args[0]), tensor_value(n.args[1]) if isinstance(n.args[1], fx.Node) else None
+        return (dst is not None and src is not None and dst.dim() == src.dim()
+                and all(known_equal(a, b) for a, b in zip(dst.shape, src.shape)))
+
+    def _copied_kind(self, n: fx.Node) -> Kind:
+        k = self.kind(n.args[1])
+        if k is None:
+            raise Unproven(f"{n.name}: copies a value from outside the region into a region buffer")
+        if isinstance(k, tuple) or k is BLOCKED:
+            raise Unproven(f"{n.name}: copies a {k} value")
+        return dataclasses.replace(k, fresh=False)
 
     def _index_add(self, n: fx.Node) -> Kind:
         """``zeros(E).index_add_(0, ids, ones)``: a per-expert counter (as ``scatter_add``)."""

@@ -13,9 +13,9 @@ import torch.fx as fx
 
 from moe_passes.cost.overlap import RegionWork
 from moe_passes.fx.domino.kinds import Kind, size_expr
-from moe_passes.ir.facts import all_to_all_split_args, op_label, tensor_value
+from moe_passes.ir.facts import all_to_all_split_args, op_meaning_label, tensor_value
 
-_GEMMS = ("aten.linear", "aten.mm", "aten.addmm", "aten.matmul", "aten._grouped_mm", "moe_models.grouped_mm", "aten.bmm")
+_GEMMS = ("aten.linear", "aten.mm", "aten.addmm", "aten.matmul", "aten._grouped_mm", "aten.bmm")
 
 
 def _elems(shape: Any) -> float | None:
@@ -58,7 +58,7 @@ def region_work(region: Any) -> RegionWork | None:
         return None
 
     for n in region.nodes:
-        name = op_label(n)
+        name = op_meaning_label(n)
         if name in _GEMMS:
             data = n.args[1] if name == "aten.addmm" else n.args[0]
             w = n.args[2] if name == "aten.addmm" else n.args[1]

@@ -129,3 +129,13 @@ def is_pure(node: fx.Node) -> bool:
     if mutated_args(node) or node.target._schema.is_mutable:
         return False
     return not node.is_impure()
+
+
+def functional_form(target: Any) -> Any:
+    """The out-of-place overload of an in-place ATen op (``aten.masked_fill_.Scalar`` ->
+    ``aten.masked_fill.Scalar``: PyTorch's naming rule, same overload), or None. Tags such as
+    ``pointwise`` are often only on the functional overload."""
+    if not isinstance(target, torch._ops.OpOverload) or not target._opname.endswith("_") or target._opname.startswith("_"):
+        return None
+    packet = getattr(getattr(torch.ops, target.namespace), target._opname[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None

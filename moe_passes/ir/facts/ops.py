@@ -101,6 +101,30 @@ def op_meaning(node: fx.Node) -> str | None:
 
 
 
+# ---------------------------------------------------------------- library ops with an ATen meaning
+
+#: Custom ops (opaque to ATen: a library's ``torch.library`` op) whose result is, by their library's own
+#: definition, that of an ATen op: declared once here for every analysis, and checked numerically against
+#: that op for each installed library by ``tests/test_custom_op_meanings.py`` (so a library that changes
+#: what its op computes fails there, not silently in a rewrite).
+CUSTOM_OP_MEANINGS: dict[str, str] = {
+    "moe_models.grouped_mm": "aten._grouped_mm",  # this package's reference model
+    "transformers.grouped_mm_fallback": "aten._grouped_mm",  # transformers' CPU grouped GEMM (its ONNX export says so too)
+    "torchtitan.deterministic_scatter_add": "aten.scatter_add",  # along dim 0: scatter_add(out, 0, index, src)
+}
+
+
+def op_meaning_label(node: fx.Node) -> str | None:
+    """``op_label`` with library ops read as the ATen op they mean (``CUSTOM_OP_MEANINGS``)."""
+    label = op_label(node)
+    return CUSTOM_OP_MEANINGS.get(label, label) if label is not None else None
+
+
+def is_grouped_mm(node: fx.Node) -> bool:
+    """``aten._grouped_mm`` or a library op that means it (rows x 3-D weights, groups cut by offsets)."""
+    return op_meaning_label(node) == "aten._grouped_mm"
+
+
 # ---------------------------------------------------------------- routers
 
 
