@@ -135,7 +135,7 @@ def test_in_place_edit_of_the_token_matrix_inside_the_region_is_skipped(trace_gr
     gm = _block_graph(trace_group)
     softmax = next(n for n in gm.graph.nodes if n.target is aten.softmax.int)
     linear = next(n for n in softmax.all_input_nodes)
-    while linear.op == "call_function" and not str(linear.target).startswith("aten.linear") and not str(linear.target).startswith("aten.mm"):
+    while linear.op == "call_function" and not str(linear.target).startswith(("aten.linear", "aten.mm")):
         linear = linear.all_input_nodes[0]
     x = linear.args[0]
     with gm.graph.inserting_after(softmax):
