@@ -38,7 +38,9 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "cumsum_tokens": ("skipped", "over the token dim"),
     "mean_tokens": ("skipped", "reduces over the token dim 0"),
     "sort_tokens": ("skipped", "over the token dim"),
-    "inplace_logits_after_softmax": ("skipped", "in place"),
+    # An in-place edit of a value the region computes (each chunk edits its own rows; the loss reads the
+    # edited logits, reassembled from the chunks): the functional op's rule decides, layout kept.
+    "inplace_logits_after_softmax": ("rewritten", None),
     "cross_token_after_combine": ("rewritten", None),
     "capacity_router": ("skipped", "over the token dim"),
     "capacity_mask_after_combine": ("rewritten", None),
@@ -116,10 +118,10 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "received_rows_wrong_inverse": ("skipped", "not a gather by a routing permutation"),
     "received_rows_inverse_of_other_sort": ("skipped", "not a gather by a routing permutation"),
     # ... or masks received rows by position (arange(R) < R // 2), or by expert ids in received order
-    # applied to the rows sorted by expert. Both must be refused; both are rewritten today and inexact
-    # (KNOWN_UNSOUND). The reason substrings are left to the fix.
-    "received_rows_positional_mask": ("skipped", ""),
-    "received_rows_mask_in_other_order": ("skipped", ""),
+    # applied to the rows sorted by expert. Both refused: metadata meets received rows only in their own
+    # order (row_analysis._row_order); both were rewritten, inexact, before that rule (|dloss| 2.1e-3 / 1.9e-2).
+    "received_rows_positional_mask": ("skipped", "mixes values of different layouts"),
+    "received_rows_mask_in_other_order": ("skipped", "mixes values of different layouts"),
     # In-place pointwise edits: of a value the region computes, read only in the region (rewritten) ...
     "inplace_edit_of_region_value": ("rewritten", None),
     # ... the same edit after a cross-token op outside the region read the value (it would read the edit) ...
@@ -143,17 +145,11 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "routing_inputs_flat_index": ("skipped", "not a per-token input"),
 }
 
-#: Mutants that must be refused but are rewritten by the analysis, and are then NOT exact (2 gloo ranks,
-#: 3 chunks, 7 tokens a rank): rule "a layout-metadata operand of a pointwise op with received rows, dim 0
-#: the received-row count, computed from the exchanged counts, is read per received row" (row_analysis
-#: ``_drop_row_layout``) accepts any metadata reaching the counts, whatever its order: ``arange(R) < R // 2``
-#: (R, the received total, is a sum of the exchanged counts) and expert ids in received order applied to
-#: rows sorted by expert. The decision test expects them refused and is a strict xfail until that rule
-#: tells these apart.
-KNOWN_UNSOUND: dict[str, str] = {
-    "received_rows_positional_mask": "rewritten, not exact: rank 0 |dloss| 2.1e-3, grad rel err 0.30",
-    "received_rows_mask_in_other_order": "rewritten, not exact: rank 1 |dloss| 1.9e-2, grad rel err 1.05",
-}
+#: Mutants that must be refused but are rewritten by the analysis and then NOT exact: mutant -> the numbers.
+#: Their decision test is a strict xfail, so the fix flips it. Empty: the two found this round
+#: (``received_rows_positional_mask``, ``received_rows_mask_in_other_order``) are refused since
+#: ``row_analysis._row_order`` (metadata meets received rows only in the rows' own order).
+KNOWN_UNSOUND: dict[str, str] = {}
 
 #: Mutants whose router runs outside the compiled graph: ``forward`` routes eagerly and calls
 #: ``dispatch(hidden, top_k_index, top_k_weights)``, which the tests compile on its own (transformers'

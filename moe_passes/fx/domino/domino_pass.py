@@ -180,6 +180,9 @@ class DominoEPPass(GraphPass):
         replaced: dict[fx.Node, fx.Node] = {}
         prev: tuple[Any, int] | None = None  # (token count, N) of the previous region
         for region, n, _label in planned:
+            if region.guards:  # the inputs' rows equal X's only under these guards (regions._guard_same_rows)
+                result.stats.setdefault("guards", {})[region.path] = list(region.guards)
+                log.info("domino_ep: %s: guarded %s (Dynamo recompiles when they fail)", region.label, "; ".join(region.guards))
             mapped = _map_region(region, val_map)
             # X may be the previous region's output (whole-layer regions in a row): run chunk to chunk
             join = joins.get(mapped.tokens) if prev is not None and prev[1] == n and known_equal(prev[0], mapped.num_tokens) else None
@@ -269,5 +272,6 @@ def _map_region(region: MoERegion, val_map: dict[fx.Node, fx.Node]) -> MoERegion
     m.token_matrix = val_map.get(region.token_matrix) if region.token_matrix is not None else None
     m.topk = val_map.get(region.topk) if region.topk is not None else None
     m.seeds = tuple(val_map[a] for a in region.seeds)
+    m.guards = list(region.guards)
     return m
 

@@ -37,6 +37,7 @@ from moe_passes.ir.facts import (
     is_inplace_c10d,
     is_topk,
     is_wait,
+    known_equal,
     module_path,
     mutated_args,
     op_label,
@@ -79,6 +80,8 @@ class MoERegion:
     topk: fx.Node | None = None  # the router's top-k the expert ids come from
     #: graph inputs that are token rows from the start (the router's ``top_k_index`` when it is not in this graph)
     seeds: tuple[fx.Node, ...] = ()
+    #: size guards installed so the inputs' rows are the token matrix's (``_guard_same_rows``), for the report
+    guards: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -221,6 +224,35 @@ def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node, fx
     raise RegionError(f"the gathered rows ({gather.args[0].name}) and the router's top-k ({topk.name}) share no token matrix")
 
 
+def _guard_same_rows(graph: fx.Graph, X: fx.Node, T: Any) -> list[str]:
+    """Router outside the graph: the hidden rows, the expert ids and the weights are separate graph inputs, and
+    Dynamo may give each its own size symbol (``s47``, ``s67``, ``s95``: automatic dynamic shapes after a new
+    length) although the caller builds all three from one hidden matrix. Nothing in the graph relates them, so
+    no row rule could be proven. Each input whose leading size is a lone symbol with the same value as X's
+    rows on this call is *guarded* equal to them: Dynamo checks the guard on every call and recompiles when it
+    fails, so the region is analysed, and runs, only for equal sizes. The same program gives the same guards on
+    every rank (each rank's inputs agree among themselves). Returns the guards, for the report."""
+    import sympy
+    from torch.fx.experimental.symbolic_shapes import guard_bool, guarding_hint_or_throw
+
+    if not isinstance(T, torch.SymInt) or not isinstance(T.node.expr, sympy.Symbol):
+        return []
+    out = []
+    for p in graph.find_nodes(op="placeholder"):
+        v = tensor_value(p)
+        if p is X or v is None or v.dim() < 1 or not isinstance(v.shape[0], torch.SymInt):
+            continue
+        s = v.shape[0]
+        if not isinstance(s.node.expr, sympy.Symbol) or known_equal(s, T):
+            continue
+        try:
+            if guarding_hint_or_throw(s) == guarding_hint_or_throw(T) and guard_bool(s == T):
+                out.append(f"{p.name}.size(0) == {X.name}.size(0) ({s.node.expr} == {T.node.expr})")
+        except Exception:  # noqa: BLE001 - no hint / no shape env: leave it unproven
+            continue
+    return out
+
+
 def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     gather = _row_gather(d)
     X, topk, sort, routing = _token_matrix(gather)
@@ -236,6 +268,7 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     # (Intern-S1-Pro: top-(K/G) inside each of G groups of a ``[T, G, E/G]`` view), whatever k says.
     xv = tensor_value(X)
     T = prod(xv.shape[:-1]) if xv is not None and xv.dim() >= 2 else None
+    guarded = _guard_same_rows(d.graph, X, T) if routing is not None else []
     per_token = positive_quotient(copies, T) if T is not None else None
     if per_token is None:
         raise RegionError(f"{copies} sorted expert ids are not provably a whole number of copies per token "
@@ -245,7 +278,9 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     K = per_token
     count = _count_exchange(d)
     if routing is not None:
-        return grow_region(d, c, X, T, K, count, None, row_inputs=True, seeds=(routing,))
+        region = grow_region(d, c, X, T, K, count, None, row_inputs=True, seeds=(routing,))
+        region.guards = guarded
+        return region
     return grow_region(d, c, X, T, K, count, topk)
 
 

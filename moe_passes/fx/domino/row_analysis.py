@@ -349,21 +349,92 @@ class RowAnalysis:
         return k
 
     def _drop_row_layout(self, n: fx.Node, args: list[tuple[fx.Node, Kind]]) -> list[tuple[fx.Node, Kind]]:
-        """Received rows meeting layout metadata of those rows (``rows.masked_fill(expert_id >= E, 0)``: the
-        sentinel rows of a padded grouped GEMM; ``rows * ones[order]``): the metadata is per received row and
-        computed from the chunk's counts (the trust boundary of the module docstring, as ``w1[expert_of_row]``),
-        so it is read like an expert weight gathered per row. Any other metadata operand stays and is refused."""
-        if not any(k.tag == "recv" for _, k in args):
+        """Received rows meeting layout metadata *of those rows, in their order* (``rows.masked_fill(sorted_ids >=
+        E, 0)``: the sentinel rows of a padded grouped GEMM, the ids sorted by the same sort that permuted the
+        rows; ``rows * ones[order]``): read per received row, like an expert weight gathered per row (the trust
+        boundary of the module docstring). What makes it sound is the order (``_row_order``): metadata in
+        received order meets rows in received order, metadata permuted by ``p`` meets rows permuted by ``p``.
+        A positional mask (``arange(R) < R // 2``) or ids in another order than the rows stay, and are refused."""
+        recv = [k for _, k in args if k.tag == "recv"]
+        if not recv or len({_identity_index(k.p) for k in recv}) != 1:
             return args
+        order = _identity_index(recv[0].p)
         out = tensor_value(n)
         keep = []
         for a, k in args:
             v = tensor_value(a)
             per_row = (k.tag == "meta" and v is not None and out is not None and v.dim() == out.dim() and v.dim() > 0
-                       and known_equal(v.shape[0], out.shape[0]) and self._from_counts(a))
+                       and known_equal(v.shape[0], out.shape[0]) and self._row_order(a) == ("rows", order))
             if not per_row:
                 keep.append((a, k))
         return keep
+
+    def _row_order(self, a: Any, depth: int = 0) -> tuple[str, Any] | None:
+        """``("rows", None)``: metadata with one entry per received row, in received order: the expert id of each
+        row, ``repeat_interleave(expert_table, counts)`` with the table independent of the rows and the counts
+        exchanged (``_from_counts``); ``("rows", p)``: the same permuted by sort indices ``p`` (``m[p]``, or the
+        values of the sort whose indices are ``p``). Elementwise ops with constants, casts, ``ones_like`` and
+        views that keep dim 0 keep the order. None: anything else (e.g. ``arange(R)``: a row position)."""
+        if not isinstance(a, fx.Node) or depth > 32 or a.op != "call_function":
+            return None
+        k = self.kinds.get(a)
+        if not isinstance(k, Kind) or k.tag != "meta":
+            return None
+        name = op_label(a)
+        if a.target is operator.getitem and isinstance(a.args[0], fx.Node) and op_label(a.args[0]) == "aten.sort" and a.args[1] == 0:
+            src = a.args[0].args[0]
+            sv = tensor_value(src)
+            if sv is not None and sv.dim() == 1 and self._row_order(src, depth + 1) == ("rows", None):
+                users = [u for u in a.args[0].users if u.target is operator.getitem and u.args[1] == 1]
+                return ("rows", users[0]) if len(users) == 1 else None
+            return None
+        if name == "aten.repeat_interleave":
+            table, counts = a.args[0], (a.args[1] if len(a.args) > 1 else a.kwargs.get("repeats"))
+            if isinstance(table, fx.Node) and isinstance(counts, fx.Node) and self._from_counts(counts):
+                return ("rows", None) if self._table_only(table) else None
+            return None
+        if name == "aten.searchsorted":
+            # ``searchsorted(ends, arange(R))``: the count block each received row falls in, with the block ends
+            # computed from the exchanged counts (``recv_counts.cumsum(0)``): the layout itself
+            ends, rows_at = a.args[0], a.args[1]
+            if isinstance(ends, fx.Node) and self._from_counts(ends) and self._is_iota(rows_at):
+                return ("rows", None)
+            return None
+        if name in ("aten.index", "aten._unsafe_index") and isinstance(a.args[1], (list, tuple)) and len(a.args[1]) == 1:
+            p = a.args[1][0]
+            if isinstance(p, fx.Node) and RowAnalysis._is_sort_indices(p) and self._row_order(a.args[0], depth + 1) == ("rows", None):
+                return ("rows", p)
+            return None
+        fam = family_of(a)
+        tensors = [m for m in a.all_input_nodes if tensor_value(m) is not None]
+        if len(tensors) != 1:
+            return None
+        src = tensors[0]
+        sv, av = tensor_value(src), tensor_value(a)
+        if sv is None or av is None or sv.dim() == 0 or av.dim() == 0 or not known_equal(sv.shape[0], av.shape[0]):
+            return None
+        if fam == "pointwise" or name in ("aten.ones_like", "aten.zeros_like", "aten.unsqueeze", "aten.to", "aten._to_copy") \
+                or (fam == "view" and name != "aten.expand"):
+            return self._row_order(src, depth + 1)
+        return None
+
+    def _table_only(self, table: fx.Node) -> bool:
+        """An expert-id table: built from constants and ``arange``/``repeat`` of constant sizes, independent of the
+        rows and of the counts (``arange(local).repeat(ep)``)."""
+        seen: set[fx.Node] = set()
+        stack = [table]
+        while stack:
+            m = stack.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            if m.op != "call_function":
+                return False
+            v = tensor_value(m)
+            if v is not None and any(not isinstance(d, int) for d in v.shape):
+                return False  # sized by the run (a row count): not a fixed table
+            stack.extend(m.all_input_nodes)
+        return True
 
     def _row_input(self, n: fx.Node, a: fx.Node, k: Kind, aligned: bool) -> None:
         """An outside operand that varies along the rows: in whole-layer mode, when the op aligns its dim 0
