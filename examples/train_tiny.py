@@ -131,6 +131,9 @@ def train(rank: int, world_size: int, port: int, backend: str, steps: int, mode:
                       f"({time.perf_counter() - start:.2f}s, backend={backend})", flush=True)
         if rank == 0 and hasattr(compiler, "summary"):
             print(compiler.summary(), flush=True)
+        # leave together: a rank tearing gloo down while its peer is still printing was seen to abort at exit
+        # ("terminate called without an active exception") on a loaded 2-core machine
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
