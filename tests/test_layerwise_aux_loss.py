@@ -65,16 +65,17 @@ def assert_same(ref: tuple[torch.Tensor, dict], new: tuple[torch.Tensor, dict], 
         torch.testing.assert_close(new[1][name], r, rtol=GRAD_RTOL, atol=atol, msg=lambda m: f"{what}: grad {name}: {m}")
 
 
-def compiled_backend() -> Any:
+def compiled_backend(lowering: str = "inductor") -> Any:
     from moe_passes import make_backend
 
-    return make_backend(passes=("layerwise_aux_loss",))
+    return make_backend(passes=("layerwise_aux_loss",), lowering=lowering)
 
 
 def check_variants(ep_group: dist.ProcessGroup | None, seed: int, variants: list[tuple[bool, bool]],
-                   compiled_variants: tuple[tuple[bool, bool], ...] = ((False, False), (True, True))) -> dict[str, Any]:
+                   compiled_variants: tuple[tuple[bool, bool], ...] = ((False, False), (True, True)),
+                   lowering: str = "inductor") -> dict[str, Any]:
     """For each (padded, global) variant: reference eager vs rewritten graph run eagerly and, for
-    ``compiled_variants`` (Inductor compiles are the slow part), compiled by the backend."""
+    ``compiled_variants`` (Inductor compiles are the slow part), compiled by the backend (``lowering``)."""
     report: dict[str, Any] = {}
     rank = dist.get_rank() if dist.is_initialized() else 0
     for padded, global_stats in variants:
@@ -82,7 +83,7 @@ def check_variants(ep_group: dist.ProcessGroup | None, seed: int, variants: list
         with_inductor = (padded, global_stats) in compiled_variants
         model = make_model(seed, ep_group=ep_group, global_stats=global_stats)
         twin = make_model(seed, ep_group=ep_group, global_stats=global_stats)  # same weights, own grads
-        eager_pass, inductor = PassThenEager(), compiled_backend()
+        eager_pass, inductor = PassThenEager(), compiled_backend(lowering)
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             torch._dynamo.reset()
             rewritten = torch.compile(model, backend=eager_pass, fullgraph=True)
@@ -104,9 +105,17 @@ def check_variants(ep_group: dist.ProcessGroup | None, seed: int, variants: list
 ALL_VARIANTS = [(False, False), (True, False), (False, True), (True, True)]
 
 
+#: Lowering of the backend's compiles per world size. Inductor's numerics with the pass are proven on 1 and 2
+#: ranks; 4 ranks prove what the world size changes (the global statistics' all-reduces over 4 peers, merged
+#: by the pass, exact on every rank) through AOTAutograd without Inductor. 4 ranks alone, cold cache, loaded
+#: 2-core machine: 189 s wall / 158 s CPU with Inductor -> 45 s / 84 s.
+LOWERING = {1: "inductor", 2: "inductor", 4: "aot_eager"}
+
+
 def distributed_check(rank: int, world_size: int) -> dict[str, Any]:
     torch._dynamo.config.capture_scalar_outputs = True
-    return check_variants(dist.group.WORLD if world_size > 1 else None, seed=7, variants=ALL_VARIANTS)
+    return check_variants(dist.group.WORLD if world_size > 1 else None, seed=7, variants=ALL_VARIANTS,
+                          lowering=LOWERING[world_size])
 
 
 # -- single-process equivalence ---------------------------------------------------
@@ -126,7 +135,8 @@ def test_rewritten_graph_matches_the_unmodified_model(padded: bool) -> None:
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.slow  # real gloo ranks, a cold Inductor compile per rank and variant (64 s on 2 ranks here)
 def test_equivalence_on_real_gloo_ranks(world_size: int) -> None:
-    """Every variant (padding x global statistics), eager and compiled, on every rank."""
+    """Every variant (padding x global statistics), eager and compiled (lowered by ``LOWERING[world_size]``),
+    on every rank."""
     results = run_distributed(distributed_check, world_size, timeout_s=600)
     for rank, report in enumerate(results):
         assert set(report) == {f"padded={p},global={g}" for p, g in ALL_VARIANTS}, f"rank {rank}: {report}"
