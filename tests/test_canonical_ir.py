@@ -239,3 +239,14 @@ def test_dtensor_parameters_read_through_to_local_keep_the_aten_ir() -> None:
 def test_a_dtensor_input_used_otherwise_is_refused_with_the_reason() -> None:
     gm, error, _ = _dtensor_graph(lambda x, w: (x @ w.full_tensor()[:8]).sin().sum())
     assert error is not None and "not only through .to_local()" in error, error
+
+
+def test_an_empty_graph_has_no_gradient_path_to_check() -> None:
+    """Dynamo emits graphs with no inputs and no outputs between two breaks (transformers' native EP under
+    FSDP2 does): nothing can lose a gradient there, so it is not a canonical-IR error."""
+    from moe_passes.ir.autograd import changed_gradient_inputs
+
+    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    gm.graph.output(())
+    gm.recompile()
+    assert changed_gradient_inputs(gm, gm) == []

@@ -151,7 +151,11 @@ def changed_gradient_inputs(before: fx.GraphModule, after: fx.GraphModule) -> li
     fake values)."""
     placeholders = list(before.graph.find_nodes(op="placeholder"))
     inputs = [_input_value(n) for n in placeholders]
-    if any(v is None for v in inputs) or not any(isinstance(v, FakeTensor) for v in inputs):
+    if any(v is None for v in inputs):
+        return None
+    if not any(isinstance(v, torch.Tensor) for v in inputs):
+        return []  # no tensor inputs (an empty graph Dynamo emitted between two breaks, or sizes only): no gradient paths
+    if not any(isinstance(v, FakeTensor) for v in inputs):
         return None
     changed = differentiable_inputs(before, inputs) ^ differentiable_inputs(after, inputs)
     return [placeholders[i].name for i in sorted(changed)]
