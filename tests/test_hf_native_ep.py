@@ -134,6 +134,11 @@ def _rank(rank: int, world: int, path: str, family: str, compile_as: str, force:
 
 def _check(per_rank: list[dict[str, Any]], expect_chunked: bool = True) -> None:
     print(per_rank[0]["text"])
+    worst_loss = max(abs(st["loss"][1] - st["loss"][0]) / abs(st["loss"][0]) for out in per_rank for st in out["steps"])
+    worst_grad = max(st["worst"][1] for out in per_rank for st in out["steps"])
+    print(f"{len(per_rank)} ranks x {len(per_rank[0]['steps'])} steps: loss rel diff <= {worst_loss:.2e}, "
+          f"worst gradient <= {worst_grad:.2e} of its scale; regions chunked per rank "
+          f"{[out['summary']['domino_ep']['regions_chunked'] for out in per_rank]}")
     for rank, out in enumerate(per_rank):
         for i, st in enumerate(out["steps"], 1):
             l0, l1 = st["loss"]
