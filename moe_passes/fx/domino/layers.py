@@ -38,8 +38,8 @@ from typing import Any
 import torch.fx as fx
 
 from moe_passes.fx.domino.kinds import Unproven
-from moe_passes.fx.domino.regions import MoERegion, RegionError, _ancestors, _descendants, grow_region
-from moe_passes.ir.facts import known_equal, tensor_value
+from moe_passes.fx.domino.regions import MoERegion, RegionError, grow_region
+from moe_passes.ir.facts import ancestors, descendants, known_equal, tensor_value
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _candidates(region: MoERegion, after: int, order: dict[fx.Node, int]) -> lis
     """(A, B): floating ``[B, S, ...]`` ancestors of the token matrix with ``B * S`` its token count."""
     T = region.num_tokens
     out = []
-    for a in _ancestors([region.tokens]):
+    for a in ancestors([region.tokens]):
         if order[a] <= after or a.op not in ("call_function", "placeholder"):
             continue
         v = tensor_value(a)
@@ -76,8 +76,8 @@ def layer_start(region: MoERegion, after: int, taken: set[fx.Node]) -> tuple[MoE
                       f"{region.tokens.name} (tokens not laid out as whole sequences)")
     if all(isinstance(B, int) and B == 1 for _, B in cands):
         return None, "one sequence per rank (batch 1, e.g. packed sequences): nothing to split along the batch"
-    back = _ancestors([region.combine])
-    sized = sorted(((len(_descendants(a) & back), a, B) for a, B in cands if not (isinstance(B, int) and B == 1)),
+    back = ancestors([region.combine])
+    sized = sorted(((len(descendants(a) & back), a, B) for a, B in cands if not (isinstance(B, int) and B == 1)),
                    key=lambda t: (-t[0], order[t[1]]))
     reasons: list[str] = []
     for _size, a, B in sized[:MAX_CANDIDATES]:
@@ -128,7 +128,7 @@ def layer_regions(regions: list[MoERegion]) -> tuple[list[MoERegion], dict[str, 
     final: list[MoERegion] = []
     for i, r in enumerate(chosen):
         nxt = chosen[i + 1].tokens if i + 1 < len(chosen) else None
-        stop = frozenset(_descendants(nxt) - {nxt}) if nxt is not None else frozenset()
+        stop = frozenset(descendants(nxt) - {nxt}) if nxt is not None else frozenset()
         if nxt is not None and set(r.nodes) & stop:
             r2 = grow_region(r.dispatch, r.combine, r.tokens, r.num_tokens, r.top_k, r.count_exchange, r.topk,
                              row_inputs=r.mode == "layer" or bool(r.seeds), stop=stop, mode=r.mode, seeds=r.seeds)

@@ -32,6 +32,8 @@ from moe_passes.fx.domino.kinds import Kind, Unproven, positive_quotient
 from moe_passes.fx.domino.row_analysis import RowAnalysis, at_source
 from moe_passes.ir.facts import (
     all_to_all_split_args,
+    ancestors,
+    descendants,
     has_node,
     is_all_to_all,
     is_inplace_c10d,
@@ -124,37 +126,13 @@ def pair_all_to_alls(graph: fx.Graph) -> tuple[list[tuple[fx.Node, fx.Node]], li
     return pairs, [n for n in token if n not in used]
 
 
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.users)
-    return seen
-
-
 def _count_exchange(dispatch: fx.Node) -> fx.Node | None:
     """The all-to-all whose received counts give the dispatch's split sizes."""
     splits = all_to_all_split_args(dispatch) or ()
     starts: list[fx.Node] = []
     for s in splits:
         fx.map_arg(s, lambda a: starts.append(a) or a)
-    for n in _ancestors(starts):
+    for n in ancestors(starts):
         if is_wait(n) and isinstance(n.args[0], fx.Node) and is_all_to_all(n.args[0]):
             return n.args[0]
         if is_all_to_all(n) and not has_node((all_to_all_split_args(n) or (None, None))):
@@ -177,7 +155,7 @@ def _row_gather(dispatch: fx.Node) -> fx.Node:
         seen.add(n)
         if op_label(n) in ("aten.index", "aten._unsafe_index") and isinstance(n.args[1], (list, tuple)):
             idx = [i for i in n.args[1] if i is not None]
-            if len(idx) == 1 and isinstance(idx[0], fx.Node) and any(_is_sort(a) for a in _ancestors([idx[0]])):
+            if len(idx) == 1 and isinstance(idx[0], fx.Node) and any(_is_sort(a) for a in ancestors([idx[0]])):
                 return n
         if n.op == "call_function" and not is_all_to_all(n):
             stack.extend(n.all_input_nodes)
@@ -201,11 +179,11 @@ def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node, fx
     gathered matrix and the ids come from a graph input, which becomes a token-row input of the region."""
     order = {n: i for i, n in enumerate(gather.graph.nodes)}
     index = next(i for i in gather.args[1] if i is not None)
-    sorts = [a for a in _ancestors([index]) if _is_sort(a) and tensor_value(a.args[0]) is not None and tensor_value(a.args[0]).dim() == 1]
+    sorts = [a for a in ancestors([index]) if _is_sort(a) and tensor_value(a.args[0]) is not None and tensor_value(a.args[0]).dim() == 1]
     if not sorts:
         raise RegionError(f"the gather index {index.name} is not derived from a sort of 1-D expert ids")
     sort = max(sorts, key=order.__getitem__)
-    topks = [a for a in _ancestors([sort]) if is_topk(a)]
+    topks = [a for a in ancestors([sort]) if is_topk(a)]
     if not topks:
         routing = _routing_input(sort)
         src = gather.args[0]
@@ -214,7 +192,7 @@ def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node, fx
                                               "nor from a graph input (the router is not in this graph)"))
         return src, None, sort, routing
     topk = max(topks, key=order.__getitem__)
-    router_inputs = _ancestors([topk])
+    router_inputs = ancestors([topk])
     n: Any = gather.args[0]
     while isinstance(n, fx.Node):
         if n in router_inputs:
@@ -294,19 +272,19 @@ def grow_region(d: fx.Node, c: fx.Node, X: fx.Node, T: Any, K: int, count: fx.No
     arriving as an input: its dim 0 must be X's rows; the analysis proves the rest, jointly with X)."""
     graph = d.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    desc = _descendants(X)
+    desc = descendants(X)
     for required, what in ((d, "dispatch"), (c, "combine"), (topk, "router top-k")):
         if required is not None and required not in desc:
             raise RegionError(f"{what} {required.name} does not depend on the token matrix {X.name}")
     roots = {X, *seeds}
     for s in seeds:
-        desc |= _descendants(s)
-    core = (desc & _ancestors([c])) - roots
+        desc |= descendants(s)
+    core = (desc & ancestors([c])) - roots
     while True:  # in-place writers of core values (``buf[perm] = rows`` then ``buf`` is read) belong to the core
         writers = {u for n in core for u in n.users if u not in core and n in mutated_args(u)}
         if not writers:
             break
-        core |= (desc & _ancestors(list(writers))) - roots
+        core |= (desc & ancestors(list(writers))) - roots
     private = private_buffers(core, desc)
     core |= private
     for n in core:

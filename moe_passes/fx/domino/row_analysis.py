@@ -41,6 +41,7 @@ import torch.fx as fx
 from moe_passes.fx.domino.kinds import ADD, BLOCKED, DATA_TAGS, META, NONE, Kind, Unproven, divides, lead_of, row, token_prefix
 from moe_passes.ir import rows
 from moe_passes.ir.facts import (
+    ancestors,
     functional_form,
     is_all_to_all,
     is_grouped_mm,
@@ -419,21 +420,12 @@ class RowAnalysis:
         return None
 
     def _table_only(self, table: fx.Node) -> bool:
-        """An expert-id table: built from constants and ``arange``/``repeat`` of constant sizes, independent of the
-        rows and of the counts (``arange(local).repeat(ep)``)."""
-        seen: set[fx.Node] = set()
-        stack = [table]
-        while stack:
-            m = stack.pop()
-            if m in seen:
-                continue
-            seen.add(m)
-            if m.op != "call_function":
-                return False
+        """An expert-id table: computed (no graph input read) with sizes fixed by the program, independent of
+        the rows and of the counts (``arange(local).repeat(ep)``)."""
+        for m in ancestors([table]):
             v = tensor_value(m)
-            if v is not None and any(not isinstance(d, int) for d in v.shape):
-                return False  # sized by the run (a row count): not a fixed table
-            stack.extend(m.all_input_nodes)
+            if m.op != "call_function" or (v is not None and any(not isinstance(d, int) for d in v.shape)):
+                return False  # an input, or sized by the run (a row count): not a fixed table
         return True
 
     def _row_input(self, n: fx.Node, a: fx.Node, k: Kind, aligned: bool) -> None:

@@ -78,3 +78,27 @@ def source_line(node: fx.Node) -> str | None:
         code = lines[i + 1].strip()
     where = f"{path.rsplit('/', 1)[-1]}:{lineno}"
     return f"{where} ({code})" if code and not set(code) <= set("^~ ") else where
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they read, transitively."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node that reads it, transitively."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen
