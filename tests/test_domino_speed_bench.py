@@ -10,6 +10,7 @@ from moe_passes.bench.speed import (
     DECODER_VARIANTS,
     VARIANTS,
     combine,
+    compute_cpu_notes,
     contention_notes,
     decoder_shape,
     exposed_us,
@@ -81,6 +82,54 @@ def test_ideal_bound_and_peak_are_computed_per_row_against_the_same_models_induc
     assert contention_notes(list(rows.values())) == [
         "decoder: compute with the ranks at once / one rank alone = 150.0 / 75.0 ms = 2.00 (1: a core per rank; "
         "higher: the ranks share cores)"]
+
+
+def test_compute_cpu_time_takes_the_slowest_rank_and_is_noted_against_inductor() -> None:
+    """compute_cpu_ms (the stepping thread's CPU time, load-insensitive) and the page faults: max over ranks; the
+    note gives each row over its model's Inductor row."""
+    decoder = [dict(_cell(v, 200.0, 80.0, model="decoder"), compute_cpu_ms=200.0, compute_faults=10) for v in DECODER_VARIANTS]
+    other = [dict(c) for c in decoder]
+    other[0] = dict(decoder[0], compute_cpu_ms=220.0, compute_faults=9000)
+    other[1] = dict(decoder[1], compute_cpu_ms=187.0)
+    rows = combine([decoder, other])
+    assert rows[0]["compute_cpu_ms"] == 220.0 and rows[0]["compute_faults"] == 9000
+    (note,) = compute_cpu_notes(rows)
+    assert note.startswith("decoder: compute CPU time") and "inductor 220.0 ms (1.00x, 9000 page faults)" in note
+    assert "domino_moe_n2 200.0 ms (0.91x, 10 page faults)" in note
+    assert compute_cpu_notes([dict(r, compute_cpu_ms=None) for r in rows]) == []  # CUDA rows: no CPU-time note
+
+
+def test_a_models_variants_are_all_prepared_then_sampled_in_rotating_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of one model are sampled under the same load: every variant compiled first, then each round samples
+    each variant once (order rotating); a variant failing to compile keeps its error, the others are measured."""
+    import torch.distributed as dist
+
+    import moe_passes.bench.speed as speed
+
+    calls: list[tuple[str, str, int]] = []
+
+    class P:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    def prepare(rank, options, model, name, group):  # noqa: ANN001, ANN202
+        calls.append(("prepare", name, -1))
+        if name == "domino_moe_n4":
+            raise RuntimeError("no compile here")
+        return P(name)
+
+    monkeypatch.setattr(speed, "_prepare", prepare)
+    monkeypatch.setattr(speed, "_sample", lambda p, i, group, device: calls.append(("sample", p.name, i)))
+    monkeypatch.setattr(speed, "_finish", lambda p, rank, options, group: {"variant": p.name, "note": ""})
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: None)
+    names = ["inductor", "domino_moe_n2", "domino_moe_n4", "domino_layer_n2"]
+    cells = speed._measure_model(0, BenchOptions(steps=3), "decoder", names, None)
+    assert [c["variant"] for c in cells] == names
+    assert cells[2]["note"].startswith("failed: RuntimeError: no compile here") and cells[0]["note"] == ""
+    assert [c[0] for c in calls[:4]] == ["prepare"] * 4 and all(c[0] == "sample" for c in calls[4:])
+    rounds = [[n for what, n, i in calls if what == "sample" and i == r] for r in range(3)]
+    assert rounds == [["inductor", "domino_moe_n2", "domino_layer_n2"], ["domino_moe_n2", "domino_layer_n2", "inductor"],
+                      ["domino_layer_n2", "inductor", "domino_moe_n2"]]
 
 
 def test_the_decoder_model_splits_along_a_batch_of_sequences_and_variants_filter() -> None:

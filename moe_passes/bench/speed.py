@@ -50,9 +50,29 @@ Per row (the slowest rank for each number; ranks are barrier-aligned):
   (``_c10d_functional::all_to_all_single`` with its split sizes and dtype, from
   ``record_shapes``) replayed in the same order with the same sizes on the real
   group, all issued, then all waited, no compute.
-- The timed steps, the compute steps and the replays are interleaved (step,
-  compute step, replay; ``--steps`` times, medians), so the load of a shared
-  machine weighs on all three alike.
+- ``compute_cpu_ms`` (json, CPU only): the CPU time of the stepping thread in
+  those compute steps (CPU autograd and the local copies run on it): the
+  compute's own work, which other processes' load hardly changes; the notes
+  give each row's over the Inductor row's, with ``compute_faults``, the minor
+  page faults per compute step. On glibc's default allocator, buffers above
+  its mmap threshold are mapped fresh (zero-filled pages) in every step: the
+  decoder's unchunked [16384, 256] fp32 exchange buffers (16 MiB) take ~10k
+  faults per step and rank, its chunked rows fewer. Measured on a 2-core box,
+  a chunked row's compute CPU over Inductor's was 0.83x in one run and 1.08x
+  in another; with ``MALLOC_MMAP_THRESHOLD_=33554432
+  MALLOC_TRIM_THRESHOLD_=4294967296`` in the environment (the ranks inherit
+  it) Inductor and domino_moe_n2 were equal. Differences of that size are the
+  allocator, not the compute (CUDA's caching allocator has no such cost).
+- Interleaved: every variant of a model is compiled and warmed up first (each
+  its own model instance and compiled step, all alive), then ``--steps``
+  rounds take one sample of each variant in turn (step, compute step, replay;
+  the variants' order rotating each round; medians). So the load of a shared
+  machine weighs on the three numbers of a row AND on the rows of a model
+  alike: the ratios between rows are taken under the same load. (Measured one
+  variant after the other, minutes apart, they were not: on this 2-core box
+  the Inductor row's compute ranged 178 to 1934 ms over runs of one day, and
+  one run put the Domino rows' compute 2.5x below it, another 1.6x above,
+  while interleaved runs give each row's compute CPU within 0.8x-1.2x of it.)
 - ``peak_MiB``: peak memory of one step above what was live before it, as the
   memory section measures it (``moe_passes.bench.memory.peak_bytes_of``): on
   CPU the profiler's allocator events (``profile_memory=True``, every thread of
@@ -384,25 +404,36 @@ def _domino_note(backend: Any) -> str:
     return "; ".join(lines)[:300]
 
 
-def _measure(rank: int, options: BenchOptions, model_name: str, name: str, group: Any) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Prepared:
+    """One variant compiled, warmed up and ready to be sampled: its step, the all-to-alls to replay, its samples."""
+
+    model: str
+    name: str
+    variant: Variant
+    step: Callable[[int], None]
+    first_s: float
+    calls: list[tuple[tuple[int, ...], str, list[int], list[int]]]
+    buffers: list[tuple[Any, ...]]
+    samples: dict[str, list[float]] = dataclasses.field(
+        default_factory=lambda: {"step": [], "compute": [], "compute_cpu": [], "compute_faults": [], "comm": []})
+
+
+def _prepare(rank: int, options: BenchOptions, model_name: str, name: str, group: Any) -> _Prepared:
+    """Build, compile and warm up one variant; profile one step (its all-to-alls, and the Chrome trace); allocate
+    the replay buffers; run the first step on local copies (new split sizes), which is not counted."""
     import torch
     import torch.distributed as dist
 
-    from moe_passes.bench.memory import peak_bytes_of
     from moe_passes.bench.timeline import BACKWARD, FORWARD, OPTIMIZER, STEP, trace_path
 
     device = options.device
-    torch._dynamo.reset()
     variant = _variant(name)
     model = _build_model(model_name, options, group)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     step_fn = variant.wrap(model)
     inputs = _inputs(model_name, options, rank)
     record = torch.profiler.record_function
-
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
 
     def step(i: int) -> None:
         with record(STEP):
@@ -413,13 +444,8 @@ def _measure(rank: int, options: BenchOptions, model_name: str, name: str, group
                 loss.backward()
             with record(OPTIMIZER):
                 opt.step()
-        sync()
-
-    def timed(i: int) -> float:
-        dist.barrier()
-        t = time.perf_counter()
-        step(i)
-        return time.perf_counter() - t
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     dist.barrier()
     t0 = time.perf_counter()
@@ -428,8 +454,7 @@ def _measure(rank: int, options: BenchOptions, model_name: str, name: str, group
         first = time.perf_counter() - t0
         for i in range(1, options.warmup):
             step(i)
-    on_gpu = device.startswith("cuda")
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     # One step with shapes: the all-to-alls to replay without compute, and the Chrome trace.
     dist.barrier()
     with quiet_profiler_stderr(), torch.profiler.profile(activities=activities, record_shapes=True) as prof:
@@ -437,55 +462,151 @@ def _measure(rank: int, options: BenchOptions, model_name: str, name: str, group
     calls = recorded_exchanges(prof)
     if options.trace_dir:
         prof.export_chrome_trace(str(trace_path(options.trace_dir, model_name, name, rank)))
-    buffers = replay_buffers(calls, device)
+    prepared = _Prepared(model_name, name, variant, step, first, calls, replay_buffers(calls, device))
     with local_collectives(group):
-        timed(1)  # the first step on local copies (new split sizes) is not counted
-    # Step, compute (local copies) and communication (replay) interleaved, so a shared machine's load
-    # changes hit all three alike.
-    steps, computes, comms = [], [], []
-    for i in range(options.steps):
-        steps.append(timed(i))
-        with local_collectives(group):
-            computes.append(timed(i))
-        comms.append(replay_seconds(buffers, group, device) if buffers else 0.0)
-    del buffers
+        _timed(prepared, 1)
+    return prepared
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this thread so far (Linux; 0 elsewhere)."""
+    import resource
+
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return resource.getrusage(who).ru_minflt if who is not None else 0
+
+
+def _timed(p: _Prepared, i: int) -> tuple[float, float, int]:
+    """(wall s, CPU s of this thread, minor page faults of this thread) of one barrier-aligned step. The CPU time
+    is the step's own work wherever it all runs on the stepping thread (CPU autograd, local-copy all-to-alls):
+    what other processes on the machine do weighs on the wall time, hardly on it."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t, c, f = time.perf_counter(), time.thread_time(), _minor_faults()
+    p.step(i)
+    return time.perf_counter() - t, time.thread_time() - c, _minor_faults() - f
+
+
+def _sample(p: _Prepared, i: int, group: Any, device: str) -> None:
+    """One sample of each: the step, the step on local copies (compute), the all-to-alls replayed alone (comm)."""
+    p.samples["step"].append(_timed(p, i)[0])
+    with local_collectives(group):
+        wall, cpu, faults = _timed(p, i)
+    p.samples["compute"].append(wall)
+    p.samples["compute_cpu"].append(cpu)
+    p.samples["compute_faults"].append(faults)
+    p.samples["comm"].append(replay_seconds(p.buffers, group, device) if p.buffers else 0.0)
+
+
+def _finish(p: _Prepared, rank: int, options: BenchOptions, group: Any) -> dict[str, Any]:
+    """After the interleaved samples: the Inductor row's compute one rank at a time, the exposed all-to-all
+    (profiled steps), the peak memory; the row of this rank."""
+    import torch
+    import torch.distributed as dist
+
+    from moe_passes.bench.memory import peak_bytes_of
+
+    device = options.device
+    on_gpu = device.startswith("cuda")
+    p.buffers = []
     alone = []
-    if name == "inductor":  # the baseline also times its compute one rank at a time: how much the ranks contend
+    if p.name == "inductor":  # the baseline also times its compute one rank at a time: how much the ranks contend
         for i in range(min(3, options.steps)):
             for r in range(dist.get_world_size(group)):
                 dist.barrier()
                 if r == dist.get_rank(group):
                     with local_collectives(group):
                         t = time.perf_counter()
-                        step(i)
+                        p.step(i)
                         alone.append(time.perf_counter() - t)
-    median = statistics.median(steps)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     waits = []
     for i in range(min(3, options.steps)):
         dist.barrier()
         with quiet_profiler_stderr(), torch.profiler.profile(activities=activities) as prof:
-            step(i)
+            p.step(i)
         waits.append(_gpu_exposed_ms(prof) if on_gpu else _wait_ms(prof))
     dist.barrier()
-    peak = peak_bytes_of(lambda: step(0), torch.device(device))
-    compute, comm = statistics.median(computes), statistics.median(comms)
-    notes = [n for n in (variant.note, _domino_note(variant.backend)) if n]
+    peak = peak_bytes_of(lambda: p.step(0), torch.device(device))
+    s = p.samples
+    median = statistics.median(s["step"])
+    notes = [n for n in (p.variant.note, _domino_note(p.variant.backend)) if n]
     return {
-        "model": model_name,
-        "variant": name,
+        "model": p.model,
+        "variant": p.name,
         "step_ms": median * 1000.0,
         "exposed_comm_ms": statistics.median(waits),
-        "predicted_exposed_ms": predicted_exposed_ms(variant.backend, device),
-        "compute_ms": compute * 1000.0,
-        "comm_ms": comm * 1000.0,
+        "predicted_exposed_ms": predicted_exposed_ms(p.variant.backend, device),
+        "compute_ms": statistics.median(s["compute"]) * 1000.0,
+        "compute_cpu_ms": None if on_gpu else statistics.median(s["compute_cpu"]) * 1000.0,
+        "compute_faults": None if on_gpu else int(statistics.median(s["compute_faults"])),
+        "comm_ms": statistics.median(s["comm"]) * 1000.0,
         "peak_bytes": peak,
-        "compile_s": max(0.0, first - median) if name != "eager" else 0.0,
-        "all_to_alls": len(calls),
+        "compile_s": max(0.0, p.first_s - median) if p.name != "eager" else 0.0,
+        "all_to_alls": len(p.calls),
         "compute_alone_ms": statistics.median(alone) * 1000.0 if alone else None,
-        "samples_ms": {"step": [round(t * 1000.0, 1) for t in steps], "compute": [round(t * 1000.0, 1) for t in computes],
-                       "comm": [round(t * 1000.0, 1) for t in comms]},
+        "samples_ms": {k: [round(t * 1000.0, 1) for t in v] for k, v in s.items() if k != "compute_faults"},
         "note": "; ".join(notes),
     }
+
+
+def _measure_model(rank: int, options: BenchOptions, model_name: str, names: list[str], group: Any,
+                   lock_path: str | None = None, say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Every variant of one model, one row each in ``names``' order, sampled in rounds.
+
+    All variants are compiled and warmed up first (one model instance and compiled step each, alive together);
+    then ``--steps`` rounds take one sample of every variant (step, compute, comm), the variants' order rotating
+    each round. The ratios between rows (``step_vs_inductor``, ``ideal_vs_inductor``) are thereby taken under
+    the same load: measured one variant after the other, minutes apart, the rows of one run differed by the
+    load of whatever else ran on a shared machine meanwhile (the Inductor row's compute, same config, measured
+    178 to 1934 ms in runs of the same day while the stepping thread's CPU time stayed about 220 ms).
+    A variant that fails (compiling, or in a round) keeps its error in its row; the others go on.
+    """
+    import torch
+    import torch.distributed as dist
+
+    torch._dynamo.reset()
+    cells: dict[str, dict[str, Any]] = {}
+    ready: list[_Prepared] = []
+    # every variant's step is a cache entry of the same forward code (a backend each): room for all of them
+    limit = max(torch._dynamo.config.recompile_limit, 4 * len(names))
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for j, name in enumerate(names):
+            if say:
+                say(f"{model_name}: compiling variant {j + 1}/{len(names)} {name}")
+            try:
+                with compiles_one_rank_at_a_time(lock_path) if lock_path else contextlib.nullcontext():
+                    ready.append(_prepare(rank, options, model_name, name, group))
+            except Exception as e:  # a variant that cannot run on this machine says so in its row
+                cells[name] = _failed_cell(model_name, name, e)
+                dist.barrier()
+        if say:
+            say(f"{model_name}: sampling {len(ready)} variant(s) in {options.steps} interleaved round(s)")
+        for i in range(options.steps):
+            k = i % len(ready) if ready else 0
+            for p in ready[k:] + ready[:k]:
+                if p.name in cells:
+                    continue
+                try:
+                    _sample(p, i, group, options.device)
+                except Exception as e:
+                    cells[p.name] = _failed_cell(model_name, p.name, e)
+                    dist.barrier()
+        for p in ready:
+            if p.name in cells:
+                continue
+            try:
+                cells[p.name] = _finish(p, rank, options, group)
+            except Exception as e:
+                cells[p.name] = _failed_cell(model_name, p.name, e)
+                dist.barrier()
+    return [cells[name] for name in names]
+
+
+def _measure(rank: int, options: BenchOptions, model_name: str, name: str, group: Any) -> dict[str, Any]:
+    """One variant alone (its row; a failure is in the row's note)."""
+    return _measure_model(rank, options, model_name, [name], group)[0]
 
 
 def _failed_cell(model: str, name: str, error: BaseException) -> dict[str, Any]:
@@ -534,15 +655,14 @@ def _rank_main(rank: int, world_size: int, port: int, options: BenchOptions, out
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=600))
         todo = plan(options)
-        for i, (model, name) in enumerate(todo):
+
+        def say(line: str) -> None:
             with open(Path(outdir) / f"rank{rank}.progress", "a") as f:  # the parent relays these lines
-                f.write(f"rank {rank + 1}/{world_size}: variant {i + 1}/{len(todo)} {model}/{name}\n")
-            try:
-                with compiles_one_rank_at_a_time(str(Path(outdir) / "inductor.lock")):
-                    rows.append(_measure(rank, options, model, name, dist.group.WORLD))
-            except Exception as e:  # a variant that cannot run on this machine says so in its row
-                rows.append(_failed_cell(model, name, e))
-                dist.barrier()
+                f.write(f"rank {rank + 1}/{world_size}: {line}\n")
+
+        for model in dict.fromkeys(m for m, _ in todo):
+            names = [v for m, v in todo if m == model]
+            rows += _measure_model(rank, options, model, names, dist.group.WORLD, str(Path(outdir) / "inductor.lock"), say)
         result: Any = ("ok", rows)
         dist.destroy_process_group()
     except BaseException:
@@ -624,6 +744,9 @@ def combine(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         row["samples_ms"] = [c.get("samples_ms") for c in cells]  # per rank, in the json only
         alone = [c.get("compute_alone_ms") for c in cells]
         row["compute_alone_ms"] = max(alone) if all(a is not None for a in alone) else None
+        for col in ("compute_cpu_ms", "compute_faults"):
+            got = [c.get(col) for c in cells]
+            row[col] = max(got) if all(a is not None for a in got) else None
         row["note"] = cells[0]["note"]
         rows.append(row)
     for r in rows:
@@ -636,7 +759,7 @@ def combine(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         r["peak_vs_inductor"] = _ratio(r["peak_MiB"], base.get("peak_MiB"))
     for r in rows:
         for col in ("step_ms", "exposed_comm_ms", "predicted_exposed_ms", "compute_ms", "comm_ms", "ideal_ms", "peak_MiB",
-                    "compile_s", "compute_alone_ms"):
+                    "compile_s", "compute_alone_ms", "compute_cpu_ms"):
             if r.get(col) is not None:
                 r[col] = round(r[col], 2)
     return rows
@@ -652,6 +775,21 @@ def contention_notes(rows: list[dict[str, Any]]) -> list[str]:
             notes.append(f"{r['model']}: compute with the ranks at once / one rank alone = "
                          f"{r['compute_ms']} / {r['compute_alone_ms']} ms = {r['compute_ms'] / r['compute_alone_ms']:.2f}"
                          " (1: a core per rank; higher: the ranks share cores)")
+    return notes
+
+
+def compute_cpu_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model, each row's ``compute_cpu_ms`` (the stepping thread's CPU time in the compute steps, slowest
+    rank) over the Inductor row's: what chunking does to the compute itself, apart from the machine's load."""
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model and r.get("compute_cpu_ms") is not None]
+        base = next((r["compute_cpu_ms"] for r in mine if r["variant"] == "inductor"), None)
+        if base:
+            parts = [f"{r['variant']} {r['compute_cpu_ms']} ms ({r['compute_cpu_ms'] / base:.2f}x, "
+                     f"{r.get('compute_faults')} page faults)" for r in mine]
+            notes.append(f"{model}: compute CPU time (stepping thread, slowest rank; load-insensitive) and minor page "
+                         "faults per compute step: " + ", ".join(parts))
     return notes
 
 
@@ -713,7 +851,8 @@ def run(options: BenchOptions) -> BenchSection:
         f"M-RoPE, causal; SparseMoeBlock {dd['experts']} experts top-{dd['top_k']}, expert intermediate {dd['ffn']}), "
         f"hidden {dd['hidden']}, {dd['batch']} sequences x {dd['seq']} tokens per rank",
         f"{options.world_size} ranks, device {options.device}, 1 compute thread per rank; "
-        f"step = forward + backward + SGD step, median of {options.steps} after {options.warmup} warm-up; "
+        f"step = forward + backward + SGD step, median of {options.steps} after {options.warmup} warm-up, "
+        "a model's variants sampled in interleaved rounds; "
         + ("exposed comm = NCCL kernel time not overlapped by compute kernels (CUDA profiler, median of 3 steps); "
            if on_gpu else
            "exposed comm = time in wait_tensor on the stepping thread (profiler, median of 3 steps); ")
@@ -725,6 +864,7 @@ def run(options: BenchOptions) -> BenchSection:
         + " over one step, vs the model's Inductor row",
         "targets (moe_only): exposed_vs_inductor <= 0.4 and step_vs_inductor <= 0.85 for the domino rows",
         *contention_notes(rows),
+        *compute_cpu_notes(rows),
         *target_notes(rows),
     ]
     if options.trace_dir:
