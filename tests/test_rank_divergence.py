@@ -15,16 +15,22 @@ reference model at different lengths, the forced divergent decision) share one
 ``_part``): each rank process pays its start-up and Inductor's first-compile
 set-up once instead of three times, and the forced decision's rank 0 graph is
 the small stack's first graph (an FX-graph-cache hit).  Each run is recorded
-apart, with its traceback if it raised, and read by its own test; the forced
-decision runs last (it patches the pass on rank 1).  The file alone, cold
-Inductor cache, 2-core machine (load 2): 255 s wall / 298 s CPU as three process
-groups -> 151 s / 228 s as one.
+apart, with its traceback if it raised, and read by its own test (should a run
+kill the process group, by a hang or a dead rank, the runs finished before it
+still report); the forced decision runs last (it patches the pass on rank 1 and
+is the run most likely to hang if the rank check regresses).  The file alone, cold
+Inductor cache, 2-core machine, back to back: 255 s wall / 298 s CPU as three
+process groups -> 151 s / 228 s as one at load 2; 405 s / 339 s -> 294 s / 261 s
+at load 7.
 """
 
 from __future__ import annotations
 
+import pickle
+import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,8 +215,9 @@ def test_reference_model_ranks_with_different_lengths() -> None:
 PARTS = {"lengths": different_lengths_worker, "reference": reference_model_worker, "decline": forced_decline_worker}
 
 
-def divergence_worker(rank: int, world_size: int) -> dict[str, tuple[str, Any]]:
-    """Every run of ``PARTS`` in turn on this rank: ("ok", its result) or ("error", its traceback)."""
+def divergence_worker(rank: int, world_size: int, partial_dir: str) -> dict[str, tuple[str, Any]]:
+    """Every run of ``PARTS`` in turn on this rank: ("ok", its result) or ("error", its traceback). After each
+    run the results so far are also written to ``partial_dir`` (read if a later run kills the process group)."""
     out: dict[str, tuple[str, Any]] = {}
     for name, part in PARTS.items():
         torch._dynamo.reset()
@@ -218,6 +225,7 @@ def divergence_worker(rank: int, world_size: int) -> dict[str, tuple[str, Any]]:
             out[name] = ("ok", part(rank, world_size))
         except Exception:  # recorded: that run's test fails with it, the others still run
             out[name] = ("error", traceback.format_exc())
+        (Path(partial_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(out))
         dist.barrier()
     torch._dynamo.reset()
     return out
@@ -227,9 +235,18 @@ _RESULTS: list[dict[str, tuple[str, Any]]] = []
 
 
 def _part(name: str) -> list[Any]:
-    """One run's result on every rank (the shared run starts on the first call)."""
+    """One run's result on every rank (the shared run starts on the first call). Should the shared run itself
+    fail (a rank died or hung), each test reads what finished before that and reports the failure otherwise."""
     if not _RESULTS:
-        _RESULTS.extend(run_distributed(divergence_worker, 2, timeout_s=TIMEOUT_S))
+        with tempfile.TemporaryDirectory() as partial_dir:
+            try:
+                _RESULTS.extend(run_distributed(divergence_worker, 2, partial_dir, timeout_s=TIMEOUT_S))
+            except Exception:
+                failure = ("error", f"the shared 2-rank run did not finish:\n{traceback.format_exc()}")
+                for rank in range(2):
+                    path = Path(partial_dir) / f"rank{rank}.pkl"
+                    done = pickle.loads(path.read_bytes()) if path.exists() else {}
+                    _RESULTS.append({n: done.get(n, failure) for n in PARTS})
     failed = [f"rank {rank}:\n{r[name][1]}" for rank, r in enumerate(_RESULTS) if r[name][0] != "ok"]
     assert not failed, f"{name} raised:\n" + "\n".join(failed)
     return [r[name][1] for r in _RESULTS]
