@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch.fx as fx
 
@@ -80,25 +80,22 @@ def source_line(node: fx.Node) -> str | None:
     return f"{where} ({code})" if code and not set(code) <= set("^~ ") else where
 
 
-def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    """``nodes`` and every node they read, transitively."""
+def _closure(start: Iterable[fx.Node], step: Any) -> set[fx.Node]:
     seen: set[fx.Node] = set()
-    stack = list(nodes)
+    stack = list(start)
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(step(n))
     return seen
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they read, transitively."""
+    return _closure(nodes, lambda n: n.all_input_nodes)
 
 
 def descendants(node: fx.Node) -> set[fx.Node]:
     """``node`` and every node that reads it, transitively."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
-    return seen
+    return _closure([node], lambda n: n.users)
