@@ -66,9 +66,8 @@ def _force_rank0_experts(model: Any, world: int) -> None:
     local = E // world
     for layer in model.model.layers:
         gate = layer.mlp.gate
-        original = gate.forward
 
-        def forward(hidden_states: torch.Tensor, _orig: Any = original, _gate: Any = gate) -> Any:
+        def forward(hidden_states: torch.Tensor, _gate: Any = gate) -> Any:
             h = hidden_states.reshape(-1, H)
             w = _gate.weight.to_local() if hasattr(_gate.weight, "to_local") else _gate.weight
             logits = torch.nn.functional.linear(h, w)

@@ -225,7 +225,7 @@ class RowAnalysis:
             return self._unpermute(n, name)
         if name in ("aten.scatter_add", "aten.scatter", "aten.scatter_reduce"):
             return self._scatter(n, name)
-        if name != op_meaning_label(n) and op_meaning_label(n) == "aten.scatter_add":  # a library's dim-0 scatter_add
+        if name != "aten.scatter_add" and op_meaning_label(n) == "aten.scatter_add":  # a library's dim-0 scatter_add
             return self._scatter(n, "aten.scatter_add", dim0=True)
         if is_grouped_mm(n):
             return self._grouped(n)
