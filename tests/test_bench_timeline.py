@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_passes.bench import BenchOptions
+from moe_passes.bench.speed import PEAK_STEPS, MiB
 from moe_passes.bench.timeline import (
     COUNTS_COLOUR,
     MB_COLOURS,
@@ -129,6 +130,9 @@ def test_a_traced_step_on_real_ranks_has_every_column_and_all_to_all_events(tmp_
         for col in ("step_ms", "compute_ms", "comm_ms"):
             assert isinstance(cell[col], float) and cell[col] > 0, (col, cell)
         assert isinstance(cell["peak_bytes"], int) and cell["peak_bytes"] > 0
+        # the peak is the median of PEAK_STEPS measured steps, each kept
+        assert len(cell["peak_samples_MiB"]) == PEAK_STEPS
+        assert round(cell["peak_bytes"] / MiB, 1) == sorted(cell["peak_samples_MiB"])[PEAK_STEPS // 2]
     assert cells[0]["compute_ms"] != cells[1]["compute_ms"] or cells[0]["comm_ms"] != cells[1]["comm_ms"]
     for rank in range(2):
         events = json.loads(trace_path(tmp_path, "decoder", "eager", rank).read_text())["traceEvents"]

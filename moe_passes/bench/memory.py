@@ -100,9 +100,10 @@ def step_peak_bytes(gm: fx.GraphModule, inputs: list[Any], device: torch.device)
     return peak_bytes_of(step, device)
 
 
-def peak_bytes_of(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes above the starting level during one call of ``step`` (a warm-up call runs first)."""
-    step()  # warm-up: lazy allocations and caches happen outside the measured step
+def peak_bytes_of(step: Callable[[], None], device: torch.device, warm_up: bool = True) -> int:
+    """Peak bytes above the starting level during one call of ``step`` (with ``warm_up``, a call runs first)."""
+    if warm_up:
+        step()  # lazy allocations and caches happen outside the measured step
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

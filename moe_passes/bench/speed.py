@@ -73,11 +73,13 @@ Per row (the slowest rank for each number; ranks are barrier-aligned):
   the Inductor row's compute ranged 178 to 1934 ms over runs of one day, and
   one run put the Domino rows' compute 2.5x below it, another 1.6x above,
   while interleaved runs give each row's compute CPU within 0.8x-1.2x of it.)
-- ``peak_MiB``: peak memory of one step above what was live before it, as the
+- ``peak_MiB``: peak memory of a step above what was live before it, as the
   memory section measures it (``moe_passes.bench.memory.peak_bytes_of``): on
   CPU the profiler's allocator events (``profile_memory=True``, every thread of
   the rank process, gloo's included), peak of their running sum; on CUDA
-  ``torch.cuda.max_memory_allocated``.
+  ``torch.cuda.max_memory_allocated``. The median of ``PEAK_STEPS`` steps (the
+  running sum of several threads' events differs from step to step; each
+  sample is in the json, ``peak_samples_MiB``).
 - ratios to the same model's ``inductor`` row: ``step_vs_inductor``,
   ``exposed_vs_inductor``, ``ideal_vs_inductor`` = max(compute_ms, comm_ms) of
   the row / the Inductor step, ``peak_vs_inductor``.
@@ -90,6 +92,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import pickle
@@ -117,6 +120,8 @@ VARIANTS = ["eager", "inductor", "inductor_reorder_comm", "inductor_overlap_sche
 DECODER_VARIANTS = ["inductor", "domino_moe_n2", "domino_moe_n4", "domino_layer_n2", "domino_layer_n4", "domino_layer_n2_dw"]
 MODELS: dict[str, list[str]] = {"moe_only": VARIANTS, "decoder": DECODER_VARIANTS}
 MiB = 1024 * 1024
+#: Steps whose peak memory is measured per row (the median is the row's ``peak_MiB``).
+PEAK_STEPS = 3
 
 
 def shape(options: BenchOptions) -> dict[str, int]:
@@ -527,8 +532,11 @@ def _finish(p: _Prepared, rank: int, options: BenchOptions, group: Any) -> dict[
         with quiet_profiler_stderr(), torch.profiler.profile(activities=activities) as prof:
             p.step(i)
         waits.append(_gpu_exposed_ms(prof) if on_gpu else _wait_ms(prof))
-    dist.barrier()
-    peak = peak_bytes_of(lambda: p.step(0), torch.device(device))
+    peaks = []
+    for i in range(PEAK_STEPS):  # the allocator events' running sum varies between steps (threads' frees
+        dist.barrier()           # interleave differently): the median of a few steps, every sample in the json
+        peaks.append(peak_bytes_of(functools.partial(p.step, i), torch.device(device), warm_up=i == 0))
+    peak = int(statistics.median(peaks))
     s = p.samples
     median = statistics.median(s["step"])
     notes = [n for n in (p.variant.note, _domino_note(p.variant.backend)) if n]
@@ -543,6 +551,7 @@ def _finish(p: _Prepared, rank: int, options: BenchOptions, group: Any) -> dict[
         "compute_faults": None if on_gpu else int(statistics.median(s["compute_faults"])),
         "comm_ms": statistics.median(s["comm"]) * 1000.0,
         "peak_bytes": peak,
+        "peak_samples_MiB": [round(b / MiB, 1) for b in peaks],
         "compile_s": max(0.0, p.first_s - median) if p.name != "eager" else 0.0,
         "all_to_alls": len(p.calls),
         "compute_alone_ms": statistics.median(alone) * 1000.0 if alone else None,
@@ -738,6 +747,7 @@ def combine(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         for col in ("step_ms", "exposed_comm_ms", "compute_ms", "comm_ms", "compile_s"):
             row[col] = max(c[col] for c in cells)
         row["peak_MiB"] = max(c["peak_bytes"] for c in cells) / MiB
+        row["peak_samples_MiB"] = [c.get("peak_samples_MiB") for c in cells]  # per rank, in the json only
         predicted = [c.get("predicted_exposed_ms") for c in cells]
         row["predicted_exposed_ms"] = max(predicted) if all(p is not None for p in predicted) else None
         row["all_to_alls"] = max(c.get("all_to_alls") or 0 for c in cells)
