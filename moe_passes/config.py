@@ -48,7 +48,8 @@ class BackendConfig:
     schedule_overlap: run the post-grad overlap scheduler on forward and backward graphs (True; with activation
         checkpointing the backward recomputation runs just in time, ``moe-passes bench --section
         checkpointing``), on the forward graphs only ("forward"), or not at all (False).
-    max_chunks_in_flight: bound on all-to-alls issued but not yet waited (memory bound).
+    max_chunks_in_flight: bound on all-to-alls issued but not yet waited (memory bound: receive buffers of
+        rows; count exchanges, which only size the next all-to-all, are not counted).
     defer_weight_grads: in the backward schedule, run the weight-gradient GEMMs (those that feed parameter
         gradients only) inside open all-to-all windows, first among the work that does not issue the next
         all-to-all, and with no window open last of all (``moe_passes.inductor.dw_deferral``; the report

@@ -29,6 +29,7 @@ from moe_passes.inductor.schedule import (
     overlap_order,
     overlap_stats,
     plan_overlap,
+    sizing_exchanges,
 )
 from moe_passes.ir.canonical import canonicalize
 from moe_passes.ir.facts import is_all_to_all as is_a2a
@@ -219,6 +220,35 @@ def test_in_flight_bound_is_respected(bound: int) -> None:
     stats = overlap_stats(graph2)
     assert stats["max_in_flight"] == bound
     assert stats["overlapped"] >= 3  # every later chunk's all-to-all overlaps the previous chunk's matmul
+
+
+def test_count_exchanges_are_not_held_back_by_the_in_flight_bound() -> None:
+    """The bound limits receive buffers of rows; a count exchange holds a few counts and only sizes the next
+    dispatch, so with one row all-to-all in flight the next chunks' counts are still exchanged (held back, they
+    would hold back their dispatch: the 4-micro-batch decoder's third count exchange waited for the first
+    dispatch to retire)."""
+    a2a, wait = torch.ops._c10d_functional.all_to_all_single.default, torch.ops._c10d_functional.wait_tensor.default
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    outs = []
+    for k in range(3):
+        h = g.call_function(torch.ops.aten.mm.default, (x, w), name=f"attn{k}")
+        cnt = g.call_function(torch.ops.aten.sum.dim_IntList, (h, [1]), name=f"counts{k}")
+        c = g.call_function(a2a, (cnt, [1, 1], [1, 1], "0"), name=f"count_exchange{k}")
+        size = g.call_function(torch.ops.aten._local_scalar_dense.default, (g.call_function(wait, (c,)),))
+        d = g.call_function(a2a, (h, [size, size], [size, size], "0"), name=f"dispatch{k}")
+        outs.append(g.call_function(torch.ops.aten.mm.default, (g.call_function(wait, (d,), name=f"wait_dispatch{k}"), w)))
+    g.output(tuple(outs))
+    assert sorted(n.name for n in sizing_exchanges(list(g.nodes))) == ["count_exchange0", "count_exchange1", "count_exchange2"]
+    order = overlap_order(g, 1)
+    pos = {n.name: i for i, n in enumerate(order)}
+    assert pos["count_exchange1"] < pos["wait_dispatch0"] and pos["count_exchange2"] < pos["wait_dispatch0"]
+    assert pos["dispatch1"] > pos["wait_dispatch0"] and pos["dispatch2"] > pos["wait_dispatch1"]  # rows: one at a time
+    g2 = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in order:
+        env[n] = g2.node_copy(n, lambda a: env[a])
+    assert overlap_stats(g2)["max_in_flight"] == 1
 
 
 def test_graph_without_collectives_is_skipped() -> None:

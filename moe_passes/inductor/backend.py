@@ -380,7 +380,7 @@ def make_backend(
         forward and backward graphs (with activation checkpointing Domino's peak stays within 1.1x of
         checkpointing alone: the recomputation runs just in time); "forward": on the forward graphs only;
         False: off.
-    max_chunks_in_flight: int >= 1 (default 2): all-to-alls issued but not yet waited.
+    max_chunks_in_flight: int >= 1 (default 2): row all-to-alls issued but not yet waited (count exchanges not counted).
     defer_weight_grads: False (default); True: the backward schedule runs weight-gradient GEMMs (those feeding
         parameter gradients only) inside open all-to-all windows, else late; needs schedule_overlap=True.
         The report gives per backward graph where each went and the bytes held for them.

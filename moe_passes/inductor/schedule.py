@@ -5,7 +5,8 @@ so nothing overlaps.  This pass re-lists the graph so that each all-to-all
 is issued as soon as its inputs allow and each ``wait_tensor`` sits as late
 as possible (just before the first node that needs its result), with at most
 ``config.max_chunks_in_flight`` all-to-alls issued but not yet waited (each
-in-flight all-to-all holds a receive buffer, so this bounds memory).
+in-flight all-to-all holds a receive buffer, so this bounds memory; count
+exchanges, which hold a few counts, are not counted: ``sizing_exchanges``).
 
 It is a list scheduler over the data-flow graph: among ready nodes, the one
 with the fewest matmuls between it and a not-yet-issued all-to-all goes
@@ -152,6 +153,19 @@ def recomputed(n: fx.Node) -> bool:
     return n.meta.get("recompute") in _RECOMPUTED and "ac_graph_id" in n.meta
 
 
+def sizing_exchanges(nodes: list[fx.Node]) -> set[fx.Node]:
+    """All-to-alls whose result gives another all-to-all's split sizes with no matmul in between: the count
+    exchanges (per-expert counts -> split sizes of the dispatch and combine). They hold a few counts, not
+    rows, so the in-flight bound (a memory bound on receive buffers) does not count them: held back, a count
+    exchange only holds back the dispatch it sizes (measured on the 4-micro-batch decoder forward: the third
+    micro-batch's counts waited for the first micro-batch's dispatch to retire)."""
+    split_args = {a for n in nodes if is_all_to_all(n) for a in _nodes_in(all_to_all_split_args(n))}
+    if not split_args:
+        return set()
+    urgency = comm_urgency(nodes, split_args)
+    return {n for n in nodes if is_all_to_all(n) and urgency[n] == 0}
+
+
 def _nodes_in(x: Any) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(x, found.append)
@@ -255,6 +269,7 @@ def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None =
     urgency = comm_urgency(nodes)
     split_args = {a for n in nodes if is_all_to_all(n) for a in _nodes_in(all_to_all_split_args(n))}
     split_urgency = comm_urgency(nodes, split_args)
+    sizing = {n for n in nodes if is_all_to_all(n) and split_urgency[n] == 0}  # = sizing_exchanges(nodes)
     extra = ordering_edges(nodes)
     successors: dict[fx.Node, list[fx.Node]] = {n: list(n.users) for n in nodes}
     for n, preds in extra.items():
@@ -371,7 +386,7 @@ def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None =
                     raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
                 break  # only stale entries were left
             _, n = heapq.heappop(ready)
-            if is_all_to_all(n) and len(in_flight) >= max_in_flight:
+            if is_all_to_all(n) and n not in sizing and len(in_flight) >= max_in_flight:
                 blocked.append(n)
                 if not ready and not dw_ready:  # only blocked all-to-alls are left: cannot happen while a wait is pending
                     raise RuntimeError("schedule_overlap: all-to-all blocked with no wait to retire (wait missing?)")
@@ -380,7 +395,8 @@ def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None =
         done.add(n)
         order.append(n)
         if is_all_to_all(n):
-            in_flight.append(n)
+            if n not in sizing:
+                in_flight.append(n)
             issued[n] = len(issued)
             if deferred and n not in deferred:
                 hoist_for_next_all_to_alls()
@@ -430,11 +446,12 @@ def overlap_stats(graph: fx.Graph) -> dict[str, int]:
         if any(is_heavy(x) for x in window):
             by_matmul += 1
     live = 0
+    sizing = sizing_exchanges(nodes)  # count exchanges: not bounded (they hold counts, not rows)
     for n in nodes:
-        if is_all_to_all(n):
+        if is_all_to_all(n) and n not in sizing:
             live += 1
             max_in_flight = max(max_in_flight, live)
-        elif is_wait(n) and is_all_to_all(n.args[0]):
+        elif is_wait(n) and is_all_to_all(n.args[0]) and n.args[0] not in sizing:
             live -= 1
     return {"all_to_all": len(a2as), "overlapped": overlapped, "overlapped_by_matmul": by_matmul,
             "max_in_flight": max_in_flight}
