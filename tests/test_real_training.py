@@ -32,21 +32,36 @@ Conditions:
 (``torch.compile(model, backend=backend)``) and ``regional`` (``moe_passes.compile_regions``: every
 decoder layer compiled on its own, the layers sharing one graph; the checkpoint wrapper is applied first,
 as torchtitan applies AC before compile, so the compiled block is the checkpointed layer). 4 ranks run
-(b) and (f) only. Lowering: ``aot_eager`` (AOTAutograd, no Inductor) wherever the claim does not depend
-on Inductor; Inductor (the default) for (c) and (d), whose recompute happens in AOTAutograd's
-partitioner as Inductor lowers it.
+(b) and (f) only. Lowering (``INDUCTOR``): ``aot_eager`` (AOTAutograd, no Inductor) wherever the claim
+does not depend on Inductor; Inductor (the default) for one run of each checkpoint flavour on 2 ranks:
+(c) in whole mode (all three passes lowered by Inductor under recompute) and (d) in regional mode (the
+checkpointed layer as the compiled block). The recompute itself is decided by AOTAutograd's min-cut
+partitioner, which ``aot_eager`` uses too, so (c) regional and (d) whole still recompute (without
+Inductor's kernels). Inductor on checkpointed graphs is also proven by ``tests/test_canonical_hops.py``:
+full AC on the reference model, whole, Domino, 2 ranks
+(``test_reference_model_with_checkpointed_layers_is_chunked_and_exact_on_two_ranks``) and AC and SAC on a
+stack, whole, one process, with the recomputed ops counted in Inductor's backward graph; and full AC with
+each checkpointed block compiled on its own (regional), Domino, 2 ranks, by
+``tests/test_torchtitan_training.py`` (its Inductor case).
 
-Structure: one worker per (world size, mode) runs every condition in sequence in one process group
-(``torch._dynamo.reset()`` between), returning per condition {applied, loss_err, grad_err, chunks}.
-A condition that raises on a rank is recorded with its error and fails the test with it.
+Structure: one process group per world size runs both modes and every condition in sequence
+(``real_training_worker``, ``torch._dynamo.reset()`` between), returning per mode and condition
+{applied, loss_err, grad_err, chunks}; each rank also writes its results after every condition, so a run
+that kills the process group still reports what finished before it. The first test of a world size starts
+that run (``_shared_run``), each test checks its own mode. A condition that raises on a rank is recorded
+with its error and fails the test with it.
 
 Time, measured on the shared 2-core machine (load average 2 to 7), ``pytest -q -n 0 -m slow
-tests/test_real_training.py`` with an empty Inductor cache, Domino alone: 423 s in all (7 min 03 s): 2 ranks
-whole 168 s (checkpoint 82 s and sac 35 s of it: Inductor), 2 ranks regional 91 s, 4 ranks whole 95 s, 4
-ranks regional 68 s; with a warm cache 187 / 99 / 79 / 62 s. All three passes on 2 ranks cost no time
+tests/test_real_training.py`` with an empty Inductor cache, Domino alone, one process group per world size
+and mode and Inductor for (c) and (d) in both modes: 423 s in all (7 min 03 s): 2 ranks whole 168 s
+(checkpoint 82 s and sac 35 s of it: Inductor), 2 ranks regional 91 s, 4 ranks whole 95 s, 4 ranks
+regional 68 s; with a warm cache 187 / 99 / 79 / 62 s. All three passes on 2 ranks cost no time
 measurable on that machine: back to back at load 5 to 9, Domino alone vs all three, 2 ranks whole 401 vs
-323 s, regional 165 vs 160 s (the load's noise is larger than the passes' cost); the committed version, 2
-ranks whole 264 s and regional 141 s (Inductor cache warm). The module writes nothing
+323 s, regional 165 vs 160 s (the load's noise is larger than the passes' cost). One process group per
+world size and one Inductor run per checkpoint flavour, all three passes, the 2-rank tests alone, cold
+cache, back to back at load 2 to 3: 257 s wall / 326 s user+sys (whole: checkpoint 69 s, sac 26 s;
+regional: checkpoint 26 s, sac 15 s) -> 250 s / 279 s (whole checkpoint 73 s, regional sac 18 s; the aot_eager
+runs 5 to 13 s each). The module writes nothing
 to disk and prints two tables at its end (``pytest -s``): condition x mode -> applied / |dloss| / max grad
 err / chunk sizes, and condition x pass -> each pass's decision.
 """
@@ -54,8 +69,11 @@ err / chunk sizes, and condition x pass -> each pass's decision.
 from __future__ import annotations
 
 import functools
+import pickle
+import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,8 +95,11 @@ PASSES_AT = {2: PASSES, 4: ("domino_ep",)}
 
 CONDITIONS = {2: ("lengths", "rank_lengths", "checkpoint", "sac", "function_attention", "grouped"),
               4: ("rank_lengths", "grouped")}
-#: Conditions whose claim needs Inductor (the partitioner's recompute); the rest run with lowering="aot_eager".
-INDUCTOR = {"checkpoint", "sac"}
+#: Per mode, the conditions lowered by Inductor; the rest run with lowering="aot_eager" (AOTAutograd with its
+#: min-cut partitioner, the one Inductor uses, so checkpointed graphs are recomputed there too). Each checkpoint
+#: flavour keeps one Inductor run on 2 ranks: full AC in whole mode (with all three passes: Inductor's numerics
+#: of each pass under recompute), SAC in regional mode (the checkpointed layer as the compiled block).
+INDUCTOR = {"whole": {"checkpoint"}, "regional": {"sac"}}
 #: Per condition and rank: the token count of each training step.
 RANK_LENGTHS = {0: [24, 24, 24], 1: [24, 40, 40], 2: [24, 24, 40], 3: [24, 40, 40]}
 ONE_STEP = [31]
@@ -187,7 +208,7 @@ def run_condition(rank: int, world_size: int, mode: str, condition: str) -> dict
     for m in (eager, model):
         load_hf_state_dict(m, full_sd)
         prepare(m, condition)
-    lowering = {} if condition in INDUCTOR else {"lowering": "aot_eager"}
+    lowering = {} if condition in INDUCTOR[mode] else {"lowering": "aot_eager"}
     backend = make_backend(passes=PASSES_AT[world_size], num_chunks=NUM_CHUNKS, **lowering)
     hops: list[list[str]] = []  # per Dynamo graph: the higher-order ops it holds (checkpoint, autograd Function)
 
@@ -242,19 +263,28 @@ def run_condition(rank: int, world_size: int, mode: str, condition: str) -> dict
             "applied": applied, "blocks": blocks, "hops": hops, "lowering": lowering.get("lowering", "inductor")}
 
 
-def real_training_worker(rank: int, world_size: int, mode: str) -> dict[str, Any]:
+MODES = ("whole", "regional")
+
+
+def real_training_worker(rank: int, world_size: int, partial_dir: str) -> dict[str, dict[str, Any]]:
+    """Every mode and condition of this world size in turn, in one process group: per mode, per condition, its
+    result or {"error": traceback}. After each condition the results so far are also written to ``partial_dir``
+    (read if a later condition kills the process group: a hang or a dead rank)."""
     torch._dynamo.config.capture_scalar_outputs = True
     _reference_attention_matches_function()
-    out: dict[str, Any] = {}
-    for condition in CONDITIONS[world_size]:
-        torch._dynamo.reset()
-        start = time.perf_counter()
-        try:
-            out[condition] = run_condition(rank, world_size, mode, condition)
-        except Exception:  # recorded: the test fails naming the condition, the others still run
-            out[condition] = {"error": traceback.format_exc(limit=-12)}
-        out[condition]["seconds"] = time.perf_counter() - start
-        dist.barrier()
+    out: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        out[mode] = {}
+        for condition in CONDITIONS[world_size]:
+            torch._dynamo.reset()
+            start = time.perf_counter()
+            try:
+                out[mode][condition] = run_condition(rank, world_size, mode, condition)
+            except Exception:  # recorded: the test fails naming the condition, the others still run
+                out[mode][condition] = {"error": traceback.format_exc(limit=-12)}
+            out[mode][condition]["seconds"] = time.perf_counter() - start
+            (Path(partial_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(out))
+            dist.barrier()
     torch._dynamo.reset()
     return out
 
@@ -350,6 +380,9 @@ def check(world_size: int, mode: str, results: list[dict[str, Any]]) -> None:
             if "error" in r:
                 problems.append(f"{where} raised:\n{r['error']}")
                 continue
+            lowering = "inductor" if condition in INDUCTOR[mode] else "aot_eager"
+            if r["lowering"] != lowering:
+                problems.append(f"{where}: lowered by {r['lowering']}, expected {lowering}")
             count, symbolic = expected_graphs(condition, rank)
             graphs = r["graphs"]
             if not r["applied"]:
@@ -388,21 +421,49 @@ def check(world_size: int, mode: str, results: list[dict[str, Any]]) -> None:
     assert not problems, "\n".join(problems)
 
 
-#: (world size, mode, run_distributed's timeout_s): about 5x the cold-cache time measured on 2 loaded cores.
+#: Per world size, run_distributed's timeout for its shared run (both modes): about 5x the cold-cache time
+#: measured on 2 loaded cores.
+TIMEOUT_S = {2: 1500, 4: 1050}
+#: Per world size: each rank's results ({mode: {condition: result}}), filled by the first test that needs them.
+_SHARED: dict[int, list[dict[str, dict[str, Any]]]] = {}
+
+
+def _shared_run(world_size: int) -> list[dict[str, dict[str, Any]]]:
+    """Both modes of ``world_size`` in one process group (started by the first test of that world size). Should
+    the shared run itself fail (a rank died or hung), every condition not finished before that is recorded with
+    the failure (its test fails with it); a failed run is not rerun by the next test."""
+    if world_size not in _SHARED:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as partial_dir:
+            try:
+                _SHARED[world_size] = run_distributed(real_training_worker, world_size, partial_dir,
+                                                      timeout_s=TIMEOUT_S[world_size])
+            except Exception:
+                failure = {"error": f"the shared {world_size}-rank run did not finish:\n{traceback.format_exc()}", "seconds": 0.0}
+                _SHARED[world_size] = []
+                for rank in range(world_size):
+                    path = Path(partial_dir) / f"rank{rank}.pkl"
+                    done = pickle.loads(path.read_bytes()) if path.exists() else {}
+                    _SHARED[world_size].append({mode: {c: done.get(mode, {}).get(c, failure) for c in CONDITIONS[world_size]}
+                                                for mode in MODES})
+        print(f"\n{world_size} ranks, both modes in one process group: {time.perf_counter() - start:.0f} s")
+    return _SHARED[world_size]
+
+
 MATRIX = [
-    pytest.param(2, "whole", 900, marks=pytest.mark.timeout(1080), id="2ranks-whole"),
-    pytest.param(2, "regional", 600, marks=pytest.mark.timeout(780), id="2ranks-regional"),
-    pytest.param(4, "whole", 600, marks=pytest.mark.timeout(780), id="4ranks-whole"),
-    pytest.param(4, "regional", 450, marks=pytest.mark.timeout(630), id="4ranks-regional"),
+    pytest.param(2, "whole", marks=pytest.mark.timeout(TIMEOUT_S[2] + 300), id="2ranks-whole"),
+    pytest.param(2, "regional", marks=pytest.mark.timeout(TIMEOUT_S[2] + 300), id="2ranks-regional"),
+    pytest.param(4, "whole", marks=pytest.mark.timeout(TIMEOUT_S[4] + 300), id="4ranks-whole"),
+    pytest.param(4, "regional", marks=pytest.mark.timeout(TIMEOUT_S[4] + 300), id="4ranks-regional"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size,mode,timeout_s", MATRIX)
-def test_real_training_matrix(world_size: int, mode: str, timeout_s: int) -> None:
-    """Every condition of ``CONDITIONS[world_size]`` in one process group: Domino applied and exact."""
-    start = time.perf_counter()
-    results = run_distributed(real_training_worker, world_size, mode, timeout_s=timeout_s)
-    print(f"\n{world_size} ranks, {mode}: {time.perf_counter() - start:.0f} s; per condition (slowest rank): "
+@pytest.mark.parametrize("world_size,mode", MATRIX)
+def test_real_training_matrix(world_size: int, mode: str) -> None:
+    """Every condition of ``CONDITIONS[world_size]`` in ``mode``: Domino applied and exact. The first test of a
+    world size runs both modes (``_shared_run``); each test checks its own."""
+    results = [r[mode] for r in _shared_run(world_size)]
+    print(f"\n{world_size} ranks, {mode}: per condition (slowest rank): "
           + ", ".join(f"{c} {max(r[c]['seconds'] for r in results):.0f} s" for c in CONDITIONS[world_size]))
     check(world_size, mode, results)
