@@ -36,6 +36,7 @@ from moe_passes.ir.facts import (
     descendants,
     has_node,
     is_all_to_all,
+    is_allocation,
     is_inplace_c10d,
     is_topk,
     is_wait,
@@ -377,10 +378,6 @@ def check_interleaved_writes(region: MoERegion) -> None:
             break
 
 
-_ALLOCATIONS = {"aten.zeros", "aten.empty", "aten.full", "aten.ones", "aten.new_zeros", "aten.new_empty", "aten.new_full",
-                "aten.new_ones", "aten.zeros_like", "aten.empty_like", "aten.full_like", "aten.ones_like"}
-
-
 def private_buffers(core: set[fx.Node], desc: set[fx.Node]) -> set[fx.Node]:
     """Buffers the region writes in place that were allocated outside X's data flow and are read by nobody
     else (``counts = torch.zeros(E).scatter_add_(0, ids, ones)``: ``zeros(E)`` does not depend on the
@@ -391,7 +388,7 @@ def private_buffers(core: set[fx.Node], desc: set[fx.Node]) -> set[fx.Node]:
         for buf in mutated_args(n):
             if not isinstance(buf, fx.Node) or buf in core or buf in desc or buf.op != "call_function":
                 continue
-            if op_label(buf) in _ALLOCATIONS and all(u in core for u in buf.users):
+            if is_allocation(buf) and all(u in core for u in buf.users):
                 out.add(buf)
     return out
 

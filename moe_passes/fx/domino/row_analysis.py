@@ -41,6 +41,10 @@ import torch.fx as fx
 from moe_passes.fx.domino.kinds import ADD, BLOCKED, DATA_TAGS, META, NONE, Kind, Unproven, divides, lead_of, row, token_prefix
 from moe_passes.ir import rows
 from moe_passes.ir.facts import (
+    ALLOCATIONS,
+    FRESH_LIKE_INPUT,
+    FRESH_NEW,
+    ZERO_ALLOCATIONS,
     ancestors,
     functional_form,
     is_all_to_all,
@@ -74,10 +78,8 @@ def _name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-_ALLOC_LIKE = {"aten.zeros_like", "aten.empty_like", "aten.ones_like", "aten.full_like", "aten.new_zeros",
-               "aten.new_empty", "aten.new_ones", "aten.new_full", "aten.empty_strided", "aten.new_empty_strided"}
-_ZERO_ALLOC = {"aten.zeros", "aten.zeros_like", "aten.new_zeros"}
-_ALLOCATIONS = {"aten.zeros", "aten.empty", "aten.full", "aten.ones", "aten.empty_strided"}
+#: Allocations whose kind the analysis derives from their tensor input (shape like it, or a fresh buffer).
+_ALLOC_LIKE = FRESH_LIKE_INPUT | FRESH_NEW
 _SYM_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                   operator.neg, operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
                   torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_int, torch.sym_float}
@@ -458,7 +460,7 @@ class RowAnalysis:
 
     def _alloc_like(self, n: fx.Node, name: str, args: list[tuple[fx.Node, Kind]]) -> Kind:
         (a, k) = args[0]
-        if name in ("aten.new_zeros", "aten.new_empty", "aten.new_ones", "aten.new_full", "aten.new_empty_strided"):
+        if name in FRESH_NEW:
             # the size comes from the arguments: a fresh buffer of any layout (its rows must be written by a rule)
             return Kind("fresh", fresh=True)
         if k.tag in DATA_TAGS:
@@ -644,7 +646,7 @@ class RowAnalysis:
         if not isinstance(node, fx.Node):
             return False
         name = op_label(node)
-        if name in _ZERO_ALLOC:
+        if name in ZERO_ALLOCATIONS:
             return True
         if name in ("aten.full", "aten.full_like", "aten.new_full"):
             return op_arg(node, 1, "fill_value") == 0
@@ -803,7 +805,7 @@ class RowAnalysis:
         ``new_empty`` ...), nobody reading it before, ``src`` of the buffer's own shape: every element of the
         buffer becomes ``src``'s (a c10d in-place collective traced as its functional form, then
         ``output.copy_(result)``: transformers' ``all_to_all_single(recv_counts, send_counts)``)."""
-        if root not in self.region or op_label(root) not in _ALLOC_LIKE | _ALLOCATIONS:
+        if root not in self.region or op_label(root) not in ALLOCATIONS:
             return False
         if any(u is not n and self.order[u] < self.order[n] for u in root.users):
             return False

@@ -125,6 +125,23 @@ def is_grouped_mm(node: fx.Node) -> bool:
     return op_meaning_label(node) == "aten._grouped_mm"
 
 
+# ---------------------------------------------------------------- allocations
+
+#: ATen ops whose result is a fresh tensor that reads no input's data, by where its shape comes from:
+#: its own size arguments; an input's shape (``*_like``); its own sizes with an input's dtype and device (``new_*``).
+FRESH_FROM_SIZES = frozenset({"aten.zeros", "aten.empty", "aten.full", "aten.ones", "aten.empty_strided"})
+FRESH_LIKE_INPUT = frozenset({"aten.zeros_like", "aten.empty_like", "aten.ones_like", "aten.full_like"})
+FRESH_NEW = frozenset({"aten.new_zeros", "aten.new_empty", "aten.new_ones", "aten.new_full", "aten.new_empty_strided"})
+ALLOCATIONS = FRESH_FROM_SIZES | FRESH_LIKE_INPUT | FRESH_NEW
+#: Of those, the ones filled with zeros.
+ZERO_ALLOCATIONS = frozenset({"aten.zeros", "aten.zeros_like", "aten.new_zeros"})
+
+
+def is_allocation(node: fx.Node) -> bool:
+    """A fresh tensor (``ALLOCATIONS``): nothing it holds was read from another tensor."""
+    return op_label(node) in ALLOCATIONS
+
+
 # ---------------------------------------------------------------- routers
 
 
