@@ -18,15 +18,20 @@ compile and per-block compile (``block.compile``), all ``fullgraph=True`` with
   parts and bf16 rounding distance for the expert weights (the only tensors
   whose values come from bf16 grouped GEMMs summed over differently chunked rows).
 
-Lowering (``LOWERING``): Inductor on 2 ranks, which proves Inductor's numerics for
-every case (both modes, both chunk counts); on 4 ranks AOTAutograd without Inductor
-(``lowering="aot_eager"``, plain ``"aot_eager"`` for the reference), which proves
-what changes with the world size: the EP mesh of 4, one local expert per rank,
-Domino's regions and chunked all-to-alls with 4 peers, exact against the same
-model compiled without the pass.  Inductor on 4 ranks stays proven by
-``tests/test_user_model.py`` (its 4-rank case).  The 4-rank tests alone, cold
-Inductor cache, loaded 2-core machine: 217 s wall / 221 s CPU with Inductor ->
-179 s / 102 s (wall at load 11).
+Lowering (``LOWERING`` for the plain compiles, the third item of each ``CASES`` entry for
+Domino's): on 2 ranks the plain compiles are Inductor (the fixture's claim), and Domino is
+lowered by Inductor once per mode and once per chunk count (whole with 2 chunks, per block
+with 3), compared with the plain Inductor compile; the other two cases (whole with 3, per
+block with 2) run through AOTAutograd without Inductor (``lowering="aot_eager"``), compared
+with the plain ``"aot_eager"`` compile of the same mode (the pass's numerics, its regions and
+chunk counts).  On 4 ranks everything is ``aot_eager``, which proves what changes with the
+world size: the EP mesh of 4, one local expert per rank, Domino's regions and chunked
+all-to-alls with 4 peers, exact against the same model compiled without the pass.  Inductor
+on 4 ranks stays proven by ``tests/test_user_model.py`` (its 4-rank case).  The 4-rank tests
+alone, cold Inductor cache, loaded 2-core machine: 217 s wall / 221 s CPU with Inductor ->
+179 s / 102 s (wall at load 11).  The 2-rank tests alone, cold cache, back to back at load 2:
+four Domino cases under Inductor -> two (and two plain aot_eager references): 99 s wall / 144 s
+user+sys -> 92 s / 124 s.
 """
 
 from __future__ import annotations
@@ -42,18 +47,24 @@ pytest.importorskip("torchtitan", reason="torchtitan==0.3.0 (test extra) is not 
 
 CHUNKS = (2, 3)
 MODES = ("whole", "per_block")
-# Domino cases per world size (mode, num_chunks): all four on 2 ranks; on 4 ranks each mode and
-# each chunk count once (every compile costs minutes on the CI's 2 cores).
+# Domino cases per world size (mode, num_chunks, lowering): all four on 2 ranks, each mode and each chunk
+# count once under Inductor; on 4 ranks each mode and each chunk count once (every Inductor compile costs
+# minutes on the CI's 2 cores).
 CASES = {
-    2: [(mode, n) for mode in MODES for n in CHUNKS],
-    4: [("whole", 3), ("per_block", 2)],
+    2: [("whole", 2, "inductor"), ("whole", 3, "aot_eager"), ("per_block", 2, "aot_eager"), ("per_block", 3, "inductor")],
+    4: [("whole", 3, "aot_eager"), ("per_block", 2, "aot_eager")],
 }
 
 # One distributed run per world size computes every case (cold Inductor cache, 2 loaded cores).
 TIMEOUT_S = 2400
-# How every compile of a world size is lowered: plain compiles use the backend of that name, Domino's
-# make_backend(lowering=...). Inductor's numerics are proven on 2 ranks (see the module docstring).
+# How the plain compiles of a world size (the fixture's claim) are lowered: the backend of that name. Each Domino
+# case (make_backend(lowering=...)) is compared with the plain compile of its own lowering (``_reference``).
 LOWERING = {2: "inductor", 4: "aot_eager"}
+
+
+def _reference(world_size: int, mode: str, lowering: str) -> str:
+    """The label of the plain compile a Domino case is compared with: same mode, same lowering."""
+    return f"plain/{mode}" if lowering == LOWERING[world_size] else f"plain/{mode}/{lowering}"
 
 # fp32 parts: the reference and the candidate differ only in summation order.
 FP32 = dict(rtol=1e-4, atol=1e-5)
@@ -106,11 +117,14 @@ def _rank_fn(rank: int, world_size: int) -> dict[str, Any]:
         seconds[label] = round(time.perf_counter() - start, 1)
         return results[-1][0], results[-1][1], tf.counters(model)
 
-    lowering = LOWERING[world_size]
     out: dict[str, Any] = {"eager": run("eager", None, False)}
     for mode in MODES:
-        out[f"plain/{mode}"] = run(f"plain/{mode}", lowering, mode == "per_block")
-    for mode, n in CASES[world_size]:
+        out[f"plain/{mode}"] = run(f"plain/{mode}", LOWERING[world_size], mode == "per_block")
+    for mode, _, lowering in CASES[world_size]:
+        label = _reference(world_size, mode, lowering)
+        if label not in out:
+            out[label] = run(label, lowering, mode == "per_block")
+    for mode, n, lowering in CASES[world_size]:
         backend = make_backend(num_chunks=n, passes=("domino_ep",), lowering=lowering)
         label = f"domino{n}/{mode}"
         try:
@@ -183,15 +197,15 @@ def test_torchtitan_fixture_inductor_equals_eager(world_size: int) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_torchtitan_domino_rewrites_and_equals_inductor(world_size: int) -> None:
     """Domino EP finds and chunks every torchtitan MoE region; loss and gradients equal the plain compile's
-    (same lowering: Inductor on 2 ranks, aot_eager on 4)."""
+    (same mode, same lowering: ``CASES``)."""
     from tests.titan_fixtures import TitanConfig
 
     num_layers = TitanConfig().num_layers
     per_rank = _per_rank(world_size)
     errors = []
     for rank, result in enumerate(per_rank):
-        for mode, n in CASES[world_size]:
-            label = f"rank {rank} {mode} num_chunks={n}"
+        for mode, n, lowering in CASES[world_size]:
+            label = f"rank {rank} {mode} num_chunks={n} {lowering}"
             got = result[f"domino{n}/{mode}"]
             reports, failure = got[3], got[4]
             if failure is not None:
@@ -206,7 +220,7 @@ def test_torchtitan_domino_rewrites_and_equals_inductor(world_size: int) -> None
                 why = [p.get("error") or p["skipped"] for p in pre]
                 errors.append(f"{label}: domino_ep rewrote {rewritten} region(s) per graph, expected {expected} "
                               f"(changed={[p['changed'] for p in pre]}); reasons: {why}")
-            errors += _compare(label, got, result[f"plain/{mode}"], bf16_params=True)
+            errors += _compare(label, got, result[_reference(world_size, mode, lowering)], bf16_params=True)
     assert not errors, "\n".join(errors)
 
 
