@@ -112,3 +112,53 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 raise RuntimeError(f"rank {r} failed:\n{value}")
             results.append(value)
         return results
+
+
+def shared_worker(rank: int, world_size: int, parts: dict[str, tuple[Callable[..., Any], tuple]],
+                  partial_dir: str) -> dict[str, tuple[str, Any]]:
+    """Every run of ``parts`` (name -> (fn, args): ``fn(rank, world_size, *args)``) in turn on this rank, in one
+    process group: ("ok", its result) or ("error", its traceback). After each run the results so far are also
+    written to ``partial_dir`` (read if a later run kills the process group: a hang or a dead rank)."""
+    import torch
+    import torch.distributed as dist
+
+    out: dict[str, tuple[str, Any]] = {}
+    for name, (fn, args) in parts.items():
+        torch._dynamo.reset()
+        try:
+            out[name] = ("ok", fn(rank, world_size, *args))
+        except Exception:  # recorded: that run's test fails with it, the others still run
+            out[name] = ("error", traceback.format_exc())
+        (Path(partial_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(out))
+        dist.barrier()
+    torch._dynamo.reset()
+    return out
+
+
+class SharedRun:
+    """Several runs of one world size in ONE process group, for the tests of a file: each rank pays its start-up
+    (imports, gloo) and Dynamo's first-compile set-up once instead of once per run. The run starts on the first
+    ``result`` call (any test's), each test reads its own run's per-rank results. Failure isolation: a run that
+    raises fails its own test only; should the shared run itself fail (a rank died or hung), each test reads
+    what finished before that and reports the failure otherwise; a failed shared run is never rerun."""
+
+    def __init__(self, world_size: int, parts: dict[str, tuple[Callable[..., Any], tuple]], timeout_s: float) -> None:
+        self.world_size, self.parts, self.timeout_s = world_size, parts, timeout_s
+        self._results: list[dict[str, tuple[str, Any]]] = []
+
+    def result(self, name: str) -> list[Any]:
+        """``name``'s result on every rank; raises (fails the test) if it raised on any rank."""
+        if not self._results:
+            with tempfile.TemporaryDirectory() as partial_dir:
+                try:
+                    self._results.extend(run_distributed(shared_worker, self.world_size, self.parts, partial_dir,
+                                                         timeout_s=self.timeout_s))
+                except Exception:
+                    failure = ("error", f"the shared {self.world_size}-rank run did not finish:\n{traceback.format_exc()}")
+                    for rank in range(self.world_size):
+                        path = Path(partial_dir) / f"rank{rank}.pkl"
+                        done = pickle.loads(path.read_bytes()) if path.exists() else {}
+                        self._results.append({n: done.get(n, failure) for n in self.parts})
+        failed = [f"rank {rank}:\n{r[name][1]}" for rank, r in enumerate(self._results) if r[name][0] != "ok"]
+        assert not failed, f"{name} raised:\n" + "\n".join(failed)
+        return [r[name][1] for r in self._results]

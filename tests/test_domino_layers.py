@@ -6,6 +6,10 @@ every decoder layer is one region starting at its input ``[B, S, H]``, consecuti
 chunk (no concatenation between them), rotary tables and the mask are read per micro-batch, and loss
 and every gradient equal the eager model on real gloo ranks. Where the batch cannot be split (one
 sequence per rank) the regions keep token chunks and the report says why.
+
+The 2-rank slow tests (empty micro-batches, per-layer compile, torchtitan's MoE whole and per block) share
+one process group (``two_ranks``); each reads its own run. Those four tests alone, cold Inductor cache,
+2-core machine, back to back at load 2: 87 s wall / 160 s user+sys as four process groups -> 75 s / 140 s.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from moe_passes.config import BackendConfig
 from moe_passes.fx.domino import DominoEPPass
 from moe_passes.ir.facts import is_all_to_all
 from moe_passes.testing import run_pass
-from tests.distributed import fake_group, run_distributed
+from tests.distributed import SharedRun, fake_group, run_distributed
 from tests.domino_helpers import capture_without_running
 from tests.model_inputs import make_batch
 
 aten = torch.ops.aten
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-5
+#: The 2-rank slow tests' shared run (``two_ranks``): its four runs had 400 s each apart.
+TWO_RANKS_TIMEOUT_S = 1600
 
 
 def _model_graph(group: dist.ProcessGroup, batch: int, seq_len: int = 8) -> tuple[torch.fx.GraphModule, Any]:
@@ -193,17 +199,19 @@ def test_whole_layer_micro_batches_equal_eager_on_two_ranks() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TWO_RANKS_TIMEOUT_S + 300)  # the first of the 2-rank slow tests to run pays for all four runs
 def test_fewer_sequences_than_micro_batches_leave_empty_micro_batches_and_stay_exact() -> None:
     """N = 4 over 2 and 3 sequences: the last micro-batches are empty (N never depends on one rank's batch)
     and still issue their collectives; views with -1 are spelled out, so an empty chunk reshapes."""
-    _check(run_distributed(layers_worker, 2, "aot_eager", [(2, 8), (3, 9)], ("whole",), 4, timeout_s=400))
+    _check(two_ranks().result("fewer_sequences"))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TWO_RANKS_TIMEOUT_S + 300)
 def test_whole_layer_micro_batches_equal_eager_per_layer_compile_on_two_ranks() -> None:
     """As above with each decoder layer compiled on its own (rotary tables and mask enter as graph inputs, read
     per micro-batch) and a third shape (~2 min on 2 loaded cores: slow, to keep the default suite short)."""
-    results = run_distributed(layers_worker, 2, "aot_eager", [(3, 8), (2, 12), (5, 7)], ("regional",), timeout_s=400)
+    results = two_ranks().result("per_layer")
     _check(results)
     assert all(r["symbolic"] >= 1 for by_mode in results for r in by_mode.values()), results
 
@@ -274,9 +282,32 @@ def titan_layers_worker(rank: int, world_size: int, per_block: bool) -> dict[str
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TWO_RANKS_TIMEOUT_S + 300)
 @pytest.mark.parametrize("per_block", [False, True], ids=["whole", "per_block"])
 def test_torchtitan_moe_in_a_decoder_layer_runs_in_whole_layer_micro_batches(per_block: bool) -> None:
     """torchtitan 0.3.0's MoE (its router, all-to-all dispatcher, grouped experts, expert counters) under an
     attention of our own: every layer chunked as whole sequences, loss and every gradient equal eager."""
     pytest.importorskip("torchtitan", reason="torchtitan is in the test extras; without it there is no MoE to test")
-    _check(run_distributed(titan_layers_worker, 2, per_block, timeout_s=400))
+    _check(two_ranks().result(f"titan/{'per_block' if per_block else 'whole'}"))
+
+
+# ------------------------------------------------------------------ the 2-rank slow runs, one process group
+
+_TWO_RANKS: list[SharedRun] = []
+
+
+def two_ranks() -> SharedRun:
+    """The 2-rank slow tests' runs in one process group (``tests.distributed.SharedRun``: each rank pays its
+    start-up and Dynamo's first compile once), each run read by its own test; the torchtitan runs only where
+    torchtitan is installed (their tests skip otherwise)."""
+    if not _TWO_RANKS:
+        import importlib.util
+
+        parts: dict[str, tuple[Any, tuple]] = {
+            "fewer_sequences": (layers_worker, ("aot_eager", [(2, 8), (3, 9)], ("whole",), 4)),
+            "per_layer": (layers_worker, ("aot_eager", [(3, 8), (2, 12), (5, 7)], ("regional",))),
+        }
+        if importlib.util.find_spec("torchtitan") is not None:
+            parts |= {"titan/whole": (titan_layers_worker, (False,)), "titan/per_block": (titan_layers_worker, (True,))}
+        _TWO_RANKS.append(SharedRun(2, parts, timeout_s=TWO_RANKS_TIMEOUT_S))
+    return _TWO_RANKS[0]
