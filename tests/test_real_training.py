@@ -59,13 +59,12 @@ and mode and Inductor for (c) and (d) in both modes: 423 s in all (7 min 03 s): 
 (checkpoint 82 s and sac 35 s of it: Inductor), 2 ranks regional 91 s, 4 ranks whole 95 s, 4 ranks
 regional 68 s; with a warm cache 187 / 99 / 79 / 62 s. All three passes on 2 ranks cost no time
 measurable on that machine: back to back at load 5 to 9, Domino alone vs all three, 2 ranks whole 401 vs
-323 s, regional 165 vs 160 s (the load's noise is larger than the passes' cost). One process group per
-world size and one Inductor run per checkpoint flavour, all three passes, the 2-rank tests alone, cold
-cache, back to back at load 2 to 3: 257 s wall / 326 s user+sys (whole: checkpoint 69 s, sac 26 s;
-regional: checkpoint 26 s, sac 15 s) -> 250 s / 279 s (whole checkpoint 73 s, regional sac 18 s; the aot_eager
-runs 5 to 13 s each); whole checkpoint also aot_eager (one Inductor
-run, regional sac 31 s), same conditions: 130 s / 218 s. The 4-rank tests (one
-process group for both modes), same conditions: 94 s / 167 s -> 83 s / 146 s. The module writes nothing
+323 s, regional 165 vs 160 s (the load's noise is larger than the passes' cost). The 2-rank tests alone, cold
+cache, back to back at load 2 to 3, all three passes: one process group per world size and mode, Inductor for
+(c) and (d) in both modes: 257 s wall / 326 s user+sys (whole: checkpoint 69 s, sac 26 s; regional:
+checkpoint 26 s, sac 15 s); one process group per world size, Inductor for whole (c) and regional (d): 250 s /
+279 s; as now (one Inductor run, regional sac 31 s; the aot_eager runs 2 to 21 s each): 130 s / 218 s. The
+4-rank tests, one process group per mode -> one for both: 94 s / 167 s -> 83 s / 146 s. The module writes nothing
 to disk and prints two tables at its end (``pytest -s``): condition x mode -> applied / |dloss| / max grad
 err / chunk sizes, and condition x pass -> each pass's decision.
 """
