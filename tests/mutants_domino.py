@@ -137,8 +137,14 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     # outside the region, then read per row by each chunk (as topk_second_norm_after_combine).
     "routing_inputs_weights_over_tokens": ("rewritten", None),
     # The weights input gathered by the expert sort and scaling the rows before the dispatch (torchtitan's
-    # score_before_experts): chunkable, but only top_k_index is a token-row seed, so not proven.
-    "routing_inputs_weights_before_dispatch": ("skipped", "gather from an outside tensor by a region index"),
+    # score_before_experts): every per-token graph input is a token-row seed beside top_k_index
+    # (``regions._token_inputs``), and the gather by the sort's indices is then row by row.
+    "routing_inputs_weights_before_dispatch": ("rewritten", None),
+    # The same, with the weights first normalised over all tokens (a sum over the rows of a token-row input
+    # before the dispatch): each chunk would normalise by its own tokens' sum.
+    "routing_inputs_weights_normalised_before_dispatch": ("skipped", "reduces over the token dim 0"),
+    # The weights rolled over the tokens before scaling the rows: token t would be scaled by token t-1's.
+    "routing_inputs_weights_rolled_before_dispatch": ("skipped", "redistributes Shard(0) token rows"),
     # The expert ids rolled over the tokens: token t would get token t-1's experts within each chunk.
     "routing_inputs_index_rolled": ("skipped", "redistributes Shard(0) token rows"),
     # top_k_index handed over flat ([T * K]): not provably one row per token.
@@ -155,7 +161,8 @@ KNOWN_UNSOUND: dict[str, str] = {}
 #: ``dispatch(hidden, top_k_index, top_k_weights)``, which the tests compile on its own (transformers'
 #: experts module compiled alone, or the part after a graph break).
 ROUTER_OUTSIDE = {"experts_graph_routing_inputs", "transformers_all_to_all_ep", "routing_inputs_weights_over_tokens",
-                  "routing_inputs_weights_before_dispatch", "routing_inputs_index_rolled", "routing_inputs_flat_index"}
+                  "routing_inputs_weights_before_dispatch", "routing_inputs_weights_normalised_before_dispatch",
+                  "routing_inputs_weights_rolled_before_dispatch", "routing_inputs_index_rolled", "routing_inputs_flat_index"}
 
 
 class IdentityWait(torch.autograd.Function):
@@ -250,7 +257,11 @@ class MutantBlock(nn.Module):
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         permuted = x[order // TOP_K]
-        if mut == "routing_inputs_weights_before_dispatch":  # torchtitan's score_before_experts
+        if mut == "routing_inputs_weights_normalised_before_dispatch":
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=0, keepdim=True) * T
+        if mut == "routing_inputs_weights_rolled_before_dispatch":
+            top_k_weights = torch.roll(top_k_weights, 1, 0)
+        if mut.startswith("routing_inputs_weights_") and mut.endswith("before_dispatch"):  # torchtitan's score_before_experts
             permuted = permuted * top_k_weights.reshape(-1)[order].unsqueeze(-1)
         counts = torch.zeros(self.experts, dtype=torch.int64).scatter_add(0, flat, torch.ones_like(flat))
         recv_counts = all_to_all_single(counts, [self.local] * self.ep, [self.local] * self.ep, self.group)
@@ -269,7 +280,7 @@ class MutantBlock(nn.Module):
         back = torch.zeros_like(results).index_copy(0, sort_rows, results)
         combined = all_to_all_single_autograd(back, input_splits, output_splits, self.group)
         unpermuted = torch.zeros_like(combined).index_copy(0, order, combined)
-        if mut == "routing_inputs_weights_before_dispatch":
+        if mut.startswith("routing_inputs_weights_") and mut.endswith("before_dispatch"):  # weights applied already
             return unpermuted.view(T, TOP_K, HIDDEN).sum(dim=1)
         return (unpermuted.view(T, TOP_K, HIDDEN) * top_k_weights.unsqueeze(-1)).sum(dim=1)
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moe_passes.fx.domino.kinds import Kind, Unproven, positive_quotient
+from moe_passes.fx.domino.kinds import Kind, Unproven, positive_quotient, token_prefix
 from moe_passes.fx.domino.row_analysis import RowAnalysis, at_source
 from moe_passes.ir.facts import (
     all_to_all_split_args,
@@ -203,6 +203,33 @@ def _token_matrix(gather: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node, fx
     raise RegionError(f"the gathered rows ({gather.args[0].name}) and the router's top-k ({topk.name}) share no token matrix")
 
 
+def _token_inputs(graph: fx.Graph, X: fx.Node, T: Any, routing: fx.Node, combine: fx.Node) -> list[fx.Node]:
+    """Router outside the graph: the other graph inputs the combine depends on whose leading dims are X's
+    token rows, one row per token (``top_k_weights [T, K]``), become token rows of the region from the start,
+    like the ids. The analysis then proves every use row by row (scaling the rows, gathered by the expert sort
+    beside them: torchtitan's scores before the experts) and refuses any other (a contraction over the rows,
+    rows read in another token's place); graph inputs that are parameters are never token rows."""
+    back = ancestors([combine])
+    out = []
+    for p in graph.find_nodes(op="placeholder"):
+        v = tensor_value(p)
+        if p is X or p is routing or p not in back or v is None or v.dim() < 1:
+            continue
+        pre = token_prefix(tuple(v.shape), T)
+        if pre is not None and pre[1] == 1 and not _is_parameter(p):
+            out.append(p)
+    return out
+
+
+def _is_parameter(p: fx.Node) -> bool:
+    """A graph input Dynamo lifted from a module's state: a parameter (its example is one) or a buffer (its
+    source reads a module's ``_buffers``). Defence in depth: the row analysis alone decides soundness."""
+    arg = p.meta.get("grapharg")
+    example = getattr(arg, "example", None)
+    source = getattr(arg, "source", None)
+    return isinstance(example, torch.nn.Parameter) or (source is not None and "_buffers" in source.name)
+
+
 def _guard_same_rows(graph: fx.Graph, X: fx.Node, T: Any) -> list[str]:
     """Router outside the graph: the hidden rows, the expert ids and the weights are separate graph inputs, and
     Dynamo may give each its own size symbol (``s47``, ``s67``, ``s95``: automatic dynamic shapes after a new
@@ -257,7 +284,8 @@ def build_region(d: fx.Node, c: fx.Node) -> MoERegion:
     K = per_token
     count = _count_exchange(d)
     if routing is not None:
-        region = grow_region(d, c, X, T, K, count, None, row_inputs=True, seeds=(routing,))
+        seeds = (routing, *_token_inputs(d.graph, X, T, routing, c))
+        region = grow_region(d, c, X, T, K, count, None, row_inputs=True, seeds=seeds)
         region.guards = guarded
         return region
     return grow_region(d, c, X, T, K, count, topk)
