@@ -14,6 +14,7 @@ from moe_passes.bench.speed import (
     contention_notes,
     decoder_shape,
     exposed_us,
+    overlap_gain_notes,
     plan,
     run,
     shape,
@@ -97,6 +98,38 @@ def test_compute_cpu_time_takes_the_slowest_rank_and_is_noted_against_inductor()
     assert note.startswith("decoder: compute CPU time") and "inductor 220.0 ms (1.00x, 9000 page faults)" in note
     assert "domino_moe_n2 200.0 ms (0.91x, 10 page faults)" in note
     assert compute_cpu_notes([dict(r, compute_cpu_ms=None) for r in rows]) == []  # CUDA rows: no CPU-time note
+
+
+def test_wall_clock_overlap_is_the_share_of_the_exchange_the_step_no_longer_pays() -> None:
+    """(compute + comm - step) / comm per Domino row: 1 when the step is its compute alone, 0 when it is compute
+    plus the whole exchange (gloo's copies on the compute's cores); Inductor, failed rows and rows without a
+    comm measurement have none."""
+    cells = [_cell("inductor", 300.0, 80.0, model="decoder", compute=220.0, comm=50.0),
+             _cell("domino_layer_n2", 250.0, 30.0, model="decoder", compute=200.0, comm=50.0),
+             _cell("domino_layer_n4", 210.0, 30.0, model="decoder", compute=200.0, comm=40.0),
+             dict(_cell("domino_moe_n2", 1.0, 1.0, model="decoder"), comm_ms=None)]
+    (note,) = overlap_gain_notes(combine([cells]))
+    assert note.startswith("decoder: wall-clock overlap (compute + comm - step) / comm")
+    assert note.endswith("domino_layer_n2 0.00, domino_layer_n4 0.75")
+
+
+def test_rank_processes_get_the_allocator_setting_unless_the_user_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranks run with a fixed glibc mmap threshold above the unchunked graph's buffers (RANK_ENV); a value the
+    user exported wins, and the parent's environment is left as it was."""
+    import os
+
+    from moe_passes.bench.speed import RANK_ENV, _rank_environment
+
+    assert set(RANK_ENV) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+    for key in RANK_ENV:
+        monkeypatch.delenv(key, raising=False)
+    with _rank_environment() as applied:
+        assert all(os.environ[k] == RANK_ENV[k] == applied[k] for k in RANK_ENV)
+    assert not any(k in os.environ for k in RANK_ENV)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1234")
+    with _rank_environment() as applied:
+        assert applied == {"MALLOC_MMAP_THRESHOLD_": RANK_ENV["MALLOC_MMAP_THRESHOLD_"], "MALLOC_TRIM_THRESHOLD_": "1234"}
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "1234" and "MALLOC_MMAP_THRESHOLD_" not in os.environ
 
 
 def test_a_models_variants_are_all_prepared_then_sampled_in_rotating_rounds(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -701,10 +701,32 @@ def _join_relaying_progress(procs: list[Any], outdir: Path, timeout_s: float) ->
         alive[0].join(2.0)
 
 
+#: Environment of the rank processes, unless already set. With glibc's defaults the unchunked graph's 16 MiB
+#: exchange buffers are mapped fresh (above the mmap threshold) or trimmed off the heap top on free, and
+#: page-faulted back in every step: 20-33k minor faults per compute step and rank, the Inductor row's compute
+#: 297-421 ms against 216 ms, noisier than any effect measured (the Domino rows, whose chunks are smaller,
+#: 0-8k faults). A fixed mmap threshold above those buffers and a trim threshold of 1 GiB keep every variant's
+#: memory on the heap (Inductor 4k faults, compute within 4 % of Domino's), so the rows compare the programs,
+#: not the allocator's returns to the OS (what jemalloc / tcmalloc do for PyTorch CPU users).
+RANK_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024)}
+
+
+@contextlib.contextmanager
+def _rank_environment() -> Iterator[dict[str, str]]:
+    """``RANK_ENV`` (what the user did not set) in ``os.environ`` while the ranks are spawned; yields what applies."""
+    added = {k: v for k, v in RANK_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield {k: os.environ[k] for k in RANK_ENV}
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def _spawn(options: BenchOptions) -> list[list[dict[str, Any]]]:
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as outdir:
+    with tempfile.TemporaryDirectory() as outdir, _rank_environment():
         ctx = mp.get_context("spawn")
         port = _free_port()
         procs = [ctx.Process(target=_rank_main, args=(r, options.world_size, port, options, outdir)) for r in range(options.world_size)]
@@ -803,6 +825,27 @@ def compute_cpu_notes(rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def overlap_gain_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model, each Domino row's wall-clock overlap ``(compute + comm - step) / comm``: the share of its
+    all-to-all time the step no longer pays. 1: fully hidden at no cost to compute; 0: compute and exchange
+    paid in full one after the other, whatever ``exposed`` says: on a CPU whose cores all run compute, gloo's
+    exchange (copies through loopback TCP) runs on the same cores, so hiding it only moves its CPU time into
+    the compute (the exchange stretches while compute runs, compute slows by what it gives up)."""
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        parts = []
+        for r in rows:
+            measured = (r.get("step_ms"), r.get("compute_ms"), r.get("comm_ms"))
+            if r["model"] != model or not r["variant"].startswith("domino") or None in measured:
+                continue
+            if r["comm_ms"] > 0:
+                parts.append(f"{r['variant']} {(r['compute_ms'] + r['comm_ms'] - r['step_ms']) / r['comm_ms']:.2f}")
+        if parts:
+            notes.append(f"{model}: wall-clock overlap (compute + comm - step) / comm (1: the exchange hidden for free; "
+                         "0: paid in full, as when gloo's copies share the compute's cores): " + ", ".join(parts))
+    return notes
+
+
 def target_notes(rows: list[dict[str, Any]]) -> list[str]:
     """Issue 22's targets for each measured ``decoder`` ``domino_layer`` row: exposed <= 0.10x Inductor, step <=
     1.05x its own ideal bound, peak <= 1.15x Inductor, step below the best ``domino_moe`` row."""
@@ -873,8 +916,11 @@ def run(options: BenchOptions) -> BenchSection:
         + ("torch.cuda.max_memory_allocated" if on_gpu else "profiler allocator events (profile_memory=True), peak of the running sum")
         + " over one step, vs the model's Inductor row",
         "targets (moe_only): exposed_vs_inductor <= 0.4 and step_vs_inductor <= 0.85 for the domino rows",
+        "rank processes run with " + ", ".join(f"{k}={os.environ.get(k, v)}" for k, v in RANK_ENV.items())
+        + " (glibc otherwise maps or trims and faults in the unchunked graph's large buffers every step; export them to override)",
         *contention_notes(rows),
         *compute_cpu_notes(rows),
+        *overlap_gain_notes(rows),
         *target_notes(rows),
     ]
     if options.trace_dir:
