@@ -30,6 +30,9 @@ STEPS = 10
 CASES: list[tuple[int, int]] = [(1, 12), (2, 12), (3, 10), (4, 10), (4, 3)]
 #: 2 ranks: the cases lowered by Inductor (post-grad schedule included); the others by "aot_eager".
 INDUCTOR_CASES = {(2, 12), (3, 10), (4, 3)}
+#: 4 ranks: every case but N=1, where Domino declines from the chunk count alone (no world size in that
+#: decision): nothing chunked and the plain compile equal to eager stay proven by the 2-rank test.
+FOUR_RANK_CASES = [c for c in CASES if c[0] > 1]
 
 
 def _train(model: torch.nn.Module, fn: Any, rank: int, tokens: int) -> tuple[list[float], dict[str, torch.Tensor], Any]:
@@ -88,9 +91,10 @@ def equivalence_worker(rank: int, world_size: int, cases: list[tuple[int, int]],
     return report
 
 
-def _check(reports: list[dict[str, Any]], inductor_cases: set[tuple[int, int]]) -> None:
+def _check(reports: list[dict[str, Any]], inductor_cases: set[tuple[int, int]],
+           cases: list[tuple[int, int]] = CASES) -> None:
     for rank, report in enumerate(reports):
-        assert set(report) == {f"N={n},T={t}" for n, t in CASES}
+        assert set(report) == {f"N={n},T={t}" for n, t in cases}
         for case, r in report.items():
             n, t = (int(v.split("=")[1]) for v in case.split(","))
             assert r["lowering"] == ("inductor" if (n, t) in inductor_cases else "aot_eager"), (case, r["lowering"])
@@ -114,5 +118,8 @@ def test_two_ranks_match_unmodified_model() -> None:
 @pytest.mark.timeout(900)
 def test_four_ranks_match_unmodified_model() -> None:
     """4 ranks through AOTAutograd without Inductor (the pass's numerics; Inductor and the post-grad schedule
-    are proven on 2 ranks above, and on 4 by tests/test_user_model.py): 340 s -> about a third on 2 cores."""
-    _check(run_distributed(equivalence_worker, 4, CASES, set(), timeout_s=800), set())
+    are proven on 2 ranks above, and on 4 by tests/test_user_model.py): 340 s -> about a third on 2 cores.
+    ``FOUR_RANK_CASES``: N=1 (declined, nothing chunked) is the 2-rank test's; it was 4 s of each rank's
+    38 s of compiles. Alone, cold cache, back to back: 187 s wall / 179 s user+sys (load 3.6) -> 85 s / 158 s
+    (load 0.7)."""
+    _check(run_distributed(equivalence_worker, 4, FOUR_RANK_CASES, set(), timeout_s=800), set(), FOUR_RANK_CASES)
