@@ -566,7 +566,10 @@ def test_bench_section_reports_router_bytes_offloaded_and_kept_on_both_workloads
 
 
 def _ep_rank(rank: int, world_size: int) -> dict[str, Any]:
-    """One EP rank: eager vs compiled with the pass, forward and backward; returns the largest differences."""
+    """One EP rank: eager vs compiled with the pass, forward and backward; returns the largest differences.
+    Lowered with ``aot_eager`` (the pass runs pre-grad: its numerics on expert-parallel ranks); the 2-rank
+    Inductor run with the pass is the routing-replay example's below (its replay checks the compiled step's
+    routing against eager), Inductor's loss and gradients with the pass the default suite's ``compiled_runs``."""
     import torch.distributed as dist
 
     torch.manual_seed(0)
@@ -580,7 +583,7 @@ def _ep_rank(rank: int, world_size: int) -> dict[str, Any]:
         return tree_leaves(out), [p.grad.clone() for p in ep_model.parameters()]
 
     ref_out, ref_grads = step(ep_model)
-    backend = moe_passes.make_backend(passes=("async_offload",), offload_targets=BOTH)
+    backend = moe_passes.make_backend(passes=("async_offload",), offload_targets=BOTH, lowering="aot_eager")
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         out, grads = step(torch.compile(ep_model, backend=backend, fullgraph=True))
     return {
