@@ -1,8 +1,8 @@
 """Domino EP is exact: chunked MoE regions give the unmodified model's losses and gradients.
 
 One process launch per world size checks every chunk count and token-count
-edge case (compiles dominate the cost) and returns the largest differences;
-the tests below read that report.
+edge case (compiles dominate the cost; 4 ranks skip N=1, see ``FOUR_RANK_CASES``)
+and returns the largest differences; the tests below read that report.
 
 Lowering: on 2 ranks Inductor with the post-grad schedule (``schedule_overlap``) for the chunked cases
 that carry an Inductor-specific risk: N divides T (2, 12), N does not divide T (3, 10) and empty chunks
