@@ -43,8 +43,9 @@ reference model, whole, Domino, 2 ranks
 stack, whole, ``layerwise_aux_loss``, one process, with the recomputed ops counted in Inductor's backward
 graph; and full AC with each checkpointed block compiled on its own (regional), Domino, 2 ranks, by
 ``tests/test_torchtitan_training.py`` (its Inductor case). Each pass's Inductor numerics on 2 ranks:
-``tests/test_domino_ep.py``, ``tests/test_layerwise_aux_loss.py`` ([2]) and ``tests/test_async_offload.py``
-(``test_expert_parallel_ranks_match_eager_with_the_pass``).
+``tests/test_domino_ep.py``, ``tests/test_layerwise_aux_loss.py`` ([2]) and, for ``async_offload``, (d) in
+regional mode here (loss and gradients) and ``tests/test_async_offload.py``'s routing-replay example (the
+compiled step's routing replayed eagerly); its EP-ranks test lowers with ``aot_eager``.
 
 Structure: one process group per world size runs both modes and every condition in sequence
 (``real_training_worker``, ``torch._dynamo.reset()`` between), returning per mode and condition
