@@ -16,8 +16,8 @@ the reference model's graphs and their collectives, decided before Inductor.
 
 Structure: the three runs below (the small stack at different lengths, the
 reference model at different lengths, the forced divergent decision) share one
-2-rank process group (``divergence_worker``, run once per module by
-``_part``): each rank process pays its start-up and Inductor's first-compile
+2-rank process group (``SHARED``, a ``tests.distributed.SharedRun`` started by
+the first ``_part``): each rank process pays its start-up and Inductor's first-compile
 set-up once instead of three times, and the forced decision's rank 0 graph is
 the small stack's first graph (an FX-graph-cache hit).  Each run is recorded
 apart, with its traceback if it raised, and read by its own test (should a run
@@ -32,23 +32,19 @@ back to back at load 2 to 3: 172 s wall / 207 s user+sys -> 117 s / 131 s.
 
 from __future__ import annotations
 
-import pickle
-import tempfile
 import time
-import traceback
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed import run_distributed
+from tests.distributed import SharedRun
 from tests.domino_helpers import TinyMoEStack, init_biased, make_inputs
 
 #: Per rank: the token count of each training step (rank 1 recompiles at step 1, rank 0 never).
 LENGTHS = {0: [12, 12, 12], 1: [12, 20, 20]}
-#: The file's three runs in one process group (``divergence_worker``); apart they had 1300 + 1600 + 1000 s,
+#: The file's three runs in one process group (``SHARED``); apart they had 1300 + 1600 + 1000 s,
 #: about 5x each run's time.
 TIMEOUT_S = 2400
 
@@ -219,42 +215,12 @@ def test_reference_model_ranks_with_different_lengths() -> None:
 
 # ------------------------------------------------------------------ one process group for the three runs
 
-#: The runs in the order they run (the forced decision last: it patches the pass on rank 1 while it runs).
-PARTS = {"lengths": different_lengths_worker, "reference": reference_model_worker, "decline": forced_decline_worker}
-
-
-def divergence_worker(rank: int, world_size: int, partial_dir: str) -> dict[str, tuple[str, Any]]:
-    """Every run of ``PARTS`` in turn on this rank: ("ok", its result) or ("error", its traceback). After each
-    run the results so far are also written to ``partial_dir`` (read if a later run kills the process group)."""
-    out: dict[str, tuple[str, Any]] = {}
-    for name, part in PARTS.items():
-        torch._dynamo.reset()
-        try:
-            out[name] = ("ok", part(rank, world_size))
-        except Exception:  # recorded: that run's test fails with it, the others still run
-            out[name] = ("error", traceback.format_exc())
-        (Path(partial_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(out))
-        dist.barrier()
-    torch._dynamo.reset()
-    return out
-
-
-_RESULTS: list[dict[str, tuple[str, Any]]] = []
+#: The runs in the order they run (the forced decision last: it patches the pass on rank 1 while it runs), in one
+#: 2-rank process group (``tests.distributed.SharedRun``: each run recorded apart, with its traceback if it raised).
+SHARED = SharedRun(2, {"lengths": (different_lengths_worker, ()), "reference": (reference_model_worker, ()),
+                       "decline": (forced_decline_worker, ())}, TIMEOUT_S)
 
 
 def _part(name: str) -> list[Any]:
-    """One run's result on every rank (the shared run starts on the first call). Should the shared run itself
-    fail (a rank died or hung), each test reads what finished before that and reports the failure otherwise."""
-    if not _RESULTS:
-        with tempfile.TemporaryDirectory() as partial_dir:
-            try:
-                _RESULTS.extend(run_distributed(divergence_worker, 2, partial_dir, timeout_s=TIMEOUT_S))
-            except Exception:
-                failure = ("error", f"the shared 2-rank run did not finish:\n{traceback.format_exc()}")
-                for rank in range(2):
-                    path = Path(partial_dir) / f"rank{rank}.pkl"
-                    done = pickle.loads(path.read_bytes()) if path.exists() else {}
-                    _RESULTS.append({n: done.get(n, failure) for n in PARTS})
-    failed = [f"rank {rank}:\n{r[name][1]}" for rank, r in enumerate(_RESULTS) if r[name][0] != "ok"]
-    assert not failed, f"{name} raised:\n" + "\n".join(failed)
-    return [r[name][1] for r in _RESULTS]
+    """One run's result on every rank (the shared run starts on the first call)."""
+    return SHARED.result(name)
