@@ -153,16 +153,20 @@ def recomputed(n: fx.Node) -> bool:
     return n.meta.get("recompute") in _RECOMPUTED and "ac_graph_id" in n.meta
 
 
-def sizing_exchanges(nodes: list[fx.Node]) -> set[fx.Node]:
+def split_urgency(nodes: list[fx.Node]) -> dict[fx.Node, int]:
+    """Fewest matmuls between a node and some all-to-all's split sizes (``_FAR`` if it feeds none)."""
+    split_args = {a for n in nodes if is_all_to_all(n) for a in _nodes_in(all_to_all_split_args(n))}
+    return comm_urgency(nodes, split_args)
+
+
+def sizing_exchanges(nodes: list[fx.Node], urgency: dict[fx.Node, int] | None = None) -> set[fx.Node]:
     """All-to-alls whose result gives another all-to-all's split sizes with no matmul in between: the count
     exchanges (per-expert counts -> split sizes of the dispatch and combine). They hold a few counts, not
     rows, so the in-flight bound (a memory bound on receive buffers) does not count them: held back, a count
     exchange only holds back the dispatch it sizes (measured on the 4-micro-batch decoder forward: the third
-    micro-batch's counts waited for the first micro-batch's dispatch to retire)."""
-    split_args = {a for n in nodes if is_all_to_all(n) for a in _nodes_in(all_to_all_split_args(n))}
-    if not split_args:
-        return set()
-    urgency = comm_urgency(nodes, split_args)
+    micro-batch's counts waited for the first micro-batch's dispatch to retire). ``urgency``: ``split_urgency``
+    of ``nodes``, when the caller has it."""
+    urgency = split_urgency(nodes) if urgency is None else urgency
     return {n for n in nodes if is_all_to_all(n) and urgency[n] == 0}
 
 
@@ -267,9 +271,8 @@ def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None =
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     urgency = comm_urgency(nodes)
-    split_args = {a for n in nodes if is_all_to_all(n) for a in _nodes_in(all_to_all_split_args(n))}
-    split_urgency = comm_urgency(nodes, split_args)
-    sizing = {n for n in nodes if is_all_to_all(n) and split_urgency[n] == 0}  # = sizing_exchanges(nodes)
+    to_splits = split_urgency(nodes)
+    sizing = sizing_exchanges(nodes, to_splits)
     extra = ordering_edges(nodes)
     successors: dict[fx.Node, list[fx.Node]] = {n: list(n.users) for n in nodes}
     for n, preds in extra.items():
@@ -303,7 +306,7 @@ def plan_overlap(graph: fx.Graph, max_in_flight: int, *, backward: bool | None =
     def key(n: fx.Node) -> tuple[int, int, int]:
         if n.op == "placeholder":
             return (-1, 0, index[n])
-        if is_wait(n) and split_urgency[n] > 0:  # sink: after all ready compute, oldest all-to-all first
+        if is_wait(n) and to_splits[n] > 0:  # sink: after all ready compute, oldest all-to-all first
             return (_FAR + 1, issued.get(n.args[0], 0), index[n])
         if n in deferred and n not in hoisted and not is_all_to_all(n):  # just in time, in its own order
             return (_FAR + 2, 0, index[n])

@@ -41,13 +41,13 @@ import torch.fx as fx
 from moe_passes.fx.domino.kinds import ADD, BLOCKED, DATA_TAGS, META, NONE, Kind, Unproven, divides, lead_of, row, token_prefix
 from moe_passes.ir import rows
 from moe_passes.ir.facts import (
-    ALLOCATIONS,
     FRESH_LIKE_INPUT,
     FRESH_NEW,
     ZERO_ALLOCATIONS,
     ancestors,
     functional_form,
     is_all_to_all,
+    is_allocation,
     is_grouped_mm,
     is_wait,
     known_equal,
@@ -805,7 +805,7 @@ class RowAnalysis:
         ``new_empty`` ...), nobody reading it before, ``src`` of the buffer's own shape: every element of the
         buffer becomes ``src``'s (a c10d in-place collective traced as its functional form, then
         ``output.copy_(result)``: transformers' ``all_to_all_single(recv_counts, send_counts)``)."""
-        if root not in self.region or op_label(root) not in ALLOCATIONS:
+        if root not in self.region or not is_allocation(root):
             return False
         if any(u is not n and self.order[u] < self.order[n] for u in root.users):
             return False
