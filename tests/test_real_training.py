@@ -48,11 +48,12 @@ regional mode here (loss and gradients) and ``tests/test_async_offload.py``'s ro
 compiled step's routing replayed eagerly); its EP-ranks test lowers with ``aot_eager``.
 
 Structure: one process group per world size runs both modes and every condition in sequence
-(``real_training_worker``, ``torch._dynamo.reset()`` between), returning per mode and condition
-{applied, loss_err, grad_err, chunks}; each rank also writes its results after every condition, so a run
-that kills the process group still reports what finished before it. The first test of a world size starts
-that run (``_shared_run``), each test checks its own mode. A condition that raises on a rank is recorded
-with its error and fails the test with it.
+(``SHARED``: a ``tests.distributed.SharedRun`` of ``condition_run`` per mode and condition,
+``torch._dynamo.reset()`` between), returning per mode and condition {applied, loss_err, grad_err, chunks};
+each rank also writes its results after every condition, so a run that kills the process group still
+reports what finished before it. The first test of a world size starts that run, each test checks its own
+mode (``_mode_results``). A condition that raises on a rank is recorded with its error and fails the test
+with it.
 
 Time, measured on the shared 2-core machine (load average 2 to 7), ``pytest -q -n 0 -m slow
 tests/test_real_training.py`` with an empty Inductor cache, Domino alone, one process group per world size
@@ -73,11 +74,8 @@ err / chunk sizes, and condition x pass -> each pass's decision.
 from __future__ import annotations
 
 import functools
-import pickle
-import tempfile
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,7 +86,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from moe_passes.models.interns1_vl import text as text_module
-from tests.distributed import run_distributed
+from tests.distributed import SharedRun
 
 NUM_CHUNKS = 2
 #: 2 ranks: the compiled model runs the whole pipeline, so the loss, gradient and returned-router checks hold for
@@ -269,26 +267,18 @@ def run_condition(rank: int, world_size: int, mode: str, condition: str) -> dict
 MODES = ("whole", "regional")
 
 
-def real_training_worker(rank: int, world_size: int, partial_dir: str) -> dict[str, dict[str, Any]]:
-    """Every mode and condition of this world size in turn, in one process group: per mode, per condition, its
-    result or {"error": traceback}. After each condition the results so far are also written to ``partial_dir``
-    (read if a later condition kills the process group: a hang or a dead rank)."""
+def condition_run(rank: int, world_size: int, mode: str, condition: str) -> dict[str, Any]:
+    """One mode and condition on this rank: its result, or {"error": traceback} (recorded: the test fails naming
+    the condition, the others still run), with the seconds it took."""
     torch._dynamo.config.capture_scalar_outputs = True
-    _reference_attention_matches_function()
-    out: dict[str, dict[str, Any]] = {}
-    for mode in MODES:
-        out[mode] = {}
-        for condition in CONDITIONS[world_size]:
-            torch._dynamo.reset()
-            start = time.perf_counter()
-            try:
-                out[mode][condition] = run_condition(rank, world_size, mode, condition)
-            except Exception:  # recorded: the test fails naming the condition, the others still run
-                out[mode][condition] = {"error": traceback.format_exc(limit=-12)}
-            out[mode][condition]["seconds"] = time.perf_counter() - start
-            (Path(partial_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(out))
-            dist.barrier()
-    torch._dynamo.reset()
+    start = time.perf_counter()
+    try:
+        if condition == "function_attention":
+            _reference_attention_matches_function()
+        out = run_condition(rank, world_size, mode, condition)
+    except Exception:
+        out = {"error": traceback.format_exc(limit=-12)}
+    out["seconds"] = time.perf_counter() - start
     return out
 
 
@@ -427,30 +417,16 @@ def check(world_size: int, mode: str, results: list[dict[str, Any]]) -> None:
 #: Per world size, run_distributed's timeout for its shared run (both modes): about 5x the cold-cache time
 #: measured on 2 loaded cores.
 TIMEOUT_S = {2: 1500, 4: 1050}
-#: Per world size: each rank's results ({mode: {condition: result}}), filled by the first test that needs them.
-_SHARED: dict[int, list[dict[str, dict[str, Any]]]] = {}
+#: Per world size, both modes and every condition in one process group (started by the first test of that world
+#: size; a failed shared run is not rerun by the next test).
+SHARED = {ws: SharedRun(ws, {f"{mode}/{c}": (condition_run, (mode, c)) for mode in MODES for c in CONDITIONS[ws]},
+                        TIMEOUT_S[ws]) for ws in TIMEOUT_S}
 
 
-def _shared_run(world_size: int) -> list[dict[str, dict[str, Any]]]:
-    """Both modes of ``world_size`` in one process group (started by the first test of that world size). Should
-    the shared run itself fail (a rank died or hung), every condition not finished before that is recorded with
-    the failure (its test fails with it); a failed run is not rerun by the next test."""
-    if world_size not in _SHARED:
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as partial_dir:
-            try:
-                _SHARED[world_size] = run_distributed(real_training_worker, world_size, partial_dir,
-                                                      timeout_s=TIMEOUT_S[world_size])
-            except Exception:
-                failure = {"error": f"the shared {world_size}-rank run did not finish:\n{traceback.format_exc()}", "seconds": 0.0}
-                _SHARED[world_size] = []
-                for rank in range(world_size):
-                    path = Path(partial_dir) / f"rank{rank}.pkl"
-                    done = pickle.loads(path.read_bytes()) if path.exists() else {}
-                    _SHARED[world_size].append({mode: {c: done.get(mode, {}).get(c, failure) for c in CONDITIONS[world_size]}
-                                                for mode in MODES})
-        print(f"\n{world_size} ranks, both modes in one process group: {time.perf_counter() - start:.0f} s")
-    return _SHARED[world_size]
+def _mode_results(world_size: int, mode: str) -> list[dict[str, Any]]:
+    """Per rank, ``mode``'s result of every condition of ``world_size``."""
+    per_condition = {c: SHARED[world_size].result(f"{mode}/{c}") for c in CONDITIONS[world_size]}
+    return [{c: ranks[rank] for c, ranks in per_condition.items()} for rank in range(world_size)]
 
 
 MATRIX = [
@@ -465,8 +441,8 @@ MATRIX = [
 @pytest.mark.parametrize("world_size,mode", MATRIX)
 def test_real_training_matrix(world_size: int, mode: str) -> None:
     """Every condition of ``CONDITIONS[world_size]`` in ``mode``: Domino applied and exact. The first test of a
-    world size runs both modes (``_shared_run``); each test checks its own."""
-    results = [r[mode] for r in _shared_run(world_size)]
+    world size runs both modes (``SHARED``); each test checks its own."""
+    results = _mode_results(world_size, mode)
     print(f"\n{world_size} ranks, {mode}: per condition (slowest rank): "
           + ", ".join(f"{c} {max(r[c]['seconds'] for r in results):.0f} s" for c in CONDITIONS[world_size]))
     check(world_size, mode, results)
